@@ -1,0 +1,33 @@
+# make demo   -- set up (first time) and run qkv's main job on the embedded default
+# make test   -- set up (first time) and run the test suite (under 10 minutes on 2 cores)
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test test-slow lint bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m qkv demo
+
+test: $(STAMP)
+	$(PY) -m ruff check qkv tests benchmarks
+	$(PY) -m pytest -n 2 -q
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -n 2 -q -m slow
+
+lint: $(STAMP)
+	$(PY) -m ruff check qkv tests benchmarks
+
+bench: $(STAMP)
+	$(PY) benchmarks/attention_cpu.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
