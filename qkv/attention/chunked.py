@@ -1,0 +1,185 @@
+"""The chunked backend: exact attention by online softmax over blocks, in plain PyTorch.
+
+Forward walks query blocks of `BLOCK_M` rows and, inside each, key blocks of `BLOCK_N` columns,
+keeping a running max `m`, normaliser `l` and un-normalised output `acc` per row:
+
+    m' = max(m, rowmax(s));  p = exp(s - m');  l' = l·exp(m - m') + rowsum(p)
+    acc' = acc·exp(m - m') + p @ v;            out = acc / l;  lse = m + log(l)
+
+Only `out` and `lse` are saved. Backward recomputes p = exp(s - lse) block by block, so the
+extra memory of forward and backward is O(B·H·BLOCK_M·BLOCK_N + n·d), never O(n²). Blocks that
+causal, window or kv_lengths make empty are skipped, so causal does about half the work.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qkv.attention.masking import block_is_empty, dropout_keep, kv_limit, masked_scores
+from qkv.attention.reference import compute_dtype
+from qkv.attention.spec import AttentionCall
+
+BLOCK_M = 256
+BLOCK_N = 512
+
+
+def _blocks(n: int, size: int):
+    return [(s, min(s + size, n)) for s in range(0, n, size)]
+
+
+class _Chunked:
+    """Shapes and helpers shared by forward and backward for one call."""
+
+    def __init__(self, q, k, v, call: AttentionCall, block_m: int, block_n: int):
+        self.call = call
+        self.ct = compute_dtype(q.dtype)
+        B, Hk, G = call.B, call.Hk, call.groups
+        self.q5 = q.reshape(B, Hk, G, call.Lq, call.D)  # a view unless q is oddly strided
+        self.k, self.v = k, v
+        self.rows = _blocks(call.Lq, block_m)
+        self.cols = _blocks(call.Lk, block_n)
+        self.kv_max = kv_limit(call)
+
+    def q_block(self, i0, i1):
+        """(B, Hk, G*bm, D) in the compute dtype."""
+        c = self.call
+        return self.q5[:, :, :, i0:i1].to(self.ct).reshape(c.B, c.Hk, c.groups * (i1 - i0), c.D)
+
+    def live_cols(self, i0, i1):
+        return [(j0, j1) for j0, j1 in self.cols
+                if not block_is_empty(self.call, i0, i1, j0, j1, self.kv_max)]
+
+    def scores(self, qb, i0, i1, j0, j1):
+        """Masked scores (B, Hq, bm, bn), the K block, and tanh of the softcap (or None)."""
+        c = self.call
+        kb = self.k[:, :, j0:j1].to(self.ct)  # (B, Hk, bn, D)
+        s = (qb @ kb.transpose(-1, -2)) * c.scale  # (B, Hk, G*bm, bn)
+        s = s.view(c.B, c.Hq, i1 - i0, j1 - j0)
+        s, _, capped = masked_scores(c, s, i0, i1, j0, j1)
+        return s, kb, capped
+
+    def dropout_scale(self, i0, i1, j0, j1, device):
+        """keep / (1 - p) for the block, or None without dropout."""
+        c = self.call
+        if not c.needs_dropout:
+            return None
+        keep = dropout_keep(c.dropout_seed, c.dropout_p, c.B, c.Hq, i0, i1, j0, j1, device)
+        return keep.to(self.ct) / (1.0 - c.dropout_p)
+
+    def grouped(self, x, rows):
+        """(B, Hq, bm, n) -> (B, Hk, G*bm, n), the layout that multiplies a shared K/V head."""
+        c = self.call
+        return x.reshape(c.B, c.Hk, c.groups * rows, x.shape[-1])
+
+
+def chunked_forward(q, k, v, call: AttentionCall, block_m: int, block_n: int):
+    """Returns out (B, Hq, Lq, Dv) in q's dtype and lse (B, Hq, Lq) in the compute dtype."""
+    c = call
+    ch = _Chunked(q, k, v, c, block_m, block_n)
+    out = torch.empty(c.B, c.Hq, c.Lq, c.Dv, dtype=q.dtype, device=q.device)
+    lse = torch.empty(c.B, c.Hq, c.Lq, dtype=ch.ct, device=q.device)
+    for i0, i1 in ch.rows:
+        bm = i1 - i0
+        qb = ch.q_block(i0, i1)
+        m = torch.full((c.B, c.Hq, bm), float("-inf"), dtype=ch.ct, device=q.device)
+        l = torch.zeros_like(m)
+        acc = torch.zeros(c.B, c.Hq, bm, c.Dv, dtype=ch.ct, device=q.device)
+        for j0, j1 in ch.live_cols(i0, i1):
+            s, _, _ = ch.scores(qb, i0, i1, j0, j1)
+            m_new = torch.maximum(m, s.amax(dim=-1))
+            m_safe = torch.where(torch.isneginf(m_new), 0.0, m_new)
+            alpha = torch.exp(m - m_safe)
+            p = torch.exp(s - m_safe.unsqueeze(-1))
+            l = l * alpha + p.sum(dim=-1)
+            drop = ch.dropout_scale(i0, i1, j0, j1, q.device)
+            if drop is not None:
+                p = p * drop
+            vb = v[:, :, j0:j1].to(ch.ct)
+            pv = (ch.grouped(p, bm) @ vb).view(c.B, c.Hq, bm, c.Dv)
+            acc = acc * alpha.unsqueeze(-1) + pv
+            m = m_new
+        empty = l == 0
+        out[:, :, i0:i1] = torch.where(empty.unsqueeze(-1), 0.0,
+                                       acc / torch.where(empty, 1.0, l).unsqueeze(-1))
+        lse[:, :, i0:i1] = torch.where(empty, float("-inf"), m + torch.log(l))
+    return out, lse
+
+
+def _reduce_to(x: torch.Tensor, shape) -> torch.Tensor:
+    """Sum a (B, Hq, bm, bn) block over the dimensions where `shape` has size 1."""
+    dims = [d for d, n in enumerate(shape) if n == 1 and x.shape[d] != 1]
+    return x.sum(dim=dims, keepdim=True) if dims else x
+
+
+def chunked_backward(q, k, v, out, lse, dout, dlse, call: AttentionCall, block_m, block_n,
+                     bias_grad: bool):
+    """Gradients (dq, dk, dv, dbias-or-None), recomputing each block's weights from lse."""
+    c = call
+    ch = _Chunked(q, k, v, c, block_m, block_n)
+    ct = ch.ct
+    dq = torch.zeros(c.B, c.Hq, c.Lq, c.D, dtype=ct, device=q.device)
+    dk = torch.zeros(c.B, c.Hk, c.Lk, c.D, dtype=ct, device=q.device)
+    dv = torch.zeros(c.B, c.Hk, c.Lk, c.Dv, dtype=ct, device=q.device)
+    dbias = torch.zeros(c.bias.shape, dtype=ct, device=q.device) if bias_grad else None
+    dq5 = dq.view(c.B, c.Hk, c.groups, c.Lq, c.D)
+    # delta_i = rowsum(dO * O) - dlse_i, so that dS = P * (dP - delta).
+    delta = (dout.to(ct) * out.to(ct)).sum(dim=-1)
+    if dlse is not None:
+        delta = delta - dlse.to(ct)
+    lse_safe = torch.where(torch.isneginf(lse), 0.0, lse)
+    for i0, i1 in ch.rows:
+        bm = i1 - i0
+        qb = ch.q_block(i0, i1)
+        dob = ch.grouped(dout[:, :, i0:i1].to(ct), bm)  # (B, Hk, G*bm, Dv)
+        dqb = torch.zeros(c.B, c.Hk, c.groups * bm, c.D, dtype=ct, device=q.device)
+        for j0, j1 in ch.live_cols(i0, i1):
+            s, kb, capped = ch.scores(qb, i0, i1, j0, j1)
+            p = torch.exp(s - lse_safe[:, :, i0:i1].unsqueeze(-1))  # (B, Hq, bm, bn)
+            drop = ch.dropout_scale(i0, i1, j0, j1, q.device)
+            pd = p if drop is None else p * drop
+            dv[:, :, j0:j1] += ch.grouped(pd, bm).transpose(-1, -2) @ dob
+            vb = v[:, :, j0:j1].to(ct)
+            dp = (dob @ vb.transpose(-1, -2)).view(c.B, c.Hq, bm, j1 - j0)
+            if drop is not None:
+                dp = dp * drop
+            ds = p * (dp - delta[:, :, i0:i1].unsqueeze(-1))
+            if dbias is not None:
+                rows = slice(i0, i1) if dbias.shape[2] != 1 else slice(0, 1)
+                cols = slice(j0, j1) if dbias.shape[3] != 1 else slice(0, 1)
+                dbias[:, :, rows, cols] += _reduce_to(ds, dbias.shape)
+            if capped is not None:
+                ds = ds * (1.0 - capped * capped)
+            dsg = ch.grouped(ds * c.scale, bm)  # (B, Hk, G*bm, bn)
+            dqb += dsg @ kb
+            dk[:, :, j0:j1] += dsg.transpose(-1, -2) @ qb
+        dq5[:, :, :, i0:i1] = dqb.view(c.B, c.Hk, c.groups, bm, c.D)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbias
+
+
+class ChunkedAttention(torch.autograd.Function):
+    """Autograd wrapper: saves q, k, v, out and lse; backward recomputes the weights."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, bias, call, block_m, block_n):
+        out, lse = chunked_forward(q, k, v, call, block_m, block_n)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.call, ctx.block_m, ctx.block_n = call, block_m, block_n
+        ctx.bias_grad = bias is not None and bias.requires_grad
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        if dout is None:
+            dout = torch.zeros_like(out)
+        dq, dk, dv, dbias = chunked_backward(
+            q, k, v, out, lse, dout, dlse, ctx.call, ctx.block_m, ctx.block_n, ctx.bias_grad
+        )
+        if dbias is not None:
+            dbias = dbias.to(ctx.call.bias.dtype)
+        return dq, dk, dv, dbias, None, None, None
+
+
+def forward(q, k, v, call: AttentionCall):
+    """Entry point used by the backend registry: (out, lse)."""
+    return ChunkedAttention.apply(q, k, v, call.bias, call, BLOCK_M, BLOCK_N)
