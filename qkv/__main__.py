@@ -1,0 +1,3 @@
+from qkv.cli.main import main
+
+main()

@@ -1,0 +1,1 @@
+"""The `qkv` command line (see qkv.cli.main)."""
