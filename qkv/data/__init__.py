@@ -1,0 +1,37 @@
+"""qkv.data: corpora, tokenizers, length bucketing, packing, and the byte bigram baseline."""
+
+from qkv.data.baseline import BigramModel, bits_per_byte, nats_to_bits_per_byte
+from qkv.data.batching import (
+    IGNORE_INDEX,
+    LengthBucketSampler,
+    LMWindows,
+    PackedRows,
+    ShardedSampler,
+    document_mask,
+    pack_documents,
+    pad_sequences,
+    padding_fraction,
+    random_batches,
+    token_stream,
+)
+from qkv.data.corpus import (
+    SPLITS,
+    Corpus,
+    CorpusConfig,
+    CorpusError,
+    Document,
+    split_of,
+    stdlib_files,
+    stdlib_root,
+)
+from qkv.data.tokenizer import EOS, PAD, Tokenizer, byte_tokenizer, train_bpe
+
+__all__ = [
+    "BigramModel", "bits_per_byte", "nats_to_bits_per_byte",
+    "IGNORE_INDEX", "LengthBucketSampler", "LMWindows", "PackedRows", "ShardedSampler",
+    "document_mask", "pack_documents", "pad_sequences", "padding_fraction", "random_batches",
+    "token_stream",
+    "SPLITS", "Corpus", "CorpusConfig", "CorpusError", "Document", "split_of", "stdlib_files",
+    "stdlib_root",
+    "EOS", "PAD", "Tokenizer", "byte_tokenizer", "train_bpe",
+]

@@ -1,0 +1,316 @@
+"""Text corpora split by document: the embedded stdlib corpus, folders, globs and JSONL files.
+
+The default corpus is the source of the running interpreter's standard library: it is on every
+machine that runs qkv, so training needs no download. Which `*.py` files it holds:
+
+- everything under `sysconfig.get_paths()["stdlib"]`, except
+- site-packages / dist-packages (third-party code, differs per machine),
+- test suites: any directory named `test`, `tests` or `idle_test` (half the bytes, and full of
+  deliberately odd inputs such as broken encodings),
+- generated files: `encodings/` (codec tables), `pydoc_data/` (the docs as one string) and
+  `_sysconfigdata_*.py` (the build configuration of this machine),
+- files that are empty or are not UTF-8 text (skipped silently here; for a user's corpus they are
+  an error).
+
+Documents are split into train / validation / test by a hash of their relative path, not by a
+random draw: the same file lands in the same split on every machine and every Python patch
+release, and a file added in a new release moves no other file.
+"""
+
+from __future__ import annotations
+
+import glob as _glob
+import hashlib
+import json
+import os
+import sysconfig
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+SPLITS = ("train", "validation", "test")
+DEFAULT_FRACTIONS = (0.90, 0.05, 0.05)
+
+_STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__",
+                     "encodings", "pydoc_data"}
+_STDLIB_SKIP_PREFIXES = ("_sysconfigdata_",)
+
+
+class CorpusError(ValueError):
+    """A corpus that cannot be read: missing, empty, not text, or malformed."""
+
+
+@dataclass(frozen=True)
+class Document:
+    """One text document. `name` is its '/'-separated path relative to the corpus root
+    (for JSONL, "file.jsonl:LINE"); the split is a function of the name alone."""
+
+    name: str
+    text: str
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.text.encode("utf-8"))
+
+
+def _unit_hash(name: str, salt: str) -> float:
+    """A number in [0, 1) that depends only on (salt, name): stable across machines."""
+    digest = hashlib.sha256(f"{salt}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
+def split_of(name: str, fractions: tuple[float, float, float] = DEFAULT_FRACTIONS) -> str:
+    """The split ("train", "validation" or "test") that document `name` belongs to."""
+    _check_fractions(fractions)
+    u = _unit_hash(name, "split")
+    if u < fractions[0]:
+        return "train"
+    if u < fractions[0] + fractions[1]:
+        return "validation"
+    return "test"
+
+
+def _check_fractions(fractions) -> None:
+    if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-9:
+        raise ValueError(f"fractions must be three non-negative numbers summing to 1, got "
+                         f"{tuple(fractions)}")
+
+
+def decode_text(data: bytes, name: str) -> str:
+    """`data` as UTF-8 text; raises CorpusError naming `name` if it is binary or undecodable."""
+    if b"\x00" in data:
+        raise CorpusError(f"{name} is not a text file: it contains NUL bytes")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CorpusError(f"{name} is not UTF-8 text: {e.reason} at byte {e.start}") from None
+    return text.removeprefix("\ufeff")
+
+
+def stdlib_root() -> Path:
+    """The running interpreter's standard library directory."""
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def stdlib_files(root: Path | None = None) -> list[tuple[str, Path]]:
+    """(relative name, path) of the stdlib source files the default corpus holds, sorted."""
+    root = stdlib_root() if root is None else Path(root)
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in _STDLIB_SKIP_DIRS
+                             and not d.startswith(("config-", "lib-dynload")))
+        for f in filenames:
+            if f.endswith(".py") and not f.startswith(_STDLIB_SKIP_PREFIXES):
+                path = Path(dirpath) / f
+                found.append((path.relative_to(root).as_posix(), path))
+    return sorted(found)
+
+
+def _folder_files(root: Path) -> list[tuple[str, Path]]:
+    """Every regular file under `root`, hidden files and directories excluded."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".") and d != "__pycache__"]
+        for f in filenames:
+            if not f.startswith("."):
+                path = Path(dirpath) / f
+                found.append((path.relative_to(root).as_posix(), path))
+    return sorted(found)
+
+
+def _glob_files(pattern: str) -> list[tuple[str, Path]]:
+    """Files matching `pattern` (recursive `**` allowed), named relative to its fixed prefix."""
+    parts = Path(pattern).parts
+    fixed = list(_takewhile_literal(parts))
+    root = Path(*fixed) if fixed else Path(".")
+    paths = [Path(p) for p in _glob.glob(pattern, recursive=True) if Path(p).is_file()]
+    return sorted((p.relative_to(root).as_posix(), p) for p in paths)
+
+
+def _takewhile_literal(parts):
+    for p in parts[:-1]:
+        if _glob.has_magic(p):
+            return
+        yield p
+
+
+def _jsonl_documents(path: Path, text_key: str) -> Iterator[Document]:
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            where = f"{path.name}:{lineno}"
+            line = decode_text(raw, f"{path} line {lineno}").strip()
+            if not line:
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise CorpusError(f"{path} line {lineno} is not valid JSON: {e.msg}") from None
+            if not isinstance(record, dict):
+                raise CorpusError(f"{path} line {lineno} is not a JSON object")
+            if text_key not in record:
+                raise CorpusError(f"{path} line {lineno} has no field {text_key!r} "
+                                  f"(fields: {sorted(record)}); set text_key")
+            text = record[text_key]
+            if not isinstance(text, str):
+                raise CorpusError(f"{path} line {lineno}: field {text_key!r} is "
+                                  f"{type(text).__name__}, not a string")
+            if text:
+                yield Document(where, text)
+
+
+@dataclass(frozen=True)
+class CorpusConfig:
+    """Where a corpus comes from and how much of it to use.
+
+    source: "stdlib", a folder, a glob pattern, or a `.jsonl` file (one object per line).
+    text_key: the JSONL field that holds the text.
+    suffixes: for folders and globs, keep only files with these suffixes (e.g. (".py",)).
+    max_files / max_bytes: caps on the corpus, shared among the splits by their fractions.
+    fractions: the train / validation / test shares.
+    """
+
+    source: str = "stdlib"
+    text_key: str = "text"
+    suffixes: tuple[str, ...] | None = None
+    max_files: int | None = None
+    max_bytes: int | None = None
+    fractions: tuple[float, float, float] = DEFAULT_FRACTIONS
+
+    def __post_init__(self):
+        _check_fractions(self.fractions)
+        for name in ("max_files", "max_bytes"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be positive, got {value}")
+
+
+class Corpus:
+    """Documents grouped into the splits "train", "validation" and "test".
+
+    Build one with `Corpus.load(...)` (see CorpusConfig) or from documents directly.
+    """
+
+    def __init__(self, documents: list[Document], fractions=DEFAULT_FRACTIONS):
+        _check_fractions(fractions)
+        self.fractions = tuple(fractions)
+        self.splits: dict[str, list[Document]] = {s: [] for s in SPLITS}
+        for doc in documents:
+            self.splits[split_of(doc.name, self.fractions)].append(doc)
+
+    @classmethod
+    def load(cls, source: str = "stdlib", **options) -> Corpus:
+        """Read the corpus that `CorpusConfig(source, **options)` describes.
+
+        Raises FileNotFoundError for a missing source, CorpusError for a corpus that is empty or
+        holds a file that is not UTF-8 text (the message names the file), or a JSONL line that is
+        malformed or lacks the text field (the message names the line).
+        """
+        config = CorpusConfig(source, **options)
+        documents = list(_read(config))
+        if not documents:
+            raise CorpusError(f"corpus {source!r} holds no non-empty text documents")
+        return cls(documents, config.fractions)
+
+    def __getitem__(self, split: str) -> list[Document]:
+        if split not in self.splits:
+            raise KeyError(f"unknown split {split!r}; expected one of {SPLITS}")
+        return self.splits[split]
+
+    @property
+    def train(self) -> list[Document]:
+        return self.splits["train"]
+
+    @property
+    def validation(self) -> list[Document]:
+        return self.splits["validation"]
+
+    @property
+    def test(self) -> list[Document]:
+        return self.splits["test"]
+
+    def texts(self, split: str) -> list[str]:
+        return [d.text for d in self[split]]
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        """{split: {"files": n, "bytes": n}}."""
+        return {s: {"files": len(docs), "bytes": sum(d.nbytes for d in docs)}
+                for s, docs in self.splits.items()}
+
+    def __repr__(self) -> str:
+        parts = ", ".join(f"{s}={v['files']} files/{v['bytes'] / 1e6:.2f} MB"
+                          for s, v in self.stats().items())
+        return f"Corpus({parts})"
+
+
+def _read(config: CorpusConfig) -> Iterator[Document]:
+    """The documents of `config.source`, within the caps."""
+    source = config.source
+    if source == "stdlib":
+        yield from _capped_files(stdlib_files(), config, strict=False)
+        return
+    path = Path(source)
+    if path.is_dir():
+        files = _folder_files(path)
+    elif path.is_file() and path.suffix == ".jsonl":
+        yield from _capped_documents(_jsonl_documents(path, config.text_key), config)
+        return
+    elif path.is_file():
+        files = [(path.name, path)]
+    elif _glob.has_magic(source):
+        files = _glob_files(source)
+        if not files:
+            raise CorpusError(f"glob {source!r} matches no files")
+    else:
+        raise FileNotFoundError(f"corpus source {source!r} does not exist (expected 'stdlib', a "
+                                f"folder, a glob, or a .jsonl file)")
+    if config.suffixes is not None:
+        files = [(n, p) for n, p in files if p.suffix in config.suffixes]
+    yield from _capped_files(files, config, strict=True)
+
+
+def _budgets(config: CorpusConfig, cap: int | None) -> dict[str, float]:
+    """Each split's share of a cap: at least one unit for any split with a nonzero fraction."""
+    if cap is None:
+        return {s: float("inf") for s in SPLITS}
+    return {s: max(1, round(cap * f)) if f > 0 else 0 for s, f in zip(SPLITS, config.fractions,
+                                                                        strict=True)}
+
+
+def _capped_files(files, config: CorpusConfig, strict: bool) -> Iterator[Document]:
+    """Read files in a fixed pseudo-random order until each split's share of the caps is used.
+
+    A file too large for what is left of its split's byte budget is passed over. Unreadable text
+    raises (strict) or is skipped (the stdlib).
+    """
+    files_left = _budgets(config, config.max_files)
+    bytes_left = _budgets(config, config.max_bytes)
+    for name, path in sorted(files, key=lambda f: _unit_hash(f[0], "order")):
+        split = split_of(name, config.fractions)
+        if files_left[split] <= 0:
+            continue
+        if path.stat().st_size > bytes_left[split]:
+            continue
+        try:
+            text = decode_text(path.read_bytes(), str(path))
+        except CorpusError:
+            if strict:
+                raise
+            continue
+        if not text:
+            continue
+        files_left[split] -= 1
+        bytes_left[split] -= len(text.encode("utf-8"))
+        yield Document(name, text)
+
+
+def _capped_documents(documents, config: CorpusConfig) -> Iterator[Document]:
+    """The caps for documents that are not files (JSONL records), taken in file order."""
+    files_left = _budgets(config, config.max_files)
+    bytes_left = _budgets(config, config.max_bytes)
+    for doc in documents:
+        split = split_of(doc.name, config.fractions)
+        n = doc.nbytes
+        if files_left[split] > 0 and n <= bytes_left[split]:
+            files_left[split] -= 1
+            bytes_left[split] -= n
+            yield doc
