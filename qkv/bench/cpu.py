@@ -1,0 +1,194 @@
+"""CPU benchmark: time and peak memory of qkv's reference and chunked backends beside torch SDPA.
+
+Each case runs in a fresh subprocess so that its peak resident memory can be read from the
+kernel (`ru_maxrss`) without earlier cases' allocations in the way; the peak growth above the
+inputs is reported. Times are medians of repeated runs after a warm-up, and every row carries the
+ratio chunked / torch measured in the same process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+import qkv
+from qkv.attention.flops import attention_flops
+
+BACKENDS = ("torch", "chunked", "reference")
+
+
+@dataclass
+class CpuCase:
+    n: int
+    heads: int = 8
+    head_dim: int = 64
+    batch: int = 1
+    causal: bool = False
+    mode: str = "fwd"  # "fwd" or "fwd_bwd"
+    backend: str = "chunked"  # "torch" (F.scaled_dot_product_attention), "chunked", "reference"
+    reps: int = 3
+    threads: int = 0  # 0: torch's default
+
+
+def score_matrix_bytes(case: CpuCase) -> int:
+    """Bytes of one fp32 (B, H, n, n) score matrix: what the O(n^2) computation holds at least."""
+    return case.batch * case.heads * case.n * case.n * 4
+
+
+def _run_once(case: CpuCase, q, k, v, grad):
+    if case.backend == "torch":
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=case.causal)
+    else:
+        out = qkv.attention(q, k, v, causal=case.causal, backend=case.backend)
+    if case.mode == "fwd_bwd":
+        out.backward(grad)
+    return out
+
+
+def _rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def measure_in_process(case: CpuCase) -> dict:
+    """Run one case here; returns seconds (median), peak memory growth in bytes and TFLOP/s."""
+    if case.threads:
+        torch.set_num_threads(case.threads)
+    gen = torch.Generator().manual_seed(0)
+    shape = (case.batch, case.heads, case.n, case.head_dim)
+    need_grad = case.mode == "fwd_bwd"
+    q, k, v, grad = (torch.randn(shape, generator=gen) for _ in range(4))
+    for t in (q, k, v):
+        t.requires_grad_(need_grad)
+    rss0 = _rss_bytes()
+    context = torch.enable_grad() if need_grad else torch.no_grad()
+    with context:
+        _run_once(case, q, k, v, grad)  # warm-up, and the memory high-water mark
+        peak = _rss_bytes() - rss0
+        times = []
+        for _ in range(case.reps):
+            for t in (q, k, v):
+                t.grad = None
+            start = time.perf_counter()
+            _run_once(case, q, k, v, grad)
+            times.append(time.perf_counter() - start)
+    seconds = statistics.median(times)
+    flops = attention_flops(case.batch, case.heads, case.n, case.n, case.head_dim,
+                            causal=case.causal, mode=case.mode)
+    return {**asdict(case), "seconds": seconds, "peak_bytes": peak,
+            "score_matrix_bytes": score_matrix_bytes(case), "tflops": flops / seconds / 1e12}
+
+
+def measure(case: CpuCase, timeout: float = 1800) -> dict:
+    """Run one case in a fresh Python process (clean memory high-water mark)."""
+    code = (
+        "import json, sys; from qkv.bench.cpu import CpuCase, measure_in_process; "
+        "print(json.dumps(measure_in_process(CpuCase(**json.loads(sys.argv[1])))))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps(asdict(case))],
+                          capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmark case {case} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def reference_fits(case: CpuCase, budget_bytes: float) -> bool:
+    """The reference keeps several n x n matrices (scores, weights, their gradients)."""
+    copies = 3 if case.mode == "fwd" else 6
+    return score_matrix_bytes(case) * copies < budget_bytes
+
+
+def sweep(ns=(1024, 2048, 4096, 8192, 16384), modes=("fwd", "fwd_bwd"), causals=(False, True),
+          backends=BACKENDS, reps: int = 3, memory_budget: float = 12e9, progress=None):
+    """Every (n, mode, causal, backend) case; rows skipped for memory say so in 'skipped'."""
+    rows = []
+    cases = [CpuCase(n=n, causal=c, mode=m, backend=b, reps=reps)
+             for n in ns for m in modes for c in causals for b in backends]
+    for case in cases:
+        if case.backend == "reference" and not reference_fits(case, memory_budget):
+            need = score_matrix_bytes(case) / 1e9
+            rows.append({**asdict(case), "skipped": f"needs > {need:.1f} GB per n x n matrix"})
+        else:
+            rows.append(measure(case))
+        if progress is not None:
+            progress(case)
+    return add_ratios(rows)
+
+
+def add_ratios(rows: list[dict]) -> list[dict]:
+    """Attach to each row its time and memory relative to torch's row of the same case."""
+    torch_rows = {(r["n"], r["mode"], r["causal"]): r for r in rows
+                  if r["backend"] == "torch" and "seconds" in r}
+    for r in rows:
+        base = torch_rows.get((r["n"], r["mode"], r["causal"]))
+        if base is not None and "seconds" in r:
+            r["time_vs_torch"] = r["seconds"] / base["seconds"]
+    return rows
+
+
+def causal_speedups(rows: list[dict]) -> dict:
+    """Non-causal over causal time per (backend, n, mode): about 2 if masked blocks are skipped."""
+    out = {}
+    timed = {(r["backend"], r["n"], r["mode"], r["causal"]): r["seconds"]
+             for r in rows if "seconds" in r}
+    for (b, n, m, causal), sec in timed.items():
+        if not causal and (b, n, m, True) in timed:
+            out[(b, n, m)] = sec / timed[(b, n, m, True)]
+    return out
+
+
+def _fmt_bytes(b: float) -> str:
+    if b < 1e6:
+        return f"{b / 1e3:.0f} kB"
+    if b < 1e9:
+        return f"{b / 1e6:.1f} MB"
+    return f"{b / 1e9:.2f} GB"
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """The sweep as a markdown table."""
+    lines = [
+        "| n | mode | causal | backend | time (s) | vs torch | GFLOP/s | peak extra memory "
+        "| % of n×n fp32 scores |",
+        "|---:|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        head = f"| {r['n']} | {r['mode']} | {r['causal']} | {r['backend']} "
+        if "skipped" in r:
+            lines.append(head + f"| skipped: {r['skipped']} | | | | |")
+            continue
+        ratio = r.get("time_vs_torch")
+        pct = 100.0 * r["peak_bytes"] / r["score_matrix_bytes"]
+        lines.append(
+            head + f"| {r['seconds']:.3f} | {'' if ratio is None else f'{ratio:.2f}×'} "
+            f"| {r['tflops'] * 1e3:.1f} | {_fmt_bytes(r['peak_bytes'])} | {pct:.2f}% |"
+        )
+    speedups = causal_speedups(rows)
+    if speedups:
+        lines += ["", "| backend | n | mode | non-causal / causal time |", "|---|---:|---|---:|"]
+        for (b, n, m), s in sorted(speedups.items()):
+            lines.append(f"| {b} | {n} | {m} | {s:.2f} |")
+    return "\n".join(lines)
+
+
+def machine_description() -> str:
+    """CPU model, core count and torch version, for RESULTS.md."""
+    model = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return (f"{model}, {cores} cores, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads, python {sys.version.split()[0]}")
