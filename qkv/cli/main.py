@@ -17,6 +17,11 @@ app = typer.Typer(
 )
 
 
+@app.callback()
+def _root() -> None:
+    """Exact attention in linear memory, and the Transformer built on it."""
+
+
 def _register_subcommands() -> None:
     import qkv.cli as package
 
