@@ -1,0 +1,184 @@
+"""Multi-head attention (MHA, GQA, MQA; self or cross) on top of `qkv.attention`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+import qkv
+from qkv.nn.config import check_choice, check_float, check_int
+from qkv.nn.positions import ROPE_SCALINGS, RotaryEmbedding, alibi_slopes
+
+ATTENTION_POSITIONS = ("none", "rope", "alibi")
+
+
+@dataclass
+class AttentionConfig:
+    """Settings of one multi-head attention module."""
+
+    d_model: int
+    n_heads: int
+    n_kv_heads: int | None = None  # None: n_heads (MHA); 1: MQA; other divisors: GQA
+    head_dim: int | None = None  # None: d_model // n_heads
+    bias: bool = True
+    attn_dropout: float = 0.0  # on the attention weights
+    dropout: float = 0.0  # on the output
+    cross: bool = False  # queries from x, keys and values from a separate context
+    positions: str = "none"  # none | rope | alibi (absolute embeddings live in the model)
+    rope_base: float = 10000.0
+    rope_scaling: str | None = None  # None | linear | ntk
+    rope_factor: float = 1.0
+    window: int | None = None  # each query sees keys at most `window` positions before it
+    softcap: float | None = None
+    scale: float | None = None  # None: 1/sqrt(head_dim)
+    backend: str = "auto"
+
+    def __post_init__(self):
+        check_int("d_model", self.d_model)
+        check_int("n_heads", self.n_heads)
+        check_int("n_kv_heads", self.n_kv_heads, optional=True)
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})"
+            )
+        check_int("head_dim", self.head_dim, optional=True)
+        if self.head_dim is None:
+            if self.d_model % self.n_heads:
+                raise ValueError(
+                    f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads}) "
+                    "unless head_dim is given"
+                )
+            self.head_dim = self.d_model // self.n_heads
+        check_float("attn_dropout", self.attn_dropout, low=0.0, high=1.0)
+        check_float("dropout", self.dropout, low=0.0, high=1.0)
+        check_choice("positions", self.positions, ATTENTION_POSITIONS)
+        if self.cross and self.positions != "none":
+            raise ValueError(
+                f"positions must be 'none' for cross-attention, got {self.positions!r}"
+            )
+        check_choice("rope_scaling", self.rope_scaling, ROPE_SCALINGS)
+        check_int("window", self.window, minimum=0, optional=True)
+        check_float("softcap", self.softcap, low=0.0, low_open=True, optional=True)
+        check_float("scale", self.scale, low=0.0, low_open=True, optional=True)
+        if not isinstance(self.backend, str):
+            raise ValueError(f"backend must be a string, got {self.backend!r}")
+
+
+class MultiHeadAttention(nn.Module):
+    """Project, attend with `qkv.attention`, project back.
+
+    Self-attention uses one fused projection `qkv_proj` (d_model -> (Hq + 2 Hk) * D); cross-
+    attention uses `q_proj` on x and `kv_proj` on the context. With a cache, self-attention
+    appends its new K/V through `cache.update(layer_idx, k, v)` and cross-attention computes its
+    K/V once per generation and reads them back from the cross cache after that.
+    """
+
+    def __init__(self, config: AttentionConfig):
+        super().__init__()
+        c = config
+        self.config = c
+        self.n_heads, self.n_kv_heads, self.head_dim = c.n_heads, c.n_kv_heads, c.head_dim
+        q_dim, kv_dim = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
+        if c.cross:
+            self.q_proj = nn.Linear(c.d_model, q_dim, bias=c.bias)
+            self.kv_proj = nn.Linear(c.d_model, 2 * kv_dim, bias=c.bias)
+        else:
+            self.qkv_proj = nn.Linear(c.d_model, q_dim + 2 * kv_dim, bias=c.bias)
+        self.out_proj = nn.Linear(q_dim, c.d_model, bias=c.bias)
+        self.dropout = nn.Dropout(c.dropout)
+        self.rope = (
+            RotaryEmbedding(c.head_dim, c.rope_base, c.rope_scaling, c.rope_factor)
+            if c.positions == "rope" else None
+        )
+        if c.positions == "alibi":
+            self.register_buffer("alibi_slopes", alibi_slopes(c.n_heads), persistent=False)
+        else:
+            self.alibi_slopes = None
+
+    def _heads(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        B, L, _ = x.shape
+        return x.view(B, L, n, self.head_dim).transpose(1, 2)  # (B, n, L, D)
+
+    def project_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-attention K and V (B, Hk, Lk, D) of a context (B, Lk, d_model)."""
+        k, v = self.kv_proj(context).split(self.n_kv_heads * self.head_dim, dim=-1)
+        return self._heads(k, self.n_kv_heads), self._heads(v, self.n_kv_heads)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor | None = None,
+        *,
+        causal: bool = False,
+        positions: torch.Tensor | None = None,
+        kv_lengths: torch.Tensor | None = None,
+        key_padding_mask: torch.Tensor | None = None,
+        cache=None,
+        layer_idx: int = 0,
+        backend: str | None = None,
+    ) -> torch.Tensor:
+        """x (B, L, d_model) -> (B, L, d_model).
+
+        context (B, Lk, d_model) is required for cross-attention (unless the cross cache already
+        holds this layer's K/V). positions (B, L) are the absolute positions of x's tokens (for
+        RoPE; default 0..L-1). Key padding is given as kv_lengths (B,) (keys j >= length are
+        padding) or key_padding_mask (B, Lk) bool, True = real key; with a cache both describe
+        every key the cache returns. Causal and window are aligned bottom-right, so the newest
+        query sees the newest key.
+        """
+        c = self.config
+        if x.dim() != 3 or x.shape[-1] != c.d_model:
+            raise ValueError(f"x must be (B, L, {c.d_model}), got {tuple(x.shape)}")
+        B, L, _ = x.shape
+        if c.cross:
+            q = self._heads(self.q_proj(x), self.n_heads)  # (B, Hq, L, D)
+            if cache is not None and cache.has(layer_idx):
+                k, v = cache.get(layer_idx)
+            else:
+                if context is None:
+                    raise ValueError("cross-attention needs a context (B, Lk, d_model)")
+                k, v = self.project_kv(context)  # (B, Hk, Lk, D)
+                if cache is not None:
+                    cache.set(layer_idx, k, v)
+        else:
+            if context is not None:
+                raise ValueError("self-attention takes no context; build it with cross=True")
+            q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+            q, k, v = self.qkv_proj(x).split((q_dim, kv_dim, kv_dim), dim=-1)
+            q, k, v = self._heads(q, self.n_heads), self._heads(k, self.n_kv_heads), \
+                self._heads(v, self.n_kv_heads)
+            if self.rope is not None:
+                if positions is None:
+                    positions = torch.arange(L, device=x.device).expand(B, L)
+                q, k = self.rope(q, positions), self.rope(k, positions)
+            if cache is not None:
+                k, v, cached_lengths = cache.update(layer_idx, k, v)  # (B, Hk, Lk, D)
+                if cached_lengths is not None:
+                    kv_lengths = cached_lengths if kv_lengths is None else \
+                        torch.minimum(kv_lengths, cached_lengths)
+        mask = None
+        if key_padding_mask is not None:
+            if key_padding_mask.shape != (B, k.shape[2]):
+                raise ValueError(
+                    f"key_padding_mask must be (B, Lk) = {(B, k.shape[2])}, "
+                    f"got {tuple(key_padding_mask.shape)}"
+                )
+            mask = key_padding_mask.bool()[:, None, None, :]  # (B, 1, 1, Lk)
+        window = None
+        if c.window is not None:
+            window = (c.window, 0) if causal else (c.window, c.window)
+        slopes = self.alibi_slopes
+        if slopes is not None and q.dtype == torch.float64:
+            slopes = slopes.double()
+        y = qkv.attention(
+            q, k, v, causal=causal, window=window, kv_lengths=kv_lengths, mask=mask,
+            alibi_slopes=slopes, softcap=c.softcap, scale=c.scale,
+            dropout_p=c.attn_dropout if self.training else 0.0,
+            backend=backend or c.backend,
+        )  # (B, Hq, L, D)
+        y = y.transpose(1, 2).reshape(B, L, self.n_heads * self.head_dim)
+        return self.dropout(self.out_proj(y))  # (B, L, d_model)
