@@ -1,0 +1,90 @@
+"""Tokenizers: byte fallback and byte-level BPE; exact round trips, specials, save/load."""
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qkv.data import EOS, Corpus, Tokenizer, byte_tokenizer, train_bpe
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return Corpus.load("stdlib", max_bytes=300_000)
+
+
+@pytest.fixture(scope="module")
+def bpe(corpus):
+    return train_bpe(corpus.texts("train"), vocab_size=512)
+
+
+def test_byte_tokenizer_ids_are_bytes():
+    tok = byte_tokenizer()
+    text = "héllo 🙂\r\n\t\x00"
+    assert tok.encode(text) == list(text.encode("utf-8"))
+    assert (tok.vocab_size, tok.eos_id, tok.pad_id) == (258, 256, 257)
+    assert tok.decode(tok.encode(text)) == text
+
+
+def test_bpe_vocab_and_compression(bpe, corpus):
+    assert bpe.vocab_size == 512
+    assert {bpe.eos_id, bpe.pad_id} == {0, 1}
+    text = "".join(corpus.texts("validation"))
+    ids = bpe.encode(text)
+    assert max(ids) < 512 and min(ids) >= 2
+    assert len(text.encode()) / len(ids) > 1.7  # merges learned on train help on validation
+    assert bpe.decode(ids) == text
+
+
+def test_bpe_training_is_deterministic(corpus, bpe):
+    again = train_bpe(corpus.texts("train"), vocab_size=512)
+    assert again.hf.get_vocab() == bpe.hf.get_vocab()
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.text())
+def test_round_trip_bytes(text):
+    tok = byte_tokenizer()
+    assert tok.decode(tok.encode(text)) == text
+
+
+@settings(max_examples=150, deadline=None)
+@given(text=st.text())
+def test_round_trip_bpe(bpe, text):
+    assert bpe.decode(bpe.encode(text)) == text
+
+
+@settings(max_examples=50, deadline=None)
+@given(texts=st.lists(st.text(), max_size=5))
+def test_encode_batch_matches_encode(bpe, texts):
+    assert bpe.encode_batch(texts) == [bpe.encode(t) for t in texts]
+
+
+@pytest.mark.parametrize("make", ["bytes", "bpe"])
+def test_special_tokens_never_come_from_text(bpe, make):
+    tok = byte_tokenizer() if make == "bytes" else bpe
+    text = f"a{EOS}b <|pad|>"
+    ids = tok.encode(text)
+    assert tok.eos_id not in ids and tok.pad_id not in ids
+    assert tok.decode(ids) == text
+    assert tok.decode([*tok.encode("x"), tok.eos_id]) == "x" + EOS
+    assert tok.decode([*tok.encode("x"), tok.eos_id, tok.pad_id], skip_special_tokens=True) == "x"
+
+
+@pytest.mark.parametrize("make", ["bytes", "bpe"])
+def test_save_load(tmp_path, bpe, make):
+    tok = byte_tokenizer() if make == "bytes" else bpe
+    tok.save(tmp_path)  # a directory: writes tokenizer.json inside
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tokenizer.json"]
+    for loaded in (Tokenizer.load(tmp_path), Tokenizer.load(tmp_path / "tokenizer.json")):
+        text = f"def f(x):\n    return x  # ünï {EOS}"
+        assert loaded.encode(text) == tok.encode(text)
+        assert (loaded.vocab_size, loaded.eos_id, loaded.pad_id) == (
+            tok.vocab_size, tok.eos_id, tok.pad_id)
+        assert loaded.decode(loaded.encode(text)) == text
+
+
+def test_errors(tmp_path):
+    with pytest.raises(ValueError, match="vocab_size must be at least 258"):
+        train_bpe(["abc"], vocab_size=100)
+    with pytest.raises(FileNotFoundError):
+        Tokenizer.load(tmp_path / "nothing.json")
