@@ -1,6 +1,14 @@
 """`qkv.nn`: modules that own parameters, all built on `qkv.attention`."""
 
 from qkv.nn.attention import AttentionConfig, MultiHeadAttention
+from qkv.nn.cache import (
+    CrossAttentionCache,
+    DynamicCache,
+    KVCache,
+    SlidingWindowCache,
+    StaticCache,
+    make_cache,
+)
 from qkv.nn.layers import FeedForward, FeedForwardConfig, LayerNorm, RMSNorm, make_norm
 from qkv.nn.models import (
     Decoder,
@@ -22,9 +30,11 @@ from qkv.nn.transformer import DecoderLayer, EncoderLayer, TransformerConfig
 
 __all__ = [
     "AttentionConfig",
+    "CrossAttentionCache",
     "Decoder",
     "DecoderLM",
     "DecoderLayer",
+    "DynamicCache",
     "Embeddings",
     "Encoder",
     "EncoderDecoder",
@@ -32,14 +42,18 @@ __all__ = [
     "EncoderLayer",
     "FeedForward",
     "FeedForwardConfig",
+    "KVCache",
     "LayerNorm",
     "LearnedPositions",
     "MultiHeadAttention",
     "RMSNorm",
     "RotaryEmbedding",
     "SinusoidalPositions",
+    "SlidingWindowCache",
+    "StaticCache",
     "TransformerConfig",
     "alibi_slopes",
+    "make_cache",
     "make_norm",
     "positions_from_mask",
     "sinusoidal_table",

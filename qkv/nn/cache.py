@@ -1,0 +1,214 @@
+"""KV caches for incremental decoding.
+
+A self-attention cache is one object for the whole model. Each forward pass first calls
+`step(mask, B, L, device)` once, which records the new tokens' padding and returns their absolute
+positions (left padding does not count toward them) and the padding mask of every key the layers
+will see. Then each layer calls `update(layer_idx, k, v) -> (k_all, v_all, kv_lengths or None)`.
+Keys are returned in order, oldest first, so qkv.attention's bottom-right alignment puts the newest
+query on the newest key; causal masks, windows and ALiBi distances all stay right.
+
+The caches here return kv_lengths None: every row advances together, and per-row padding is the
+mask returned by `step`.
+
+`CrossAttentionCache` holds the encoder's projected K/V, computed once per generation.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qkv.nn.config import check_int
+from qkv.nn.positions import positions_from_mask
+
+
+class KVCache:
+    """The shared bookkeeping: per-row position offsets and the key padding mask."""
+
+    window: int | None = None
+
+    def __init__(self):
+        self.seen = 0  # tokens (real or padding) stepped through so far
+        self._offset: torch.Tensor | None = None  # (B,) real tokens so far, per row
+        self._mask: torch.Tensor | None = None  # (B, kept) bool, None when every key is real
+        self._batch: int | None = None
+
+    def _kept(self, n: int) -> int:
+        """How many of n keys the cache holds."""
+        return n
+
+    @property
+    def offsets(self) -> torch.Tensor | None:
+        """(B,) the absolute position the next real token of each row will get."""
+        return self._offset
+
+    def step(self, mask: torch.Tensor | None, B: int, L: int, device):
+        """Record L new tokens; return (positions (B, L), key mask (B, Lk) bool or None)."""
+        if self._batch is None:
+            self._batch = B
+            self._offset = torch.zeros(B, dtype=torch.long, device=device)
+        elif self._batch != B:
+            raise ValueError(f"this cache holds a batch of {self._batch} rows, got {B}")
+        positions = positions_from_mask(mask, B, L, device, self._offset)
+        self._offset = self._offset + (mask.long().sum(-1) if mask is not None else L)
+        kept = self._kept(self.seen)
+        key_mask = None
+        if mask is not None or self._mask is not None:
+            ones = lambda n: torch.ones(B, n, dtype=torch.bool, device=device)
+            old = self._mask if self._mask is not None else ones(kept)
+            key_mask = torch.cat((old, mask if mask is not None else ones(L)), dim=1)
+        self.seen += L
+        if key_mask is not None:
+            self._mask = key_mask[:, key_mask.shape[1] - self._kept(self.seen):]
+            if bool(self._mask.all()):
+                self._mask = None
+        return positions, key_mask
+
+    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor):
+        raise NotImplementedError
+
+    def _check(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        if self._batch is None:
+            raise ValueError("call cache.step(...) before update (models do this in forward)")
+        if k.dim() != 4 or v.dim() != 4 or k.shape[0] != self._batch:
+            raise ValueError(f"k and v must be (B={self._batch}, Hk, L, D), got "
+                             f"{tuple(k.shape)} and {tuple(v.shape)}")
+
+    def _reorder_tensors(self, index: torch.Tensor) -> None:
+        """Subclasses reorder their stored K/V."""
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep rows `index` (B,) in that order: beam search's reshuffle."""
+        self._reorder_tensors(index)
+        if self._offset is not None:
+            self._offset = self._offset.index_select(0, index)
+        if self._mask is not None:
+            self._mask = self._mask.index_select(0, index)
+
+
+class DynamicCache(KVCache):
+    """Grows with every step (torch.cat)."""
+
+    def __init__(self):
+        super().__init__()
+        self.k: dict[int, torch.Tensor] = {}
+        self.v: dict[int, torch.Tensor] = {}
+
+    def update(self, layer_idx, k, v):
+        """Append k, v (B, Hk, L, D); return every key and value so far (B, Hk, Lk, D)."""
+        self._check(layer_idx, k, v)
+        if layer_idx in self.k:
+            k = torch.cat((self.k[layer_idx], k), dim=2)
+            v = torch.cat((self.v[layer_idx], v), dim=2)
+        self.k[layer_idx], self.v[layer_idx] = k, v
+        return k, v, None
+
+    def _reorder_tensors(self, index):
+        for i in self.k:
+            self.k[i] = self.k[i].index_select(0, index)
+            self.v[i] = self.v[i].index_select(0, index)
+
+
+class StaticCache(KVCache):
+    """Preallocates max_len keys per layer on first use; returns views of the filled part."""
+
+    def __init__(self, max_len: int):
+        super().__init__()
+        check_int("max_len", max_len)
+        self.max_len = max_len
+        self.k: dict[int, torch.Tensor] = {}
+        self.v: dict[int, torch.Tensor] = {}
+        self.lengths: dict[int, int] = {}
+
+    def update(self, layer_idx, k, v):
+        """Write k, v (B, Hk, L, D) after the filled part; return views (B, Hk, Lk, D)."""
+        self._check(layer_idx, k, v)
+        if layer_idx not in self.k:
+            B, H, _, D = k.shape
+            self.k[layer_idx] = k.new_zeros(B, H, self.max_len, D)
+            self.v[layer_idx] = v.new_zeros(B, v.shape[1], self.max_len, v.shape[3])
+            self.lengths[layer_idx] = 0
+        n, L = self.lengths[layer_idx], k.shape[2]
+        if n + L > self.max_len:
+            raise ValueError(f"StaticCache of max_len={self.max_len} cannot hold {n + L} keys")
+        self.k[layer_idx][:, :, n:n + L] = k
+        self.v[layer_idx][:, :, n:n + L] = v
+        self.lengths[layer_idx] = n + L
+        return self.k[layer_idx][:, :, :n + L], self.v[layer_idx][:, :, :n + L], None
+
+    def _reorder_tensors(self, index):
+        for i in self.k:
+            self.k[i].copy_(self.k[i].index_select(0, index))
+            self.v[i].copy_(self.v[i].index_select(0, index))
+
+
+class SlidingWindowCache(KVCache):
+    """Keeps only the last `window` keys, in order (rolled by slicing).
+
+    A step returns the kept keys followed by the new ones, so a model whose attention window is
+    at most `window` (each query sees at most `window` earlier keys) attends exactly as without a
+    cache.
+    """
+
+    def __init__(self, window: int):
+        super().__init__()
+        check_int("window", window)
+        self.window = window
+        self.k: dict[int, torch.Tensor] = {}
+        self.v: dict[int, torch.Tensor] = {}
+
+    def _kept(self, n: int) -> int:
+        return min(n, self.window)
+
+    def update(self, layer_idx, k, v):
+        """Return kept + new keys (B, Hk, <= window + L, D); keep the last `window` of them."""
+        self._check(layer_idx, k, v)
+        if layer_idx in self.k:
+            k = torch.cat((self.k[layer_idx], k), dim=2)
+            v = torch.cat((self.v[layer_idx], v), dim=2)
+        keep = max(k.shape[2] - self.window, 0)
+        self.k[layer_idx], self.v[layer_idx] = k[:, :, keep:], v[:, :, keep:]
+        return k, v, None
+
+    def _reorder_tensors(self, index):
+        for i in self.k:
+            self.k[i] = self.k[i].index_select(0, index)
+            self.v[i] = self.v[i].index_select(0, index)
+
+
+class CrossAttentionCache:
+    """Each layer's cross-attention K/V (B, Hk, Ls, D), projected from the memory once."""
+
+    def __init__(self):
+        self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def has(self, layer_idx: int) -> bool:
+        return layer_idx in self.kv
+
+    def get(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.kv[layer_idx]
+
+    def set(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.kv[layer_idx] = (k, v)
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep rows `index` (B,) in that order."""
+        self.kv = {i: (k.index_select(0, index), v.index_select(0, index))
+                   for i, (k, v) in self.kv.items()}
+
+
+CACHE_KINDS = ("dynamic", "static", "sliding")
+
+
+def make_cache(kind: str, *, max_len: int | None = None, window: int | None = None) -> KVCache:
+    """A self-attention cache by name: "dynamic", "static" (needs max_len), "sliding" (window)."""
+    if kind == "dynamic":
+        return DynamicCache()
+    if kind == "static":
+        if max_len is None:
+            raise ValueError("a static cache needs max_len")
+        return StaticCache(max_len)
+    if kind == "sliding":
+        if window is None:
+            raise ValueError("a sliding-window cache needs window (the model's config.window)")
+        return SlidingWindowCache(window)
+    raise ValueError(f"cache must be one of {list(CACHE_KINDS)} or None, got {kind!r}")
