@@ -1,0 +1,304 @@
+"""Decoding with caches: greedy, sampling (temperature, top-k, top-p) and beam search.
+
+Works for `DecoderLM` (the prompt is `input_ids`, left-padded, with `attention_mask`) and for
+`EncoderDecoder` (`input_ids` is the source; the decoder starts from `bos_token_id`). Generation
+stops when every row has produced `eos_token_id` or after `max_new_tokens`; finished rows are
+filled with `pad_token_id` (default: eos). Call `model.eval()` first if it has dropout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from qkv.nn.cache import CACHE_KINDS, CrossAttentionCache, make_cache
+from qkv.nn.config import check_choice, check_float, check_int, from_dict
+from qkv.nn.models import DecoderLM, EncoderDecoder
+
+
+@dataclass
+class GenerationConfig:
+    """Settings of one generation call."""
+
+    max_new_tokens: int = 20
+    do_sample: bool = False  # False: greedy (or beam search when num_beams > 1)
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    num_beams: int = 1
+    length_penalty: float = 1.0  # beam score = sum log p / (new tokens) ** length_penalty
+    eos_token_id: int | None = None
+    pad_token_id: int | None = None  # None: eos_token_id (or 0 without eos)
+    bos_token_id: int | None = None  # EncoderDecoder: the decoder's first token
+    cache: str | None = "dynamic"  # dynamic | static | sliding | None (recompute every step)
+    backend: str | None = None  # qkv.attention backend; None: each model's config
+
+    def __post_init__(self):
+        check_int("max_new_tokens", self.max_new_tokens)
+        check_choice("do_sample", self.do_sample, (True, False))
+        check_float("temperature", self.temperature, low=0.0, low_open=True)
+        check_int("top_k", self.top_k, optional=True)
+        check_float("top_p", self.top_p, low=0.0, high=1.0, low_open=True, high_open=False,
+                    optional=True)
+        check_int("num_beams", self.num_beams)
+        check_float("length_penalty", self.length_penalty, low=-1e9)
+        check_int("eos_token_id", self.eos_token_id, minimum=0, optional=True)
+        check_int("pad_token_id", self.pad_token_id, minimum=0, optional=True)
+        check_int("bos_token_id", self.bos_token_id, minimum=0, optional=True)
+        check_choice("cache", self.cache, (*CACHE_KINDS, None))
+        if self.num_beams > 1 and self.do_sample:
+            raise ValueError("num_beams > 1 is beam search; it cannot be combined with do_sample")
+
+    @property
+    def pad(self) -> int:
+        if self.pad_token_id is not None:
+            return self.pad_token_id
+        return self.eos_token_id if self.eos_token_id is not None else 0
+
+
+def _config(config: GenerationConfig | None, settings: dict) -> GenerationConfig:
+    base = dataclasses.asdict(config) if config is not None else {}
+    return from_dict(GenerationConfig, {**base, **settings})
+
+
+class _Session:
+    """One model's next-token logits over a growing batch of sequences, with or without a cache."""
+
+    def __init__(self, model, input_ids, attention_mask, cfg: GenerationConfig, repeat: int = 1):
+        if not isinstance(model, (DecoderLM, EncoderDecoder)):
+            raise ValueError(f"model must be a DecoderLM or EncoderDecoder, got "
+                             f"{type(model).__name__}")
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 \
+                or input_ids.dtype.is_floating_point or input_ids.shape[1] == 0:
+            got = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else input_ids
+            raise ValueError(f"input_ids must be a non-empty integer tensor (B, L), got {got}")
+        mask = _check_mask(attention_mask, input_ids, left=isinstance(model, DecoderLM))
+        if repeat > 1:
+            input_ids = input_ids.repeat_interleave(repeat, dim=0)
+            mask = mask.repeat_interleave(repeat, dim=0) if mask is not None else None
+        self.model, self.cfg = model, cfg
+        B, device = input_ids.shape[0], input_ids.device
+        self.encdec = isinstance(model, EncoderDecoder)
+        if self.encdec:
+            if cfg.bos_token_id is None:
+                raise ValueError("bos_token_id is required to generate with an EncoderDecoder")
+            self.memory = model.encode(input_ids, src_mask=mask, backend=cfg.backend)
+            self.memory_mask = mask
+            self.tokens = torch.full((B, 1), cfg.bos_token_id, dtype=torch.long, device=device)
+            self.mask = None
+            config = model.config.decoder
+        else:
+            self.tokens, self.mask = input_ids, mask
+            config = model.config
+        self.prefix = self.tokens
+        self.cache = None
+        self.cross = None
+        if cfg.cache is not None:
+            max_len = self.tokens.shape[1] + cfg.max_new_tokens
+            self.cache = make_cache(cfg.cache, max_len=max_len, window=config.window)
+            self.cross = CrossAttentionCache() if self.encdec else None
+
+    def _logits(self, tokens, mask) -> torch.Tensor:
+        if self.encdec:
+            logits = self.model.decode(
+                tokens, self.memory, tgt_mask=mask, memory_mask=self.memory_mask,
+                cache=self.cache, cross_cache=self.cross, last_only=True,
+                backend=self.cfg.backend,
+            )
+        else:
+            logits, _ = self.model(tokens, attention_mask=mask, cache=self.cache, last_only=True,
+                                   backend=self.cfg.backend)
+        return logits[:, -1]  # (B, V)
+
+    def first(self) -> torch.Tensor:
+        """Logits (B, V) after the prompt."""
+        return self._logits(self.tokens, self.mask)
+
+    def next(self, tok: torch.Tensor) -> torch.Tensor:
+        """Append tok (B,) and return the logits (B, V) after it."""
+        self.tokens = torch.cat((self.tokens, tok[:, None]), dim=1)
+        if self.mask is not None:
+            self.mask = torch.cat((self.mask, self.mask.new_ones(tok.shape[0], 1)), dim=1)
+        if self.cache is None:
+            return self._logits(self.tokens, self.mask)
+        return self._logits(tok[:, None], None)
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep rows `index`: beam search's reshuffle (beams never leave their batch item)."""
+        self.tokens = self.tokens.index_select(0, index)
+        if self.mask is not None:
+            self.mask = self.mask.index_select(0, index)
+        if self.cache is not None:
+            self.cache.reorder(index)
+
+
+def _check_mask(mask, input_ids, left: bool):
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor) or mask.shape != input_ids.shape:
+        got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}, "
+                         f"got {got}")
+    mask = mask.to(device=input_ids.device, dtype=torch.bool)
+    if not bool(mask.any(dim=1).all()):
+        raise ValueError("every row of attention_mask needs at least one real token")
+    if left and bool((mask[:, 1:].long() < mask[:, :-1].long()).any()):
+        raise ValueError("a DecoderLM prompt must be left-padded: attention_mask must be "
+                         "0...0 1...1 in every row")
+    return None if bool(mask.all()) else mask
+
+
+def _pick(logits: torch.Tensor, cfg: GenerationConfig, generator) -> torch.Tensor:
+    """The next token (B,) from logits (B, V): argmax, or a sample after temperature/top-k/top-p."""
+    if not cfg.do_sample:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / cfg.temperature
+    if cfg.top_k is not None and cfg.top_k < logits.shape[-1]:
+        kth = logits.topk(cfg.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if cfg.top_p is not None and cfg.top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        drop = probs.cumsum(dim=-1) - probs > cfg.top_p  # keep the smallest set reaching top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def stream(model, input_ids, *, attention_mask=None, generator: torch.Generator | None = None,
+           config: GenerationConfig | None = None, **settings) -> Iterator[torch.Tensor]:
+    """Greedy or sampled decoding as an iterator: yields each step's tokens (B,).
+
+    Rows that have finished (produced eos) yield pad_token_id. Settings are GenerationConfig's
+    fields; unknown or invalid ones raise ValueError.
+    """
+    cfg = _config(config, settings)
+    if cfg.num_beams > 1:
+        raise ValueError("stream and callback work with greedy or sampling; use beam_search")
+    session = _Session(model, input_ids, attention_mask, cfg)
+    logits = session.first()
+    finished = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
+    for step in range(cfg.max_new_tokens):
+        tok = _pick(logits, cfg, generator)
+        if cfg.eos_token_id is not None:
+            tok = tok.masked_fill(finished, cfg.pad)
+            finished |= tok == cfg.eos_token_id
+        yield tok
+        if bool(finished.all()) or step == cfg.max_new_tokens - 1:
+            return
+        logits = session.next(tok)
+
+
+@torch.no_grad()
+def generate(model, input_ids, *, attention_mask=None,
+             callback: Callable[[torch.Tensor], None] | None = None,
+             generator: torch.Generator | None = None,
+             config: GenerationConfig | None = None, **settings) -> torch.Tensor:
+    """Generate up to max_new_tokens; return (B, prefix + new) token ids.
+
+    The prefix is the left-padded prompt for a DecoderLM, [bos] for an EncoderDecoder.
+    `callback(tokens (B,))` is called after every step (greedy and sampling). num_beams > 1 runs
+    `beam_search` and returns its best sequences. Settings are GenerationConfig's fields.
+    """
+    cfg = _config(config, settings)
+    if cfg.num_beams > 1:
+        if callback is not None:
+            raise ValueError("callback streams greedy or sampled tokens; beam search has none")
+        return beam_search(model, input_ids, attention_mask=attention_mask, config=cfg)[0]
+    steps = []
+    for tok in stream(model, input_ids, attention_mask=attention_mask, generator=generator,
+                      config=cfg):
+        steps.append(tok)
+        if callback is not None:
+            callback(tok)
+    prefix = input_ids if isinstance(model, DecoderLM) else torch.full(
+        (input_ids.shape[0], 1), cfg.bos_token_id, dtype=torch.long, device=input_ids.device)
+    return torch.cat([prefix, torch.stack(steps, dim=1)], dim=1)
+
+
+@torch.no_grad()
+def beam_search(model, input_ids, *, attention_mask=None, config: GenerationConfig | None = None,
+                **settings) -> tuple[torch.Tensor, torch.Tensor]:
+    """Beam search with num_beams beams per row; returns (sequences (B, T), scores (B,)).
+
+    A hypothesis's score is its summed log-probability over the new tokens (eos included),
+    divided by (number of new tokens) ** length_penalty. A row stops when it holds num_beams
+    finished hypotheses and its best live beam scores no better than the worst of them, or after
+    max_new_tokens; then its best hypothesis wins. Sequences are the prefix, the new tokens, and
+    pad_token_id after shorter ones.
+    """
+    cfg = _config(config, settings)
+    K = cfg.num_beams
+    session = _Session(model, input_ids, attention_mask, cfg, repeat=K)
+    B = input_ids.shape[0]
+    device = input_ids.device
+    scores = torch.zeros(B, K, device=device)
+    scores[:, 1:] = float("-inf")  # the K copies start identical: keep one
+    scores = scores.flatten()  # (B*K,)
+    new = torch.empty(B * K, 0, dtype=torch.long, device=device)
+    finished: list[list[tuple[float, torch.Tensor]]] = [[] for _ in range(B)]
+    done = [False] * B
+    norm = lambda s, n: s / n ** cfg.length_penalty
+    logits = session.first()
+    for step in range(cfg.max_new_tokens):
+        n = step + 1
+        logp = F.log_softmax(logits.float(), dim=-1)  # (B*K, V)
+        V = logp.shape[-1]
+        cand = (scores[:, None] + logp).view(B, K * V)
+        top_s, top_i = cand.topk(min(2 * K, K * V), dim=1)  # (B, 2K)
+        rows, toks, kept = [], [], []
+        for b in range(B):
+            chosen = []
+            if not done[b]:
+                for r, (s, i) in enumerate(zip(top_s[b].tolist(), top_i[b].tolist(),
+                                               strict=True)):
+                    row, t = b * K + i // V, i % V
+                    if t == cfg.eos_token_id:
+                        if r < K and s > float("-inf"):
+                            seq = torch.cat((new[row], new.new_tensor([t])))
+                            finished[b].append((norm(s, n), seq))
+                        continue
+                    chosen.append((row, t, s))
+                    if len(chosen) == K:
+                        break
+                finished[b] = sorted(finished[b], key=lambda h: -h[0])[:K]
+                best_live = norm(chosen[0][2], n) if chosen else float("-inf")
+                if len(finished[b]) == K and finished[b][-1][0] >= best_live:
+                    done[b] = True
+            while len(chosen) < K:  # finished rows, or too small a vocabulary: idle beams
+                j = len(chosen)
+                chosen.append((b * K + j, cfg.pad, float("-inf")))
+            for row, t, s in chosen:
+                rows.append(row)
+                toks.append(t)
+                kept.append(s)
+        index = torch.tensor(rows, device=device)
+        tok = torch.tensor(toks, device=device)
+        scores = torch.tensor(kept, device=device)
+        new = torch.cat((new.index_select(0, index), tok[:, None]), dim=1)
+        if all(done) or step == cfg.max_new_tokens - 1:
+            break
+        session.reorder(index)
+        logits = session.next(tok)
+    best = []
+    for b in range(B):
+        hyps = list(finished[b])
+        if not done[b]:
+            for j in range(K):
+                s = float(scores[b * K + j])
+                if s > float("-inf"):
+                    hyps.append((norm(s, new.shape[1]), new[b * K + j]))
+        best.append(max(hyps, key=lambda h: h[0]))
+    width = max(len(seq) for _, seq in best)
+    out = torch.full((B, width), cfg.pad, dtype=torch.long, device=device)
+    for b, (_, seq) in enumerate(best):
+        out[b, : len(seq)] = seq
+    prefix = session.prefix[::K]
+    sequences = torch.cat((prefix, out), dim=1)
+    return sequences, torch.tensor([s for s, _ in best], device=device)
