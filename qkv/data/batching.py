@@ -184,8 +184,9 @@ def pack_documents(documents: Sequence[Sequence[int]], seq_len: int, *, eos_id: 
     """
     if seq_len <= 0:
         raise ValueError(f"seq_len must be positive, got {seq_len}")
-    pieces = [list(d) + ([eos_id] if eos_id is not None else []) for d in documents]
-    tokens = np.fromiter((t for p in pieces for t in p), dtype=np.int64)
+    extra = [eos_id] if eos_id is not None else []
+    pieces = [np.asarray([*d, *extra], dtype=np.int64) for d in documents]
+    tokens = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
     docs = np.repeat(np.arange(len(pieces)), [len(p) for p in pieces])
     if len(tokens) == 0:
         raise ValueError("pack_documents got no tokens")
@@ -246,7 +247,8 @@ class LMWindows(torch.utils.data.Dataset):
 
 def token_stream(documents: Sequence[Sequence[int]], eos_id: int) -> np.ndarray:
     """The documents' tokens end to end, each followed by `eos_id`, as int64."""
-    return np.fromiter((t for d in documents for t in (*d, eos_id)), dtype=np.int64)
+    pieces = [np.asarray([*d, eos_id], dtype=np.int64) for d in documents]
+    return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
 
 
 class ShardedSampler(torch.utils.data.Sampler):
