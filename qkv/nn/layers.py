@@ -38,7 +38,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return xf.to(x.dtype) * self.weight
+        return (xf * self.weight).to(x.dtype)
 
 
 def make_norm(kind: str, dim: int, eps: float, bias: bool = True) -> nn.Module:
