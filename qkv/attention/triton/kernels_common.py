@@ -1,0 +1,172 @@
+"""Triton helpers shared by the forward, backward and decode kernels.
+
+Scores live in the log2 domain: s2 = s · log2(e), so every exponential is an `exp2`. The mask
+semantics are those of `qkv.attention.masking` (DESIGN.md), written once here for the kernels:
+
+    s  = scale · q·k                          (softcap: s = softcap · tanh(s / softcap))
+    s += bias[b, h, i, j]                     if HAS_BIAS
+    s -= slope[b, h] · |i + off - j|          if HAS_ALIBI  (off = bottom-right shift Lk - Lq)
+    s  = -inf where j >= kv_end, or causal / window / bool mask hide the pair
+
+Dropout draws the counter-based hash of `masking.dropout_keep` in uint32 arithmetic.
+"""
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _seq_info(b, CU_Q, CU_K, KVLEN, QOFF, Lq, Lk,
+              IS_VARLEN: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_QOFF: tl.constexpr):
+    """(q_start, lq, k_start, lk, off, kv_end) of batch row b.
+
+    Packed sequences start at cu_seqlens[b]; padded ones at 0. `off` is the bottom-right shift
+    i' = i + off, `kv_end` the number of keys that may be visible at all.
+    """
+    if IS_VARLEN:
+        q_start = tl.load(CU_Q + b)
+        lq = tl.load(CU_Q + b + 1) - q_start
+        k_start = tl.load(CU_K + b)
+        lk = tl.load(CU_K + b + 1) - k_start
+    else:
+        q_start = b * 0
+        lq = b * 0 + Lq
+        k_start = b * 0
+        lk = b * 0 + Lk
+    off = lk - lq
+    if HAS_QOFF:
+        off = tl.load(QOFF + b)
+    kv_end = lk
+    if HAS_KVLEN:
+        kv_end = tl.minimum(lk, tl.load(KVLEN + b))
+    return q_start, lq, k_start, lk, off, kv_end
+
+
+@triton.jit
+def _key_range(m0, lq, off, kv_end, wl, wr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               IS_CAUSAL: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr):
+    """Key blocks for query rows [m0, m0 + BLOCK_M): (start, mid_lo, mid_hi, hi).
+
+    Blocks in [start, mid_lo) and [mid_hi, hi) need element masks; blocks in [mid_lo, mid_hi)
+    are fully visible for every row. Blocks outside [start, hi) are empty and never visited.
+    """
+    i_min = m0
+    i_max = tl.minimum(m0 + BLOCK_M, lq) - 1
+    lo = m0 * 0
+    hi = kv_end + m0 * 0
+    if HAS_WL:
+        lo = tl.maximum(i_min + off - wl, 0)
+    if IS_CAUSAL:
+        hi = tl.minimum(hi, i_max + off + 1)
+    if HAS_WR:
+        hi = tl.minimum(hi, i_max + off + wr + 1)
+    start = lo // BLOCK_N * BLOCK_N
+    full_lo = start
+    if HAS_WL:
+        full_lo = tl.maximum(full_lo, (tl.maximum(i_max + off - wl, 0) + BLOCK_N - 1) // BLOCK_N * BLOCK_N)
+    full_hi = tl.maximum(kv_end, 0) // BLOCK_N * BLOCK_N
+    if IS_CAUSAL:
+        full_hi = tl.minimum(full_hi, tl.maximum(i_min + off + 1, 0) // BLOCK_N * BLOCK_N)
+    if HAS_WR:
+        full_hi = tl.minimum(full_hi, tl.maximum(i_min + off + wr + 1, 0) // BLOCK_N * BLOCK_N)
+    ok = full_lo < full_hi
+    edge = tl.maximum(hi, start)
+    mid_lo = tl.where(ok, full_lo, edge)
+    mid_hi = tl.where(ok, full_hi, edge)
+    return start, mid_lo, mid_hi, hi
+
+
+@triton.jit
+def _query_range(n0, lq, off, kv_end, wl, wr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 IS_CAUSAL: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr):
+    """Query blocks that see keys [n0, n0 + BLOCK_N): (start, mid_lo, mid_hi, hi), as `_key_range`."""
+    j_min = n0
+    j_max = tl.minimum(n0 + BLOCK_N, kv_end) - 1
+    lo = n0 * 0
+    hi = lq + n0 * 0
+    if IS_CAUSAL:
+        lo = tl.maximum(lo, j_min - off)
+    if HAS_WR:
+        lo = tl.maximum(lo, j_min - off - wr)
+    if HAS_WL:
+        hi = tl.minimum(hi, j_max + wl - off + 1)
+    hi = tl.where(n0 < kv_end, hi, 0)  # keys past kv_end are seen by no query
+    start = lo // BLOCK_M * BLOCK_M
+    full_lo = start
+    if IS_CAUSAL:
+        full_lo = tl.maximum(full_lo, (tl.maximum(n0 + BLOCK_N - 1 - off, 0) + BLOCK_M - 1) // BLOCK_M * BLOCK_M)
+    if HAS_WR:
+        full_lo = tl.maximum(full_lo, (tl.maximum(n0 + BLOCK_N - 1 - off - wr, 0) + BLOCK_M - 1) // BLOCK_M * BLOCK_M)
+    full_hi = hi
+    if HAS_WL:
+        full_hi = tl.minimum(hi, tl.maximum(n0 + wl - off + 1, 0) // BLOCK_M * BLOCK_M)
+    ok = (full_lo < full_hi) & (n0 + BLOCK_N <= kv_end)
+    edge = tl.maximum(hi, start)
+    mid_lo = tl.where(ok, full_lo, edge)
+    mid_hi = tl.where(ok, full_hi, edge)
+    return start, mid_lo, mid_hi, hi
+
+
+@triton.jit
+def _scores(qk, offs_m, offs_n, row_ok, col_ok, off, kv_end, sm_scale, softcap, wl, wr,
+            bias_rows, stride_bias_n, mask_rows, stride_mask_n, slope2,
+            IS_CAUSAL: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
+            HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_ALIBI: tl.constexpr,
+            HAS_SOFTCAP: tl.constexpr, MASKED: tl.constexpr):
+    """Log2-domain scores of a (BM, BN) tile of q·k, -inf where not visible; and tanh of the cap.
+
+    `bias_rows` / `mask_rows` are (BM,) pointers to the start of each row's bias / mask;
+    `slope2` is the (BM,) ALiBi slope times log2(e). MASKED applies causal, window and kv_end.
+    """
+    t = qk
+    if HAS_SOFTCAP:
+        x = qk * (sm_scale / softcap)
+        t = 1.0 - 2.0 / (tl.exp2(x * (2.0 * 1.4426950408889634)) + 1.0)  # tanh(x)
+        s = t * (softcap * 1.4426950408889634)
+    else:
+        s = qk * (sm_scale * 1.4426950408889634)
+    if HAS_BIAS:
+        bias = tl.load(bias_rows[:, None] + offs_n[None, :] * stride_bias_n,
+                       mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        s += bias.to(tl.float32) * 1.4426950408889634
+    if HAS_ALIBI:
+        dist = tl.abs((offs_m + off)[:, None] - offs_n[None, :]).to(tl.float32)
+        s -= slope2[:, None] * dist
+    if MASKED:
+        ip = (offs_m + off)[:, None]
+        j = offs_n[None, :]
+        vis = (j < kv_end) & (ip > -2147483647)
+        if IS_CAUSAL:
+            vis = vis & (j <= ip)
+        if HAS_WL:
+            vis = vis & (j >= ip - wl)
+        if HAS_WR:
+            vis = vis & (j <= ip + wr)
+        s = tl.where(vis, s, float("-inf"))
+    if HAS_MASK:
+        keep = tl.load(mask_rows[:, None] + offs_n[None, :] * stride_mask_n,
+                       mask=row_ok[:, None] & col_ok[None, :], other=0)
+        s = tl.where(keep != 0, s, float("-inf"))
+    return s, t
+
+
+@triton.jit
+def _mix32(x):
+    """The 32-bit finaliser of `masking._mix32`, in wrapping uint32 arithmetic."""
+    x = x ^ (x >> 16)
+    x = x * 0x7FEB352D
+    x = x ^ (x >> 15)
+    x = x * 0x2C1B3C6D
+    x = x ^ (x >> 16)
+    return x
+
+
+@triton.jit
+def _dropout_keep(seed, bh, offs_m, offs_n, thresh):
+    """Bool (BM, BN): hash(seed, b·Hq + h, i, j) >> 8 >= thresh, thresh = ceil(p · 2^24)."""
+    x = _mix32((seed + bh * 0).to(tl.uint32) ^ bh.to(tl.uint32))
+    x = _mix32(x ^ offs_m.to(tl.uint32))
+    x = _mix32(x[:, None] ^ offs_n.to(tl.uint32)[None, :])
+    return (x >> 8).to(tl.int32) >= thresh

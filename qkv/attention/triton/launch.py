@@ -1,0 +1,60 @@
+"""Kernel launching: autotuned on CUDA, a fixed block size under TRITON_INTERPRET=1."""
+
+from __future__ import annotations
+
+import os
+
+import triton
+
+from qkv.attention.triton import interpreter_compat
+
+# Fixed block sizes under the interpreter (the autotuner needs a GPU to time with).
+INTERPRET_BLOCK = 16
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def pow2(n: int) -> int:
+    """Padded head dim: the next power of two, at least 16 (the smallest tl.dot size)."""
+    return max(16, triton.next_power_of_2(n))
+
+
+def _configs(pairs, d: int):
+    """Configs from (BLOCK_M, BLOCK_N, warps, stages); wide heads get the smaller tiles."""
+    out = []
+    for bm, bn, w, s in pairs:
+        if d > 128 and bm * bn > 64 * 64:
+            continue
+        out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s))
+    return out
+
+
+FWD_PAIRS = [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2), (64, 32, 4, 2),
+              (128, 32, 8, 2)]
+BWD_PAIRS = [(64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2), (32, 128, 8, 2), (64, 32, 4, 2),
+              (128, 64, 8, 2)]
+_KEY = ["Lq", "Lk", "BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "HAS_BIAS", "HAS_MASK", "HAS_DROPOUT"]
+_TUNED: dict = {}
+
+
+def launch(kernel, grid_fn, pairs, prob, **kwargs):
+    """Run `kernel` with the problem's shared arguments plus `kwargs`.
+
+    grid_fn(BLOCK_M, BLOCK_N) -> grid. Autotuned on CUDA; fixed blocks under the interpreter.
+    """
+    args = dict(prob.args)
+    args.update(kwargs)
+    if interpreting():
+        interpreter_compat.apply()
+        b = INTERPRET_BLOCK
+        kernel[grid_fn(b, b)](**args, BLOCK_M=b, BLOCK_N=b)
+        return
+    family = "wide" if prob.block_d > 128 or prob.block_dv > 128 else "narrow"
+    key = (getattr(kernel, "fn", kernel).__name__, family)
+    if key not in _TUNED:
+        _TUNED[key] = triton.autotune(configs=_configs(pairs, max(prob.block_d, prob.block_dv)),
+                                      key=_KEY)(kernel)
+    tuned = _TUNED[key]
+    tuned[lambda meta: grid_fn(meta["BLOCK_M"], meta["BLOCK_N"])](**args)
