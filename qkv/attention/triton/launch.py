@@ -13,7 +13,11 @@ INTERPRET_BLOCK = 16
 
 
 def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    """True under TRITON_INTERPRET=1 (kernels run on the CPU); applies the interpreter shim."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return False
+    interpreter_compat.apply()
+    return True
 
 
 def pow2(n: int) -> int:
@@ -47,7 +51,6 @@ def launch(kernel, grid_fn, pairs, prob, **kwargs):
     args = dict(prob.args)
     args.update(kwargs)
     if interpreting():
-        interpreter_compat.apply()
         b = INTERPRET_BLOCK
         kernel[grid_fn(b, b)](**args, BLOCK_M=b, BLOCK_N=b)
         return
