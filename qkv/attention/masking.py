@@ -50,6 +50,13 @@ def dropout_keep(
     return u >= p
 
 
+def _block(t: torch.Tensor, i0: int, i1: int, j0: int, j1: int) -> torch.Tensor:
+    """Rows i0:i1 and columns j0:j1 of a 4-D mask or bias, keeping its broadcast (size-1) dims."""
+    rows = slice(i0, i1) if t.shape[2] != 1 else slice(None)
+    cols = slice(j0, j1) if t.shape[3] != 1 else slice(None)
+    return t[:, :, rows, cols]
+
+
 def _query_positions(call: AttentionCall, i0: int, i1: int, device) -> torch.Tensor:
     """(B or 1, i1-i0) int64: each query row's bottom-right aligned position i' = i + offset."""
     i = torch.arange(i0, i1, device=device, dtype=torch.int64).unsqueeze(0)
@@ -84,7 +91,7 @@ def visible(call: AttentionCall, i0: int, i1: int, j0: int, j1: int, device) -> 
     if call.kv_lengths is not None:
         both((j.view(1, -1) < call.kv_lengths.unsqueeze(1)).view(call.B, 1, 1, -1))
     if call.mask is not None:
-        both(call.mask[:, :, i0:i1, j0:j1])
+        both(_block(call.mask, i0, i1, j0, j1))
     return out
 
 
@@ -98,7 +105,7 @@ def modify_scores(call: AttentionCall, s: torch.Tensor, i0: int, i1: int, j0: in
         capped = torch.tanh(s / call.softcap)
         s = call.softcap * capped
     if call.bias is not None:
-        s = s + call.bias[:, :, i0:i1, j0:j1].to(s.dtype)
+        s = s + _block(call.bias, i0, i1, j0, j1).to(s.dtype)
     if call.alibi_slopes is not None:
         ip = _query_positions(call, i0, i1, s.device)  # (B', bm)
         j = torch.arange(j0, j1, device=s.device, dtype=torch.int64)
