@@ -16,7 +16,7 @@ import triton
 
 from qkv.attention.spec import AttentionCall
 from qkv.attention.triton import kernels_bwd, kernels_decode, kernels_fwd
-from qkv.attention.triton.launch import FWD_PAIRS, launch, pow2
+from qkv.attention.triton.launch import FWD_PAIRS, interpreting, launch, pow2
 
 MAX_HEAD_DIM = 256
 # Decode (split-KV) is used when Lq <= DECODE_MAX_LQ, groups * Lq <= DECODE_MAX_ROWS and the
@@ -163,23 +163,26 @@ class TritonAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, bias, prob: Problem):
+        dtype = q.dtype
         q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+        if dtype == torch.bfloat16 and interpreting():
+            # The interpreter multiplies bf16 tiles as raw bits; it computes them in fp32.
+            q, k, v = q.float(), k.float(), v.float()
         out, lse = forward(q, k, v, prob)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.prob = prob
+        ctx.prob, ctx.dtype = prob, dtype
         ctx.set_materialize_grads(False)
-        return out, lse
+        return out.to(dtype), lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
         q, k, v, out, lse = ctx.saved_tensors
         prob = ctx.prob
-        if dout is None:
-            dout = torch.zeros_like(out)
+        dout = torch.zeros_like(out) if dout is None else dout.to(out.dtype)
         dq, dk, dv, dbias = kernels_bwd.backward(q, k, v, out, lse, dout, dlse, prob)
         if dbias is not None:
             dbias = dbias.to(prob.call.bias.dtype)
-        return dq, dk, dv, dbias, None
+        return dq.to(ctx.dtype), dk.to(ctx.dtype), dv.to(ctx.dtype), dbias, None
 
 
 def attention(q, k, v, call: AttentionCall):

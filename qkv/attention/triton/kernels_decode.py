@@ -107,8 +107,9 @@ def _attn_decode_merge(OP, LP, O, LSE, stride_ob, stride_oh, stride_om,
     total = tl.sum(w, 0)
     parts = tl.load(OP + (row64 * n_splits + offs_s[:, None]) * head_dim_v + offs_dv[None, :],
                     mask=s_ok[:, None] & (offs_dv[None, :] < head_dim_v), other=0.0)
-    out = tl.sum(w[:, None] * parts, 0) / tl.where(total == 0.0, 1.0, total)
-    lse = tl.where(total == 0.0, float("-inf"), (m_safe + tl.log2(total)) * 0.6931471805599453)
+    total_safe = tl.where(total == 0.0, 1.0, total)
+    out = tl.sum(w[:, None] * parts, 0) / total_safe
+    lse = tl.where(total == 0.0, float("-inf"), (m_safe + tl.log2(total_safe)) * 0.6931471805599453)
     o_ptr = O + b.to(tl.int64) * stride_ob + h * stride_oh + i * stride_om
     tl.store(o_ptr + offs_dv, out.to(O.dtype.element_ty), mask=offs_dv < head_dim_v)
     tl.store(LSE + b.to(tl.int64) * stride_lb + h * stride_lh + i * stride_lm, lse)
