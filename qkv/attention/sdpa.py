@@ -26,8 +26,6 @@ UNSUPPORTED = {
 
 
 def unsupported(call: AttentionCall) -> str | None:
-    if call.Lk == 0:
-        return "Lk=0 (torch SDPA needs at least one key)"
     for feature in sorted(call.features()):
         if feature in UNSUPPORTED:
             return f"{feature} ({UNSUPPORTED[feature]})"
@@ -48,6 +46,11 @@ def _needs_explicit_mask(call: AttentionCall) -> bool:
 def forward(q, k, v, call: AttentionCall):
     """Returns (out, None): torch SDPA gives no lse."""
     B, Hq, Lq, Lk = call.B, call.Hq, call.Lq, call.Lk
+    if Lk == 0:
+        # No keys, so every row is empty: zeros, still attached to the graph. The empty K/V
+        # heads are repeated for free.
+        k, v = k.repeat_interleave(call.groups, 1), v.repeat_interleave(call.groups, 1)
+        return (q @ k.transpose(-1, -2)) @ v, None
     additive = call.bias is not None or call.alibi_slopes is not None
     # An additive mask switches off torch's is_causal, so causal must then be explicit too.
     explicit = _needs_explicit_mask(call) or (call.causal and additive)

@@ -219,8 +219,10 @@ def check_call(
         bias = _as_4d("bias", bias, target)
     if alibi_slopes is not None:
         if not isinstance(alibi_slopes, torch.Tensor) or not alibi_slopes.dtype.is_floating_point:
+            got = (alibi_slopes.dtype if isinstance(alibi_slopes, torch.Tensor)
+                   else type(alibi_slopes).__name__)
             raise ValueError(
-                "alibi_slopes must be a floating-point tensor of shape (Hq,) or (B, Hq)"
+                f"alibi_slopes must be a floating-point tensor of shape (Hq,) or (B, Hq), got {got}"
             )
         if alibi_slopes.shape == (Hq,):
             alibi_slopes = alibi_slopes.unsqueeze(0).expand(B, Hq)
