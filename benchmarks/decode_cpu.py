@@ -19,11 +19,12 @@ import torch
 from qkv.nn import DecoderLM, DynamicCache, TransformerConfig
 
 
-def _model(quick: bool) -> DecoderLM:
+def _model(quick: bool, backend: str = "auto") -> DecoderLM:
     torch.manual_seed(0)
     size = dict(d_model=64, n_layers=2, n_heads=2) if quick else \
         dict(d_model=256, n_layers=4, n_heads=4)
-    cfg = TransformerConfig(vocab_size=1024, positions="rope", dropout=0.0, **size)
+    cfg = TransformerConfig(vocab_size=1024, positions="rope", dropout=0.0, backend=backend,
+                            **size)
     return DecoderLM(cfg).eval()
 
 
@@ -46,9 +47,9 @@ def _decode(model: DecoderLM, context: torch.Tensor, new_tokens: int, cached: bo
     return time.perf_counter() - start
 
 
-def run(contexts: list[int], new_tokens: int, quick: bool) -> list[dict]:
+def run(contexts: list[int], new_tokens: int, quick: bool, backend: str = "auto") -> list[dict]:
     """One row per (context, cache): seconds, tokens/s and the speedup of the cache."""
-    model = _model(quick)
+    model = _model(quick, backend)
     rows = []
     for L in contexts:
         context = torch.randint(0, model.config.vocab_size, (1, L))
@@ -56,7 +57,8 @@ def run(contexts: list[int], new_tokens: int, quick: bool) -> list[dict]:
         for cached in (True, False):
             seconds = timing[cached]
             rows.append(dict(
-                context=L, cache="dynamic" if cached else "none", new_tokens=new_tokens,
+                context=L, backend=backend, cache="dynamic" if cached else "none",
+                new_tokens=new_tokens,
                 seconds=round(seconds, 4), tokens_per_s=round(new_tokens / seconds, 2),
                 speedup=round(timing[False] / timing[True], 1) if cached else 1.0,
             ))
@@ -66,21 +68,22 @@ def run(contexts: list[int], new_tokens: int, quick: bool) -> list[dict]:
 def print_table(rows: list[dict]) -> None:
     print(f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}")
-    print("| context | cache | new tokens | seconds | tokens/s | speedup |")
-    print("| ---: | --- | ---: | ---: | ---: | ---: |")
+    print("| context | backend | cache | new tokens | seconds | tokens/s | speedup |")
+    print("| ---: | --- | --- | ---: | ---: | ---: | ---: |")
     for r in rows:
-        print(f"| {r['context']} | {r['cache']} | {r['new_tokens']} | {r['seconds']} | "
-              f"{r['tokens_per_s']} | {r['speedup']} |")
+        print(f"| {r['context']} | {r['backend']} | {r['cache']} | {r['new_tokens']} | "
+              f"{r['seconds']} | {r['tokens_per_s']} | {r['speedup']} |")
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for the tests")
     parser.add_argument("--new-tokens", type=int, default=None)
+    parser.add_argument("--backend", default="auto", help="qkv.attention backend")
     args = parser.parse_args(argv)
     contexts = [32, 64] if args.quick else [512, 2048, 8192]
     new_tokens = args.new_tokens or (2 if args.quick else 8)
-    rows = run(contexts, new_tokens, args.quick)
+    rows = run(contexts, new_tokens, args.quick, args.backend)
     print_table(rows)
     return rows
 
