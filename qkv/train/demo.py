@@ -1,0 +1,114 @@
+"""qkv's main job end to end: corpus, tokenizer, training, evaluation against the byte bigram,
+a checkpoint, and a streamed code completion."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from qkv.data import BigramModel
+from qkv.io import atomic_write_text
+from qkv.train.checkpoint import load_model
+from qkv.train.complete import complete
+from qkv.train.config import TrainConfig
+from qkv.train.data import build_tokenizer, load_corpus, prepare_data
+from qkv.train.evaluate import evaluate
+from qkv.train.loop import train
+
+DEFAULT_PROMPT = "def fibonacci(n):\n"
+
+# Sized to finish in about 4 minutes on 2 CPU cores (see the README), with a time limit on
+# training as a guard for slower or busier machines.
+DEMO = {
+    "corpus": "stdlib", "max_bytes": 3_000_000, "tokenizer": "bpe", "vocab_size": 2048,
+    "seq_len": 128, "model": {"d_model": 128, "n_layers": 4, "n_heads": 4},
+    "batch_size": 16, "max_steps": 600, "lr": 2e-3, "min_lr": 2e-4, "warmup_steps": 30,
+    "eval_interval": 200, "eval_batches": 10, "log_interval": 10, "checkpoint_interval": 200,
+    "keep_checkpoints": 1, "time_limit": 180.0,
+}
+QUICK = {
+    "corpus": "stdlib", "max_bytes": 400_000, "tokenizer": "bpe", "vocab_size": 512,
+    "seq_len": 64, "model": {"d_model": 64, "n_layers": 2, "n_heads": 2},
+    "batch_size": 8, "max_steps": 60, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 5,
+    "eval_interval": 1000, "eval_batches": 4, "log_interval": 10, "checkpoint_interval": 1000,
+    "keep_checkpoints": 1, "time_limit": 15.0,
+}
+
+
+def demo_config(*, quick: bool = False, out_dir: str = "runs/demo",
+                **overrides: Any) -> TrainConfig:
+    """The demo's TrainConfig (QUICK is a seconds-long version for tests)."""
+    return TrainConfig.from_dict({**(QUICK if quick else DEMO), "out_dir": out_dir, **overrides})
+
+
+def run_demo(*, quick: bool = False, out_dir: str = "runs/demo", prompt: str = DEFAULT_PROMPT,
+             max_new_tokens: int = 80, console: Console | None = None,
+             **overrides: Any) -> dict[str, Any]:
+    """Run the demo, print what happens, write OUT/demo.json, and return the report."""
+    console = console or Console()
+    start = time.perf_counter()
+    config = demo_config(quick=quick, out_dir=out_dir, **overrides)
+    console.rule("[bold]qkv demo" + (" (quick)" if quick else ""))
+
+    t = time.perf_counter()
+    corpus = load_corpus(config)
+    stats = corpus.stats()
+    files = sum(v["files"] for v in stats.values())
+    megabytes = sum(v["bytes"] for v in stats.values()) / 1e6
+    splits = ", ".join(f"{s} {v['files']}" for s, v in stats.items())
+    console.print(f"corpus: the Python standard library, {files} files, {megabytes:.2f} MB "
+                  f"({splits}) [{time.perf_counter() - t:.1f} s]")
+    t = time.perf_counter()
+    tokenizer = build_tokenizer(config, corpus)
+    data = prepare_data(config, corpus=corpus, tokenizer=tokenizer)
+    n_bytes = stats["train"]["bytes"]
+    console.print(f"tokenizer: byte-level BPE, {tokenizer.vocab_size} tokens, "
+                  f"{n_bytes / len(data.streams['train']):.2f} bytes per token "
+                  f"[{time.perf_counter() - t:.1f} s]")
+
+    bigram = BigramModel.fit(corpus.texts("train"))
+    bigram_bpb = bigram.bits_per_byte(corpus.texts("test"))
+
+    result = train(config, overwrite=True, data=data, console=console)
+
+    model, tokenizer, folder = load_model(result.checkpoint)
+    test = evaluate(model, data.windows("test", config.seq_len), data.token_bytes,
+                    batch_size=config.batch_size)
+    table = Table(title="test split (documents the model never saw)")
+    table.add_column("model")
+    table.add_column("bits per byte", justify="right")
+    table.add_row("byte bigram (Kneser-Ney)", f"{bigram_bpb:.3f}")
+    table.add_row(f"DecoderLM, {model.num_params() / 1e6:.1f}M params, {result.step} steps",
+                  f"{test['bpb']:.3f}")
+    console.print(table)
+    beats = test["bpb"] < bigram_bpb
+    verdict = (f"[green]the Transformer beats the bigram by {bigram_bpb - test['bpb']:.3f} "
+               f"bits per byte[/green]" if beats else
+               "[red]the Transformer does NOT beat the bigram: train longer[/red]")
+    console.print(verdict)
+    console.print(f"training: {result.tokens_per_s:,.0f} tokens/s, "
+                  f"{result.train_seconds:.0f} s; checkpoint: {folder}")
+
+    console.rule(f"completion of {prompt!r}")
+    console.print(prompt, end="", highlight=False, markup=False)
+    text = complete(model, tokenizer, prompt, max_new_tokens=max_new_tokens,
+                    on_text=lambda piece: console.print(piece, end="", highlight=False,
+                                                        markup=False))
+    console.print()
+    console.rule()
+    report = {
+        "quick": quick, "steps": result.step, "stopped_early": result.stopped_early,
+        "params": model.num_params(), "test_bpb": test["bpb"], "test_loss": test["loss"],
+        "bigram_test_bpb": bigram_bpb, "beats_bigram": beats,
+        "tokens_per_s": result.tokens_per_s, "train_seconds": result.train_seconds,
+        "wall_seconds": time.perf_counter() - start, "checkpoint": str(folder),
+        "prompt": prompt, "completion": text,
+    }
+    atomic_write_text(Path(out_dir) / "demo.json", json.dumps(report, indent=1) + "\n")
+    console.print(f"done in {report['wall_seconds']:.0f} s; report: {Path(out_dir) / 'demo.json'}")
+    return report
