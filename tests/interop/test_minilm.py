@@ -15,11 +15,14 @@ from qkv.interop.weights import WeightsError, read_json
 TOL = 1e-5
 
 
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "padded"])
 @pytest.mark.parametrize("backend", ["reference", "chunked", "sdpa"])
-def test_matches_sentence_transformers(minilm, texts, st_embeddings, backend):
-    ours = minilm.encode(texts, batch_size=8, backend=backend)
+def test_matches_sentence_transformers(minilm, texts, st_embeddings, backend, packed):
+    """Packed: no padding, equal lengths attend together. Padded: kv_lengths marks padding."""
+    ours = minilm.encode(texts, batch_size=8, backend=backend, packed=packed)
     assert ours.shape == (len(texts), 384) and ours.dtype == torch.float32
     diff = (ours - st_embeddings).abs().max().item()
+    print(f"{backend} {'packed' if packed else 'padded'}: max abs diff {diff:.2e}")
     assert diff < TOL, f"{backend}: max abs diff {diff:.2e}"
 
 
