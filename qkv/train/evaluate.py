@@ -17,7 +17,8 @@ def evaluate(model: torch.nn.Module, windows: LMWindows, token_bytes: torch.Tens
              batch_size: int, max_batches: int | None = None, device: str | torch.device = "cpu",
              autocast: AbstractContextManager | None = None,
              dist: DistInfo | None = None) -> dict[str, float]:
-    """Mean next-token loss over `windows` (the first max_batches * batch_size of them, or all).
+    """Mean next-token loss over `windows`: all of them, or the first max_batches global batches
+    (max_batches * batch_size * world_size windows).
 
     Returns {"loss": nats per token, "ppl": exp(loss), "bpb": bits per byte, "tokens", "bytes"}.
     Bits per byte is the summed NLL in bits over the UTF-8 bytes the target tokens stand for
@@ -25,7 +26,8 @@ def evaluate(model: torch.nn.Module, windows: LMWindows, token_bytes: torch.Tens
     Under DDP each process takes every world_size-th window and the sums are all-reduced.
     """
     dist = dist or DistInfo()
-    n = len(windows) if max_batches is None else min(len(windows), max_batches * batch_size)
+    n = len(windows) if max_batches is None else min(len(windows),
+                                                     max_batches * batch_size * dist.world_size)
     if n == 0:
         raise ValueError("evaluation needs at least one window")
     was_training = model.training
@@ -48,3 +50,51 @@ def evaluate(model: torch.nn.Module, windows: LMWindows, token_bytes: torch.Tens
     return {"loss": loss, "ppl": math.exp(min(loss, 700.0)),
             "bpb": nll / (max(nbytes, 1.0) * math.log(2)), "tokens": int(tokens),
             "bytes": int(nbytes)}
+
+
+def evaluate_checkpoint(path, *, split: str = "test", corpus: str | None = None,
+                        max_bytes: int | None = None, batch_size: int = 16,
+                        max_batches: int | None = None, device: str = "cpu",
+                        warn=None) -> dict[str, float | int | str]:
+    """A checkpoint's loss, perplexity and bits per byte on a corpus split, beside the byte
+    bigram fitted to the same corpus's training split.
+
+    The corpus and its caps default to those the checkpoint was trained on (its trainer.json);
+    `corpus` / `max_bytes` override them. Raises CheckpointError, FileNotFoundError or
+    CorpusError with a message that names the problem.
+    """
+    import json
+
+    from qkv.data import SPLITS, BigramModel, CorpusError, token_stream
+    from qkv.train.checkpoint import STATE_FILE, load_model
+    from qkv.train.config import TrainConfig
+    from qkv.train.data import load_corpus
+
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
+    model, tokenizer, folder = load_model(path, device=device, warn=warn)
+    values = {}
+    if (folder / STATE_FILE).is_file():
+        saved = json.loads((folder / STATE_FILE).read_text(encoding="utf-8")).get("config", {})
+        values = {k: saved[k] for k in ("corpus", "max_bytes", "max_files", "suffixes",
+                                        "seq_len") if k in saved}
+    if corpus is not None:
+        values["corpus"] = corpus
+    if max_bytes is not None:
+        values["max_bytes"] = max_bytes
+    config = TrainConfig.from_dict(values)
+    data = load_corpus(config)
+    texts = data.texts(split)
+    stream = token_stream(tokenizer.encode_batch(texts), tokenizer.eos_id)
+    seq_len = min(config.seq_len, model.config.max_len)
+    windows = LMWindows(stream, seq_len)
+    if len(windows) == 0:
+        raise CorpusError(f"the {split} split of {config.corpus!r} has {len(stream)} tokens, "
+                          f"fewer than one window of {seq_len + 1}")
+    from qkv.train.data import token_byte_lengths
+
+    metrics = evaluate(model, windows, token_byte_lengths(tokenizer), batch_size=batch_size,
+                       max_batches=max_batches, device=device)
+    bigram = BigramModel.fit(data.texts("train")).bits_per_byte(texts)
+    return {"checkpoint": str(folder), "split": split, "corpus": config.corpus, **metrics,
+            "bigram_bpb": bigram}

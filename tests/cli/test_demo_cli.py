@@ -1,0 +1,60 @@
+"""`qkv demo --quick` end to end, then `qkv generate` and `qkv eval` on its checkpoint."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from qkv.cli.main import app
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "run"
+    result = runner.invoke(app, ["demo", "--quick", "--out", str(out), "--max-new-tokens", "12"])
+    assert result.exit_code == 0, result.output
+    return out, result.output
+
+
+def test_demo_quick(quick_run):
+    out, output = quick_run
+    report = json.loads((out / "demo.json").read_text())
+    assert "bits per byte" in output and "byte bigram" in output
+    assert f"{report['bigram_test_bpb']:.3f}" in output and f"{report['test_bpb']:.3f}" in output
+    assert "def fibonacci(n):" in output
+    assert report["steps"] > 0 and report["tokens_per_s"] > 0
+    assert (out / "checkpoints").is_dir() and (out / "metrics.jsonl").is_file()
+
+
+def test_generate_streams_from_the_quick_checkpoint(quick_run):
+    out, _ = quick_run
+    args = ["generate", "--checkpoint", str(out), "--prompt", "def add(a, b):\\n",
+            "--max-new-tokens", "10"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("def add(a, b):\n")
+    assert len(result.output) > len("def add(a, b):\n") + 1
+    again = runner.invoke(app, [*args, "--cache", "none"])
+    assert again.output == result.output  # greedy: the KV cache changes nothing
+    sampled = runner.invoke(app, [*args, "--temperature", "0.9", "--top-k", "20", "--seed", "3"])
+    assert sampled.exit_code == 0, sampled.output
+
+
+def test_eval_on_the_quick_checkpoint(quick_run):
+    out, _ = quick_run
+    result = runner.invoke(app, ["eval", "--checkpoint", str(out), "--split", "validation",
+                                 "--json"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.output)
+    assert metrics["split"] == "validation" and metrics["bpb"] > 0 and metrics["bigram_bpb"] > 0
+
+
+def test_generate_errors(tmp_path, quick_run):
+    out, _ = quick_run
+    missing = runner.invoke(app, ["generate", "--checkpoint", str(tmp_path / "nothing"),
+                                  "--prompt", "x"])
+    assert missing.exit_code == 1 and "does not exist" in missing.output
+    empty = runner.invoke(app, ["generate", "--checkpoint", str(out), "--prompt", ""])
+    assert empty.exit_code == 1 and "prompt is empty" in empty.output
