@@ -88,7 +88,7 @@ def train(
     with user_errors():
         cfg = build_config(config, flags, set_ or [])
         result = run_training(cfg, resume=resume, overwrite=overwrite)
-    if result.eval is not None:
+    if result.rank == 0 and result.eval is not None:
         typer.echo(f"done: step {result.step}, validation {result.eval['bpb']:.3f} bits/byte, "
                    f"{result.tokens_per_s:,.0f} tokens/s")
 

@@ -59,7 +59,7 @@ class TrainConfig:
     checkpoint_interval: int = 250  # steps between checkpoints (and one at the end)
     keep_checkpoints: int = 3
     out_dir: str = "runs/train"
-    time_limit: float | None = None  # seconds of training; stop early (and save) past it
+    time_limit: float | None = None  # seconds of training in this session; then save and stop
     # machine
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda

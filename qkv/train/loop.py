@@ -52,6 +52,7 @@ class TrainResult:
     train_seconds: float = 0.0
     stopped_early: bool = False
     resumed_from: int | None = None
+    rank: int = 0  # this process's rank; 0 is the one that logs and saves
 
 
 def seed_everything(seed: int) -> None:
@@ -115,6 +116,8 @@ class Trainer:
     def __init__(self, config: TrainConfig, dist: distributed.DistInfo, console: Console):
         self.config, self.dist, self.console = config, dist, console
         self.device = resolve_device(config.device)
+        if self.device.type == "cuda" and dist.enabled:
+            self.device = torch.device("cuda", dist.local_rank)  # one GPU per process
         if config.precision == "fp16" and self.device.type != "cuda":
             raise ValueError("precision 'fp16' needs a CUDA device (it uses a GradScaler); use "
                              "'bf16' or 'fp32' on the CPU")
@@ -211,11 +214,12 @@ class Trainer:
                  f"{self.device.type}, {c.precision}")
         ddp = model
         if self.dist.enabled:
-            ids = [self.device.index or 0] if self.device.type == "cuda" else None
+            ids = [self.device.index] if self.device.type == "cuda" else None
             ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
         loop = _Loop(self, model, ddp, optimizer, scaler, stream, data)
         result = loop.run(step, tokens_seen)
         result.resumed_from = step if resume_from is not None else None
+        result.rank = self.dist.rank
         return result
 
     def _restore(self, path: Path, model, optimizer, scaler, stream) -> tuple[int, int]:
