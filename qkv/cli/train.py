@@ -36,8 +36,8 @@ def build_config(config: Path | None, flags: dict[str, Any], assignments: list[s
 
 def train(
     config: Annotated[Path | None, typer.Option(
-        "--config", "-c", help="TOML file of TrainConfig keys, with a [model] table; flags "
-        "override it")] = None,
+        "--config", "-c", help="TOML file of TrainConfig keys (model settings in a \\[model] "
+        "table); flags override it")] = None,
     corpus: Annotated[str | None, typer.Option(
         help="'stdlib' (default), a folder, a glob, or a .jsonl file")] = None,
     out_dir: Annotated[str | None, typer.Option(
