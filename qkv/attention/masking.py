@@ -89,7 +89,7 @@ def visible(call: AttentionCall, i0: int, i1: int, j0: int, j1: int, device) -> 
             if right is not None:
                 both((jj <= ip + right).unsqueeze(1))
     if call.kv_lengths is not None:
-        both((j.view(1, -1) < call.kv_lengths.unsqueeze(1)).view(call.B, 1, 1, -1))
+        both((j.view(1, -1) < call.kv_lengths.unsqueeze(1)).view(call.B, 1, 1, j1 - j0))
     if call.mask is not None:
         both(_block(call.mask, i0, i1, j0, j1))
     return out

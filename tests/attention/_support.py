@@ -27,6 +27,8 @@ BACKENDS: list[str] = registry.backends("cpu")
 SIZE_CAPS: dict[str, dict[str, int]] = {
     "triton": {"max_len": 64, "max_dim": 64},
 }
+# Backends whose full matrix runs only under `-m slow`; by default they run test_smoke.py.
+SLOW_BACKENDS: set[str] = {"triton"}
 
 # Features a backend may refuse with NotImplementedError because they cannot be expressed
 # through it. Any other refusal fails the test.

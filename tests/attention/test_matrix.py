@@ -224,3 +224,29 @@ def test_gradient_through_lse_only(backend):
     for name, a, e in zip(("dq", "dk", "dv"), grads[0], grads[1], strict=True):
         assert_close(a, e, GRAD_TOL[dtype], name)
     assert (grads[0][2] == 0).all()
+
+
+@pytest.mark.parametrize(("B", "Lq", "Lk"), [(0, 5, 7), (2, 0, 7), (2, 5, 0)],
+                         ids=["no_batch", "no_queries", "no_keys"])
+def test_degenerate_shapes(backend, B, Lq, Lk):
+    """Empty batch, no queries, no keys: right shapes, zeros, gradients that exist."""
+    dtype = best_dtype(backend)
+    q = torch.randn(B, 4, Lq, 8, dtype=dtype, requires_grad=True)
+    k = torch.randn(B, 2, Lk, 8, dtype=dtype, requires_grad=True)
+    v = torch.randn(B, 2, Lk, 6, dtype=dtype, requires_grad=True)
+    out = qkv.attention(q, k, v, causal=True, kv_lengths=torch.full((B,), Lk),
+                        mask=torch.ones(Lq, Lk, dtype=torch.bool), backend=backend)
+    assert out.shape == (B, 4, Lq, 6)
+    assert (out == 0).all()
+    out.sum().backward()
+    assert q.grad.shape == q.shape and (q.grad == 0).all()
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+def test_lse_is_float32(backend, dtype):
+    q = torch.randn(1, 2, 5, 8, dtype=dtype)
+    try:
+        out, lse = qkv.attention(q, q, q, return_lse=True, backend=backend)
+    except NotImplementedError as err:
+        refused(backend, err, {"return_lse": True})
+    assert out.dtype == dtype and lse.dtype == torch.float32 and lse.shape == (1, 2, 5)
