@@ -5,8 +5,9 @@
 
 Both run in this process on the same sentences (mixed lengths, 3 to ~200 tokens), batch size
 32, with torch's thread count fixed. Each side encodes the whole list once to warm up, then the
-median of the timed passes is reported as sentences/s, with the ratio qkv / sentence-transformers
-and the largest difference between the two sets of vectors.
+timed passes alternate between the two; the median is reported as sentences/s (and process CPU
+seconds, steadier on a shared machine), with the ratio qkv / sentence-transformers and the
+largest difference between the two sets of vectors.
 """
 
 from __future__ import annotations
@@ -42,13 +43,17 @@ def sentences(n: int, seed: int = 0) -> list[str]:
     return out
 
 
-def timed(fn, reps: int) -> float:
-    times = []
+def timed(fns: dict, reps: int) -> dict[str, tuple[float, float]]:
+    """Median (wall seconds, process CPU seconds) of each function, the passes interleaved so
+    that both sides see the same load on a shared machine."""
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in fns}
     for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            wall, cpu = time.perf_counter(), time.process_time()
+            fn()
+            times[name].append((time.perf_counter() - wall, time.process_time() - cpu))
+    return {name: (statistics.median(t[0] for t in ts), statistics.median(t[1] for t in ts))
+            for name, ts in times.items()}
 
 
 def main() -> None:
@@ -82,16 +87,17 @@ def main() -> None:
 
     a, b = run_qkv(), run_st()  # warm-up
     diff = (a - b.float()).abs().max().item()
-    t_st = timed(run_st, reps)
-    t_qkv = timed(run_qkv, reps)
+    t = timed({"st": run_st, "qkv": run_qkv}, reps)
+    (t_st, cpu_st), (t_qkv, cpu_qkv) = t["st"], t["qkv"]
     print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
     print(f"{n} sentences, tokens per sentence {min(lengths)}..{max(lengths)} "
           f"(mean {statistics.mean(lengths):.0f}), batch {args.batch_size}, "
           f"median of {reps} pass(es)")
-    print(f"sentence-transformers: {n / t_st:8.1f} sentences/s")
-    print(f"qkv.embed ({args.backend}): {n / t_qkv:8.1f} sentences/s")
-    print(f"ratio qkv / sentence-transformers: {t_st / t_qkv:.2f}x")
+    print(f"sentence-transformers: {n / t_st:8.1f} sentences/s  ({cpu_st:.2f} CPU s)")
+    print(f"qkv.embed ({args.backend}): {n / t_qkv:8.1f} sentences/s  ({cpu_qkv:.2f} CPU s)")
+    print(f"ratio qkv / sentence-transformers: {t_st / t_qkv:.2f}x wall, "
+          f"{cpu_st / cpu_qkv:.2f}x CPU time")
     print(f"max abs difference between the embeddings: {diff:.2e}")
 
 

@@ -170,14 +170,14 @@ def attend_packed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: li
     which needs no mask at all (so `auto` can use torch's fused kernel); sorting by length first
     makes the runs long. Equal to `qkv.attention_varlen` with the same cu_seqlens.
     """
-    out = torch.empty_like(q)
+    outs = []
     for row, count, length in _runs(lengths):
         rows = slice(row, row + count * length)
         qs, ks, vs = (t[rows].view(count, length, *t.shape[1:]).transpose(1, 2)
                       for t in (q, k, v))  # (n, H, length, D)
         y = qkv.attention(qs, ks, vs, backend=backend)  # (n, H, length, D)
-        out[rows] = y.transpose(1, 2).reshape(count * length, *q.shape[1:])
-    return out
+        outs.append(y.transpose(1, 2).reshape(count * length, *q.shape[1:]))
+    return torch.cat(outs) if outs else torch.empty_like(q)  # one copy, not one per run
 
 
 def packed_forward(encoder: Encoder, ids: torch.Tensor, lengths: list[int],
@@ -191,10 +191,10 @@ def packed_forward(encoder: Encoder, ids: torch.Tensor, lengths: list[int],
     for an encoder this path does not reproduce.
     """
     c = encoder.config
-    if c.norm_placement != "post" or c.positions != "learned" or c.n_kv_heads not in (None,
-                                                                                     c.n_heads) \
-            or c.window is not None or c.softcap is not None or encoder.final_norm is not None \
-            or encoder.training:
+    bert_layout = (c.norm_placement == "post" and c.positions == "learned"
+                   and c.n_kv_heads in (None, c.n_heads) and c.window is None
+                   and c.softcap is None and encoder.final_norm is None)
+    if not bert_layout or encoder.training:
         raise ValueError("packed_forward reproduces BERT-layout encoders in eval mode only")
     if sum(lengths) != ids.shape[0]:
         raise ValueError(f"lengths sum to {sum(lengths)}, but ids holds {ids.shape[0]} tokens")

@@ -175,7 +175,11 @@ def load_minilm(folder: str | os.PathLike | None = None, device=None,
 def _device(device) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device must be a torch device such as 'cpu' or 'cuda', "
+                         f"got {device!r}") from e
 
 
 @functools.lru_cache(maxsize=4)

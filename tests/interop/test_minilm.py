@@ -74,6 +74,8 @@ def test_edge_inputs(minilm):
         minilm.encode(["ok", 3])
     with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
         minilm.encode(["ok"], batch_size=0)
+    with pytest.raises(ValueError, match="device must be a torch device"):
+        qkv.embed(["ok"], device="gpu0")
 
 
 def _folder_with(tmp_path, weights: bytes | None = None):
