@@ -15,8 +15,9 @@ from qkv.interop.weights import WeightsError, read_json
 TOL = 1e-5
 
 
-@pytest.mark.parametrize("packed", [True, False], ids=["packed", "padded"])
-@pytest.mark.parametrize("backend", ["reference", "chunked", "sdpa"])
+@pytest.mark.parametrize("backend, packed", [
+    ("reference", True), ("chunked", True), ("sdpa", True), ("reference", False),
+], ids=["reference-packed", "chunked-packed", "sdpa-packed", "reference-padded"])
 def test_matches_sentence_transformers(minilm, texts, st_embeddings, backend, packed):
     """Packed: no padding, equal lengths attend together. Padded: kv_lengths marks padding."""
     ours = minilm.encode(texts, batch_size=8, backend=backend, packed=packed)
@@ -44,7 +45,7 @@ def test_import_qkv_stays_light():
 
 
 def test_padding_and_batching_do_not_change_vectors(minilm, texts):
-    short, long = texts[4], texts[22]
+    short, long = texts[4], texts[21]
     alone = minilm.encode([short], batch_size=1, backend="chunked")
     padded = minilm.encode([long, short], batch_size=2, backend="chunked")  # short is padded
     torch.testing.assert_close(padded[1:], alone, atol=1e-6, rtol=0)
