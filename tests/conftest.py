@@ -10,3 +10,8 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Tests run two workers on two cores (pytest -n 2): one torch thread each avoids
+# oversubscription, which makes the many tiny tensor ops of the suite many times slower.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
