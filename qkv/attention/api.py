@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from qkv.attention import backends as _backends
 from qkv.attention import reference
+from qkv.attention import registry as _registry
 from qkv.attention.spec import AttentionCall, check_call
 
 
@@ -69,7 +69,7 @@ def attention(
         alibi_slopes=alibi_slopes, softcap=softcap, scale=scale, dropout_p=dropout_p,
         return_lse=return_lse,
     )
-    chosen = _backends.choose(call, q, backend)
+    chosen = _registry.choose(call, q, backend)
     out, lse = chosen.forward(q, k, v, call)
     return _finish(out, lse, call, q)
 
@@ -153,7 +153,7 @@ def attention_varlen(
         softcap=softcap, scale=scale, dropout_p=dropout_p, return_lse=return_lse,
         q_offset=len_k - len_q, varlen=True,
     )
-    chosen = _backends.choose(call, qp, backend)
+    chosen = _registry.choose(call, qp, backend)
     if chosen.forward_varlen is not None:
         out, lse = chosen.forward_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, call)
     else:

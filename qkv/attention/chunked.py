@@ -8,14 +8,22 @@ keeping a running max `m`, normaliser `l` and un-normalised output `acc` per row
 
 Only `out` and `lse` are saved. Backward recomputes p = exp(s - lse) block by block, so the
 extra memory of forward and backward is O(B·H·BLOCK_M·BLOCK_N + n·d), never O(n²). Blocks that
-causal, window or kv_lengths make empty are skipped, so causal does about half the work.
+causal, window or kv_lengths make empty are skipped, so causal does about half the work, and
+only blocks that a mask cuts through pay for building it.
 """
 
 from __future__ import annotations
 
 import torch
 
-from qkv.attention.masking import block_is_empty, dropout_keep, kv_limit, masked_scores
+from qkv.attention.masking import (
+    block_is_empty,
+    block_is_full,
+    dropout_keep,
+    kv_limit,
+    modify_scores,
+    visible,
+)
 from qkv.attention.reference import compute_dtype
 from qkv.attention.spec import AttentionCall
 
@@ -36,26 +44,39 @@ class _Chunked:
         B, Hk, G = call.B, call.Hk, call.groups
         self.q5 = q.reshape(B, Hk, G, call.Lq, call.D)  # a view unless q is oddly strided
         self.k, self.v = k, v
+        rows = max(1, min(call.Lq, block_m))
+        # Few query rows (decoding): widen the key blocks so each block keeps about the same
+        # number of scores, instead of paying per-block overhead over a long cache.
+        block_n *= max(1, block_m // rows)
         self.rows = _blocks(call.Lq, block_m)
         self.cols = _blocks(call.Lk, block_n)
-        self.kv_max = kv_limit(call)
+        self.kv_min, self.kv_max = kv_limit(call)
+        self.offsets = call.offset_range()
 
     def q_block(self, i0, i1):
-        """(B, Hk, G*bm, D) in the compute dtype."""
+        """(B, Hk, G*bm, D) in the compute dtype, multiplied by the softmax scale."""
         c = self.call
-        return self.q5[:, :, :, i0:i1].to(self.ct).reshape(c.B, c.Hk, c.groups * (i1 - i0), c.D)
+        qb = self.q5[:, :, :, i0:i1].reshape(c.B, c.Hk, c.groups * (i1 - i0), c.D)
+        return qb.to(self.ct) * c.scale
 
     def live_cols(self, i0, i1):
-        return [(j0, j1) for j0, j1 in self.cols
-                if not block_is_empty(self.call, i0, i1, j0, j1, self.kv_max)]
+        """Key blocks with at least one visible pair, each with a flag: fully visible or not."""
+        c = self.call
+        return [(j0, j1, block_is_full(c, i0, i1, j0, j1, self.kv_min, self.offsets))
+                for j0, j1 in self.cols
+                if not block_is_empty(c, i0, i1, j0, j1, self.kv_max, self.offsets)]
 
-    def scores(self, qb, i0, i1, j0, j1):
-        """Masked scores (B, Hq, bm, bn), the K block, and tanh of the softcap (or None)."""
+    def scores(self, qb, i0, i1, j0, j1, full):
+        """Final scores (B, Hq, bm, bn) with -inf where hidden, the K block, tanh of softcap."""
         c = self.call
         kb = self.k[:, :, j0:j1].to(self.ct)  # (B, Hk, bn, D)
-        s = (qb @ kb.transpose(-1, -2)) * c.scale  # (B, Hk, G*bm, bn)
+        s = torch.matmul(qb, kb.transpose(-1, -2))  # (B, Hk, G*bm, bn), already scaled
         s = s.view(c.B, c.Hq, i1 - i0, j1 - j0)
-        s, _, capped = masked_scores(c, s, i0, i1, j0, j1)
+        s, capped = modify_scores(c, s, i0, i1, j0, j1)
+        if not full:
+            vis = visible(c, i0, i1, j0, j1, s.device)
+            if vis is not None:
+                s = s.masked_fill_(~vis, float("-inf"))
         return s, kb, capped
 
     def dropout_scale(self, i0, i1, j0, j1, device):
@@ -83,24 +104,24 @@ def chunked_forward(q, k, v, call: AttentionCall, block_m: int, block_n: int):
         qb = ch.q_block(i0, i1)
         m = torch.full((c.B, c.Hq, bm), float("-inf"), dtype=ch.ct, device=q.device)
         l = torch.zeros_like(m)
-        acc = torch.zeros(c.B, c.Hq, bm, c.Dv, dtype=ch.ct, device=q.device)
-        for j0, j1 in ch.live_cols(i0, i1):
-            s, _, _ = ch.scores(qb, i0, i1, j0, j1)
+        acc = torch.zeros(c.B, c.Hk, c.groups * bm, c.Dv, dtype=ch.ct, device=q.device)
+        for j0, j1, full in ch.live_cols(i0, i1):
+            s, _, _ = ch.scores(qb, i0, i1, j0, j1, full)
             m_new = torch.maximum(m, s.amax(dim=-1))
-            m_safe = torch.where(torch.isneginf(m_new), 0.0, m_new)
+            m_safe = m_new.nan_to_num(neginf=0.0)  # a row that has seen nothing yet
             alpha = torch.exp(m - m_safe)
-            p = torch.exp(s - m_safe.unsqueeze(-1))
-            l = l * alpha + p.sum(dim=-1)
+            p = s.sub_(m_safe.unsqueeze(-1)).exp_()  # in place: s is not needed again
+            l.mul_(alpha).add_(p.sum(dim=-1))
             drop = ch.dropout_scale(i0, i1, j0, j1, q.device)
             if drop is not None:
                 p = p * drop
             vb = v[:, :, j0:j1].to(ch.ct)
-            pv = (ch.grouped(p, bm) @ vb).view(c.B, c.Hq, bm, c.Dv)
-            acc = acc * alpha.unsqueeze(-1) + pv
+            acc.mul_(ch.grouped(alpha.unsqueeze(-1), bm))
+            acc.add_(torch.matmul(ch.grouped(p, bm), vb))
             m = m_new
+        acc = acc.view(c.B, c.Hq, bm, c.Dv)
         empty = l == 0
-        out[:, :, i0:i1] = torch.where(empty.unsqueeze(-1), 0.0,
-                                       acc / torch.where(empty, 1.0, l).unsqueeze(-1))
+        out[:, :, i0:i1] = acc.div_(torch.where(empty, 1.0, l).unsqueeze(-1))
         lse[:, :, i0:i1] = torch.where(empty, float("-inf"), m + torch.log(l))
     return out, lse
 
@@ -126,33 +147,35 @@ def chunked_backward(q, k, v, out, lse, dout, dlse, call: AttentionCall, block_m
     delta = (dout.to(ct) * out.to(ct)).sum(dim=-1)
     if dlse is not None:
         delta = delta - dlse.to(ct)
-    lse_safe = torch.where(torch.isneginf(lse), 0.0, lse)
+    lse_safe = lse.nan_to_num(neginf=0.0)
     for i0, i1 in ch.rows:
         bm = i1 - i0
-        qb = ch.q_block(i0, i1)
+        qb = ch.q_block(i0, i1)  # scaled, so dK = dS^T @ (scale * Q)
         dob = ch.grouped(dout[:, :, i0:i1].to(ct), bm)  # (B, Hk, G*bm, Dv)
         dqb = torch.zeros(c.B, c.Hk, c.groups * bm, c.D, dtype=ct, device=q.device)
-        for j0, j1 in ch.live_cols(i0, i1):
-            s, kb, capped = ch.scores(qb, i0, i1, j0, j1)
-            p = torch.exp(s - lse_safe[:, :, i0:i1].unsqueeze(-1))  # (B, Hq, bm, bn)
+        lse_b = lse_safe[:, :, i0:i1].unsqueeze(-1)
+        delta_b = delta[:, :, i0:i1].unsqueeze(-1)
+        for j0, j1, full in ch.live_cols(i0, i1):
+            s, kb, capped = ch.scores(qb, i0, i1, j0, j1, full)
+            p = s.sub_(lse_b).exp_()  # (B, Hq, bm, bn)
             drop = ch.dropout_scale(i0, i1, j0, j1, q.device)
             pd = p if drop is None else p * drop
-            dv[:, :, j0:j1] += ch.grouped(pd, bm).transpose(-1, -2) @ dob
             vb = v[:, :, j0:j1].to(ct)
-            dp = (dob @ vb.transpose(-1, -2)).view(c.B, c.Hq, bm, j1 - j0)
+            dv[:, :, j0:j1] += torch.matmul(ch.grouped(pd, bm).transpose(-1, -2), dob)
+            dp = torch.matmul(dob, vb.transpose(-1, -2)).view(c.B, c.Hq, bm, j1 - j0)
             if drop is not None:
                 dp = dp * drop
-            ds = p * (dp - delta[:, :, i0:i1].unsqueeze(-1))
+            ds = dp.sub_(delta_b).mul_(p)
             if dbias is not None:
                 rows = slice(i0, i1) if dbias.shape[2] != 1 else slice(0, 1)
                 cols = slice(j0, j1) if dbias.shape[3] != 1 else slice(0, 1)
                 dbias[:, :, rows, cols] += _reduce_to(ds, dbias.shape)
             if capped is not None:
                 ds = ds * (1.0 - capped * capped)
-            dsg = ch.grouped(ds * c.scale, bm)  # (B, Hk, G*bm, bn)
-            dqb += dsg @ kb
-            dk[:, :, j0:j1] += dsg.transpose(-1, -2) @ qb
-        dq5[:, :, :, i0:i1] = dqb.view(c.B, c.Hk, c.groups, bm, c.D)
+            dsg = ch.grouped(ds, bm)  # (B, Hk, G*bm, bn)
+            dqb.add_(torch.matmul(dsg, kb))
+            dk[:, :, j0:j1] += torch.matmul(dsg.transpose(-1, -2), qb)
+        dq5[:, :, :, i0:i1] = dqb.mul_(c.scale).view(c.B, c.Hk, c.groups, bm, c.D)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbias
 
 

@@ -126,11 +126,15 @@ def masked_scores(call: AttentionCall, s: torch.Tensor, i0: int, i1: int, j0: in
     return s, vis, capped
 
 
-def block_is_empty(call: AttentionCall, i0: int, i1: int, j0: int, j1: int, kv_max: int) -> bool:
-    """True when causal, window or kv_lengths hide every pair of the block for every batch row."""
+def block_is_empty(call: AttentionCall, i0: int, i1: int, j0: int, j1: int, kv_max: int,
+                   offsets: tuple[int, int] | None = None) -> bool:
+    """True when causal, window or kv_lengths hide every pair of the block for every batch row.
+
+    `offsets` is `call.offset_range()`, passed in by callers that test many blocks.
+    """
     if j0 >= kv_max:
         return True
-    lo, hi = call.offset_range()
+    lo, hi = call.offset_range() if offsets is None else offsets
     if call.causal and j0 > (i1 - 1) + hi:
         return True
     if call.window is not None:
@@ -142,8 +146,28 @@ def block_is_empty(call: AttentionCall, i0: int, i1: int, j0: int, j1: int, kv_m
     return False
 
 
-def kv_limit(call: AttentionCall) -> int:
-    """Number of key columns that can be visible at all (max kv_length, or Lk)."""
+def block_is_full(call: AttentionCall, i0: int, i1: int, j0: int, j1: int, kv_min: int,
+                  offsets: tuple[int, int] | None = None) -> bool:
+    """True when no visibility rule hides any pair of the block, for every batch row.
+
+    Such a block needs no mask at all. `kv_min` is the smallest kv_length (or Lk).
+    """
+    if call.mask is not None or j1 > kv_min:
+        return False
+    lo, hi = call.offset_range() if offsets is None else offsets
+    if call.causal and (j1 - 1) > i0 + lo:
+        return False
+    if call.window is not None:
+        left, right = call.window
+        if left is not None and j0 < (i1 - 1) + hi - left:
+            return False
+        if right is not None and (j1 - 1) > i0 + lo + right:
+            return False
+    return True
+
+
+def kv_limit(call: AttentionCall) -> tuple[int, int]:
+    """(min, max) over the batch of the number of key columns that may be visible."""
     if call.kv_lengths is None or call.B == 0:
-        return call.Lk
-    return int(call.kv_lengths.max())
+        return call.Lk, call.Lk
+    return int(call.kv_lengths.min()), int(call.kv_lengths.max())

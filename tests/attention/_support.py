@@ -17,7 +17,7 @@ import torch
 
 import qkv
 
-registry = importlib.import_module("qkv.attention.backends")
+registry = importlib.import_module("qkv.attention.registry")
 
 # Backends under test: every one the registry says is usable on the CPU.
 BACKENDS: list[str] = registry.backends("cpu")

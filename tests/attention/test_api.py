@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import qkv
-from qkv.attention.backends import Backend, choose, get, names, register
+from qkv.attention.registry import Backend, choose, get, names, register
 from qkv.attention.spec import check_call
 
 from ._support import BACKENDS, assert_close, registry

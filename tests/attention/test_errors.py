@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import qkv
-from qkv.attention.backends import get
+from qkv.attention.registry import get
 
 from ._support import BACKENDS
 

@@ -20,7 +20,7 @@ pytest.importorskip("triton")
 
 import qkv  # noqa: E402
 
-registry = importlib.import_module("qkv.attention.backends")
+registry = importlib.import_module("qkv.attention.registry")
 tfunc = importlib.import_module("qkv.attention.triton.function")
 tdecode = importlib.import_module("qkv.attention.triton.kernels_decode")
 

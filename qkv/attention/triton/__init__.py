@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from qkv.attention.backends import Backend, register
+from qkv.attention.registry import Backend, register
 from qkv.attention.spec import AttentionCall
 from qkv.attention.triton.function import MAX_HEAD_DIM, attention, attention_varlen
 from qkv.attention.triton.launch import interpreting

@@ -88,17 +88,22 @@ def backends(device: torch.device | str | None = None) -> list[str]:
     return ranked + rest
 
 
-def _sdpa_preferred(call: AttentionCall, q: torch.Tensor) -> bool:
-    """Where torch SDPA wins in `auto` (measured in benchmarks/attention_cpu.py).
+# Largest Lq * Lk for which `auto` lets torch SDPA take a call that needs an explicit mask on
+# the CPU. Measured (benchmarks/RESULTS.md, "auto policy"): with a materialised mask SDPA wins
+# up to about 512 x 512 (decode over any cache, padded batches of short sentences); beyond
+# that chunked wins, since it skips masked blocks and never builds the (Lq x Lk) mask.
+CPU_SDPA_MASKED_MAX_SCORES = 512 * 512
 
-    On the CPU, torch's fused kernel is fastest when it needs no explicit (Lq x Lk) mask; once a
-    mask must be materialised, its memory is quadratic and chunked is preferred.
-    """
-    if q.device.type == "cpu" and (
-        sdpa._needs_explicit_mask(call) or call.bias is not None or call.alibi_slopes is not None
-    ):
+
+def _sdpa_preferred(call: AttentionCall, q: torch.Tensor) -> bool:
+    """Whether `auto` should hand this call to torch SDPA rather than chunked."""
+    if q.dtype == torch.float64:  # torch runs float64 on its O(n^2) math path
         return False
-    return q.dtype != torch.float64
+    if q.device.type != "cpu":
+        return True
+    masked = sdpa._needs_explicit_mask(call) or call.bias is not None or (
+        call.alibi_slopes is not None)
+    return not masked or call.Lq * call.Lk <= CPU_SDPA_MASKED_MAX_SCORES or call.Lq == 1
 
 
 def choose(call: AttentionCall, q: torch.Tensor, backend: str) -> Backend:
