@@ -3,7 +3,6 @@ config implies, all done before a single weight is copied (as nanoGPT's `from_pr
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Callable, Mapping
@@ -13,15 +12,11 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from qkv.io import sha256_file
+
 
 class WeightsError(ValueError):
     """Weights, or the config that describes them, do not fit the model being built."""
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file, read in blocks."""
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def check_sha256(path: str | os.PathLike, expected: str) -> None:

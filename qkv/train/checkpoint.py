@@ -18,7 +18,6 @@ name, and `find_latest` falls back to the newest checkpoint that passes.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -33,7 +32,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from qkv.data import Tokenizer
-from qkv.io import atomic_write, atomic_write_text
+from qkv.io import atomic_write, atomic_write_text, fsync_dir, sha256_file
 from qkv.nn import DecoderLM, TransformerConfig
 
 FORMAT = 1
@@ -67,22 +66,6 @@ def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
             seen.add(key)
             tensors[name] = t
     return tensors
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
@@ -121,7 +104,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model: DecoderLM,
             _save_json(tmp / STATE_FILE, {"format": FORMAT, "step": step, **state})
         files = sorted(p.name for p in tmp.iterdir())
         manifest = {"format": FORMAT, "step": step,
-                    "files": {f: {"bytes": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)}
+                    "files": {f: {"bytes": (tmp / f).stat().st_size, "sha256": sha256_file(tmp / f)}
                               for f in files}}
         _save_json(tmp / MANIFEST, manifest)
         if final.exists():  # saving the same step again: replace it
@@ -129,7 +112,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model: DecoderLM,
             os.replace(final, old)
             shutil.rmtree(old)
         os.replace(tmp, final)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(f"could not write checkpoint {final}: {e}; earlier checkpoints "
@@ -210,7 +193,7 @@ def verify(path: str | os.PathLike) -> dict[str, Any]:
         if size != info["bytes"]:
             raise CheckpointError(f"checkpoint {path}: {name} is {size} bytes, the manifest "
                                   f"says {info['bytes']} (truncated or overwritten)")
-        if _sha256(f) != info["sha256"]:
+        if sha256_file(f) != info["sha256"]:
             raise CheckpointError(f"checkpoint {path}: {name} fails its SHA-256 check (corrupt)")
     return manifest
 
