@@ -94,6 +94,15 @@ class _Session:
         else:
             self.tokens, self.mask = input_ids, mask
             config = model.config
+        if config.positions in ("learned", "sinusoidal"):
+            # Fail before any work is done, not at the step that runs off the position table.
+            # The first real token of a left-padded row is position 0, so the longest row counts.
+            longest = self.tokens.shape[1] if self.mask is None else int(self.mask.sum(1).max())
+            if longest + cfg.max_new_tokens > config.max_len:
+                raise ValueError(
+                    f"prompt of {longest} tokens plus max_new_tokens={cfg.max_new_tokens} exceeds "
+                    f"the model's max_len={config.max_len} ({config.positions} positions)"
+                )
         self.prefix = self.tokens
         self.cache = None
         self.cross = None

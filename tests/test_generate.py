@@ -216,3 +216,14 @@ def test_decode_benchmark_quick_mode():
     spec.loader.exec_module(module)
     rows = module.main(["--quick"])
     assert rows and {"context", "cache", "tokens_per_s"} <= set(rows[0])
+
+
+def test_generation_past_the_position_table_fails_before_it_starts():
+    model = DecoderLM(_cfg(positions="learned", max_len=16)).eval()
+    idx, mask = _prompt(pads=(0, 2, 4))  # longest real row: 6 tokens
+    calls = []
+    with pytest.raises(ValueError, match="max_len=16"):
+        generate(model, idx, attention_mask=mask, max_new_tokens=11, callback=calls.append)
+    assert calls == []  # nothing was generated and then thrown away
+    out = generate(model, idx, attention_mask=mask, max_new_tokens=10)
+    assert out.shape == (3, 16)
