@@ -16,6 +16,10 @@ def bench(
     quick: Annotated[bool, typer.Option(help="small sizes only (about a minute on a CPU)")] = False,
     out: Annotated[Path | None, typer.Option(help="folder for results.json and results.md")] = None,
     reps: Annotated[int, typer.Option(min=1, help="timed repetitions per case (median)")] = 3,
+    n: Annotated[list[int] | None, typer.Option(
+        "--n", min=1, help="CPU: sequence lengths (repeatable); default 1k..16k")] = None,
+    backend: Annotated[list[str] | None, typer.Option(
+        "--backend", help="CPU: torch, chunked, reference (repeatable); default all")] = None,
 ) -> None:
     """Time qkv's attention backends beside torch SDPA, in the same process, and print a table."""
     import torch
@@ -29,22 +33,28 @@ def bench(
     if device == "cuda":
         if not torch.cuda.is_available():
             raise typer.BadParameter("CUDA is not available on this machine", param_hint="--device")
-        from qkv.bench import gpu
+        from qkv.bench import gpu  # needs triton and a GPU
 
-        rows = gpu.run_gpu_sweep(out, quick=quick)
-        table = gpu.markdown_table(rows)
-    else:
-        from qkv.bench import cpu
+        typer.echo(gpu.markdown_table(gpu.run_gpu_sweep(out, quick=quick)))
+        if out is not None:
+            typer.echo(f"wrote attention_gpu.json, .md and .png under {out}")
+        return
+    from qkv.bench import cpu
 
-        ns = (512, 1024) if quick else (1024, 2048, 4096, 8192, 16384)
-        modes = ("fwd", "fwd_bwd")
-        n_cases = len(ns) * len(modes) * 2 * len(cpu.BACKENDS)
-        with Progress(transient=True) as progress:
-            task = progress.add_task("attention on the CPU", total=n_cases)
-            rows = cpu.sweep(ns=ns, modes=modes, reps=reps,
-                             progress=lambda case: progress.advance(task))
-        table = cpu.markdown_table(rows)
-        typer.echo(f"machine: {cpu.machine_description()}")
+    ns = tuple(n) if n else (512, 1024) if quick else (1024, 2048, 4096, 8192, 16384)
+    backends = tuple(backend) if backend else cpu.BACKENDS
+    unknown = sorted(set(backends) - set(cpu.BACKENDS))
+    if unknown:
+        raise typer.BadParameter(f"unknown {unknown}; choose from {list(cpu.BACKENDS)}",
+                                 param_hint="--backend")
+    modes = ("fwd", "fwd_bwd")
+    n_cases = len(ns) * len(modes) * 2 * len(backends)
+    with Progress(transient=True) as progress:
+        task = progress.add_task("attention on the CPU", total=n_cases)
+        rows = cpu.sweep(ns=ns, modes=modes, reps=reps, backends=backends,
+                         progress=lambda case: progress.advance(task))
+    table = cpu.markdown_table(rows)
+    typer.echo(f"machine: {cpu.machine_description()}")
     typer.echo(table)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import importlib
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-bench = importlib.import_module("benchmarks.attention_gpu")
+from qkv.bench import gpu as bench
 
 
 def _fake():

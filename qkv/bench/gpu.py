@@ -1,0 +1,264 @@
+"""The FlashAttention GPU sweep: qkv's triton backend beside torch SDPA, in one process.
+
+Training shapes follow FlashAttention's papers: batch·seqlen = 16k, heads·head_dim = 2048, head
+dim 64 and 128, n = 512..16k, causal and not; forward, backward and forward+backward TFLOP/s
+(`qkv.attention.flops.attention_flops`). Decode shapes: one query, 32 query heads over 8 K/V
+heads, d = 128, batch 8, caches of 8k..131k keys; GB/s of K and V read
+(`qkv.attention.flops.kv_cache_bytes`), also as a fraction of the device copy bandwidth
+measured in the same run. Timing is `triton.testing.do_bench` (warm-up, then the median).
+
+    PYTHONPATH=. python3 benchmarks/attention_gpu.py --out OUT [--quick]
+    qkv bench --device cuda --out OUT [--quick]
+
+Writes OUT/attention_gpu.json, OUT/attention_gpu.md and OUT/attention_gpu.png. Only the
+measuring needs CUDA; the writers run anywhere (see tests/test_bench_gpu.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from qkv.attention.flops import attention_flops, kv_cache_bytes
+from qkv.io import atomic_write, atomic_write_text
+
+SEQLENS = [512, 1024, 2048, 4096, 8192, 16384]
+QUICK_SEQLENS = [1024, 4096]
+HEAD_DIMS = [64, 128]
+DECODE_CACHES = [8192, 32768, 131072]
+QUICK_DECODE_CACHES = [8192, 32768]
+SDPA_PROVIDERS = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-cudnn": "CUDNN_ATTENTION",
+                  "sdpa-efficient": "EFFICIENT_ATTENTION"}
+PROVIDERS = ["qkv-triton", *SDPA_PROVIDERS]
+MODES = ["fwd", "bwd", "fwd_bwd"]
+
+
+# ---- measuring (CUDA) ------------------------------------------------------------------------
+
+def _bench(fn, grad_to_none=None) -> float:
+    """Median milliseconds of `fn` by triton.testing.do_bench."""
+    from triton.testing import do_bench
+
+    return float(do_bench(fn, warmup=10, rep=40, grad_to_none=grad_to_none, return_mode="median"))
+
+
+def copy_bandwidth_gbps(device="cuda", nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy bandwidth, counting bytes read and written."""
+    src = torch.randn(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+    ms = _bench(lambda: dst.copy_(src))
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+def _attention_fn(provider: str, causal: bool):
+    """A callable (q, k, v) -> out for one provider."""
+    import torch.nn.functional as F
+
+    import qkv
+
+    if provider == "qkv-triton":
+        return lambda q, k, v: qkv.attention(q, k, v, causal=causal, backend="triton")
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    kind = getattr(SDPBackend, SDPA_PROVIDERS[provider])
+
+    def run(q, k, v):
+        with sdpa_kernel(kind):
+            # Lq == Lk here, so torch's top-left causal equals qkv's bottom-right one.
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal,
+                                                  enable_gqa=q.shape[1] != k.shape[1])
+    return run
+
+
+def _row(**kw) -> dict:
+    base = dict(kind="", provider="", mode="", head_dim=0, seqlen=0, causal=False, batch=0,
+                heads=0, kv_heads=0, ms=None, tflops=None, gbps=None, frac_copy=None, error=None)
+    base.update(kw)
+    return base
+
+
+def bench_training(provider: str, head_dim: int, seqlen: int, causal: bool,
+                   dtype=torch.bfloat16) -> list[dict]:
+    """Forward, backward and fwd+bwd of one (provider, d, n, causal) point."""
+    batch, heads = max(1, 16384 // seqlen), 2048 // head_dim
+    shape = dict(kind="train", provider=provider, head_dim=head_dim, seqlen=seqlen,
+                 causal=causal, batch=batch, heads=heads, kv_heads=heads)
+    rows = []
+    try:
+        q, k, v = (torch.randn(batch, heads, seqlen, head_dim, device="cuda", dtype=dtype,
+                               requires_grad=True) for _ in range(3))
+        fn = _attention_fn(provider, causal)
+        dout = torch.randn_like(q)
+        times = {"fwd": _bench(lambda: fn(q, k, v))}
+        out = fn(q, k, v)
+        times["bwd"] = _bench(lambda: out.backward(dout, retain_graph=True), grad_to_none=[q, k, v])
+        times["fwd_bwd"] = _bench(lambda: fn(q, k, v).backward(dout), grad_to_none=[q, k, v])
+    except Exception as exc:  # a provider that cannot run this shape is recorded, not fatal
+        return [_row(**shape, mode=m, error=f"{type(exc).__name__}: {exc}"[:200]) for m in MODES]
+    for mode, ms in times.items():
+        flops = attention_flops(batch, heads, seqlen, seqlen, head_dim, causal=causal, mode=mode)
+        rows.append(_row(**shape, mode=mode, ms=ms, tflops=flops / (ms * 1e-3) / 1e12))
+    return rows
+
+
+def bench_decode(provider: str, cache: int, copy_gbps: float, batch=8, heads=32, kv_heads=8,
+                 head_dim=128, dtype=torch.bfloat16) -> dict:
+    """One decode step (q_len = 1) over a cache of `cache` keys."""
+    shape = dict(kind="decode", provider=provider, mode="decode", head_dim=head_dim,
+                 seqlen=cache, batch=batch, heads=heads, kv_heads=kv_heads)
+    try:
+        q = torch.randn(batch, heads, 1, head_dim, device="cuda", dtype=dtype)
+        k, v = (torch.randn(batch, kv_heads, cache, head_dim, device="cuda", dtype=dtype)
+                for _ in range(2))
+        fn = _attention_fn(provider, False)
+        ms = _bench(lambda: fn(q, k, v))
+    except Exception as exc:
+        return _row(**shape, error=f"{type(exc).__name__}: {exc}"[:200])
+    nbytes = kv_cache_bytes(batch, kv_heads, cache, head_dim, q.element_size())
+    gbps = nbytes / (ms * 1e-3) / 1e9
+    return _row(**shape, ms=ms, gbps=gbps, frac_copy=gbps / copy_gbps if copy_gbps else None)
+
+
+def environment() -> dict:
+    """Versions and device, recorded beside the results."""
+    import triton
+
+    env = dict(date=time.strftime("%Y-%m-%d %H:%M:%S"), python=platform.python_version(),
+               torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda,
+               gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None)
+    return env
+
+
+# ---- writing (anywhere) ----------------------------------------------------------------------
+
+def _fmt(x, digits=1) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def markdown_table(results: list[dict]) -> str:
+    """Training TFLOP/s per (d, causal, n, mode) with one column per provider, then decode."""
+    lines = []
+    train = [r for r in results if r["kind"] == "train"]
+    providers = [p for p in PROVIDERS if any(r["provider"] == p for r in results)]
+    providers += sorted({r["provider"] for r in results} - set(providers))
+    if train:
+        lines += ["| d | causal | n | mode | " + " | ".join(providers) + " | triton / best sdpa |",
+                  "|---|---|---|---|" + "---|" * len(providers) + "---|"]
+        keys = sorted({(r["head_dim"], r["causal"], r["seqlen"], r["mode"]) for r in train},
+                      key=lambda t: (t[0], t[1], t[2], MODES.index(t[3]) if t[3] in MODES else 9))
+        for d, causal, n, mode in keys:
+            cell = {r["provider"]: r["tflops"] for r in train
+                    if (r["head_dim"], r["causal"], r["seqlen"], r["mode"]) == (d, causal, n, mode)}
+            others = [cell[p] for p in cell if p != "qkv-triton" and cell[p]]
+            ratio = (cell.get("qkv-triton") / max(others)
+                     if cell.get("qkv-triton") and others else None)
+            lines.append(f"| {d} | {'yes' if causal else 'no'} | {n} | {mode} | "
+                         + " | ".join(_fmt(cell.get(p)) for p in providers)
+                         + f" | {_fmt(ratio, 2)} |")
+        lines.append("")
+        lines.append("TFLOP/s (bf16); backward counts 2.5x the forward FLOPs, fwd_bwd 3.5x.")
+    decode = [r for r in results if r["kind"] == "decode"]
+    if decode:
+        lines += ["", "| cache | " + " | ".join(f"{p} GB/s (of copy)" for p in providers) + " |",
+                  "|---|" + "---|" * len(providers)]
+        for n in sorted({r["seqlen"] for r in decode}):
+            cells = []
+            for p in providers:
+                r = next((r for r in decode if r["seqlen"] == n and r["provider"] == p), None)
+                cells.append("-" if r is None or r["gbps"] is None else
+                             f"{r['gbps']:.0f} ({_fmt(r['frac_copy'], 2)})")
+            lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    errors = [r for r in results if r.get("error")]
+    if errors:
+        lines += ["", "Not measured:"]
+        lines += sorted({f"- {r['provider']} d={r['head_dim']} n={r['seqlen']}: {r['error']}"
+                         for r in errors})
+    return "\n".join(lines) + "\n"
+
+
+def write_json(results: list[dict], path: Path, env: dict | None = None) -> None:
+    atomic_write_text(path, json.dumps({"environment": env or {}, "results": results}, indent=1))
+
+
+def write_plot(results: list[dict], path: Path) -> None:
+    """Training TFLOP/s against n: one panel per (head dim, causal, mode), a line per provider."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [r for r in results if r["kind"] == "train" and r["tflops"]]
+    panels = sorted({(r["head_dim"], r["causal"]) for r in train}) or [(0, False)]
+    fig, axes = plt.subplots(len(panels), len(MODES), figsize=(4 * len(MODES), 3 * len(panels)),
+                             squeeze=False)
+    for i, (d, causal) in enumerate(panels):
+        for j, mode in enumerate(MODES):
+            ax = axes[i][j]
+            for p in sorted({r["provider"] for r in train}):
+                pts = sorted((r["seqlen"], r["tflops"]) for r in train if r["provider"] == p
+                             and (r["head_dim"], r["causal"], r["mode"]) == (d, causal, mode))
+                if pts:
+                    ax.plot(*zip(*pts, strict=True), marker="o", label=p)
+            ax.set_xscale("log", base=2)
+            ax.set_title(f"d={d} {'causal' if causal else 'full'} {mode}", fontsize=9)
+            ax.set_xlabel("n")
+            ax.set_ylabel("TFLOP/s")
+            if i == 0 and j == 0 and train:
+                ax.legend(fontsize=7)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    plt.close(fig)
+
+
+def write_all(results: list[dict], out_dir, env: dict | None = None) -> None:
+    out = Path(out_dir)
+    write_json(results, out / "attention_gpu.json", env)
+    atomic_write_text(out / "attention_gpu.md", markdown_table(results))
+    write_plot(results, out / "attention_gpu.png")
+
+
+# ---- the sweep -------------------------------------------------------------------------------
+
+def run_gpu_sweep(out_dir=None, quick: bool = False) -> list[dict]:
+    """Measure the whole sweep on the current CUDA device; write JSON, markdown and PNG to
+    `out_dir` (after each head dim too, so a stalled run keeps what it measured)."""
+    if not torch.cuda.is_available():
+        raise RuntimeError("run_gpu_sweep needs a CUDA device")
+    env = environment()
+    copy = copy_bandwidth_gbps()
+    env["copy_gbps"] = copy
+    results: list[dict] = []
+    for d in HEAD_DIMS:
+        for causal in (False, True):
+            for n in (QUICK_SEQLENS if quick else SEQLENS):
+                for p in PROVIDERS:
+                    results += bench_training(p, d, n, causal)
+                    torch.cuda.empty_cache()
+        if out_dir is not None:
+            write_all(results, out_dir, env)
+    for cache in (QUICK_DECODE_CACHES if quick else DECODE_CACHES):
+        for p in PROVIDERS:
+            results.append(bench_decode(p, cache, copy))
+        torch.cuda.empty_cache()
+    if out_dir is not None:
+        write_all(results, out_dir, env)
+    return results
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/out"))
+    parser.add_argument("--quick", action="store_true", help="two sequence lengths, two caches")
+    args = parser.parse_args(argv)
+    results = run_gpu_sweep(args.out, quick=args.quick)
+    print(markdown_table(results))
+
+
+if __name__ == "__main__":
+    main()
