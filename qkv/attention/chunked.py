@@ -143,10 +143,6 @@ def chunked_backward(q, k, v, out, lse, dout, dlse, call: AttentionCall, block_m
     dv = torch.zeros(c.B, c.Hk, c.Lk, c.Dv, dtype=ct, device=q.device)
     dbias = torch.zeros(c.bias.shape, dtype=ct, device=q.device) if bias_grad else None
     dq5 = dq.view(c.B, c.Hk, c.groups, c.Lq, c.D)
-    # delta_i = rowsum(dO * O) - dlse_i, so that dS = P * (dP - delta).
-    delta = (dout.to(ct) * out.to(ct)).sum(dim=-1)
-    if dlse is not None:
-        delta = delta - dlse.to(ct)
     lse_safe = lse.nan_to_num(neginf=0.0)
     for i0, i1 in ch.rows:
         bm = i1 - i0
@@ -154,7 +150,10 @@ def chunked_backward(q, k, v, out, lse, dout, dlse, call: AttentionCall, block_m
         dob = ch.grouped(dout[:, :, i0:i1].to(ct), bm)  # (B, Hk, G*bm, Dv)
         dqb = torch.zeros(c.B, c.Hk, c.groups * bm, c.D, dtype=ct, device=q.device)
         lse_b = lse_safe[:, :, i0:i1].unsqueeze(-1)
-        delta_b = delta[:, :, i0:i1].unsqueeze(-1)
+        # delta_i = rowsum(dO * O) - dlse_i, so that dS = P * (dP - delta).
+        delta_b = (dout[:, :, i0:i1].to(ct) * out[:, :, i0:i1].to(ct)).sum(dim=-1, keepdim=True)
+        if dlse is not None:
+            delta_b = delta_b - dlse[:, :, i0:i1].to(ct).unsqueeze(-1)
         for j0, j1, full in ch.live_cols(i0, i1):
             s, kb, capped = ch.scores(qb, i0, i1, j0, j1, full)
             p = s.sub_(lse_b).exp_()  # (B, Hq, bm, bn)

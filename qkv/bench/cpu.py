@@ -57,16 +57,28 @@ def _rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def measure_in_process(case: CpuCase) -> dict:
-    """Run one case here; returns seconds (median), peak memory growth in bytes and TFLOP/s."""
-    if case.threads:
-        torch.set_num_threads(case.threads)
+def _inputs(case: CpuCase, n: int):
     gen = torch.Generator().manual_seed(0)
-    shape = (case.batch, case.heads, case.n, case.head_dim)
-    need_grad = case.mode == "fwd_bwd"
+    shape = (case.batch, case.heads, n, case.head_dim)
     q, k, v, grad = (torch.randn(shape, generator=gen) for _ in range(4))
     for t in (q, k, v):
-        t.requires_grad_(need_grad)
+        t.requires_grad_(case.mode == "fwd_bwd")
+    return q, k, v, grad
+
+
+def measure_in_process(case: CpuCase) -> dict:
+    """Run one case here; returns seconds (median), peak memory growth in bytes and TFLOP/s.
+
+    The memory is the growth of the resident high-water mark over the inputs (q, k, v and the
+    output gradient), after a small warm-up call has loaded the code and thread pools; it
+    includes the outputs (out, and dq, dk, dv for fwd_bwd).
+    """
+    if case.threads:
+        torch.set_num_threads(case.threads)
+    need_grad = case.mode == "fwd_bwd"
+    with torch.enable_grad() if need_grad else torch.no_grad():
+        _run_once(case, *_inputs(case, min(case.n, 256)))
+    q, k, v, grad = _inputs(case, case.n)
     rss0 = _rss_bytes()
     context = torch.enable_grad() if need_grad else torch.no_grad()
     with context:
