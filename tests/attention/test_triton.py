@@ -273,3 +273,17 @@ def test_gpu_decode_matches_reference(decode_everywhere):
 @needs_cuda
 def test_gpu_auto_prefers_triton():
     assert registry.backends("cuda")[0] == "triton"
+
+
+@needs_interp
+@pytest.mark.parametrize("blocks", [(32, 16), (16, 32)])
+@pytest.mark.parametrize("name", ["plain", "causal_lq_gt_lk", "window_causal",
+                                  "kv_lengths_causal", "mask", "dropout"])
+def test_unequal_block_shapes_match_reference(name, blocks, monkeypatch):
+    """The GPU's autotuned configs use BLOCK_M != BLOCK_N; the block-range logic must hold."""
+    monkeypatch.setattr(importlib.import_module("qkv.attention.triton.launch"),
+                        "INTERPRET_BLOCKS", blocks)
+    kw = dict(FEATURES[name])
+    Lq, Lk = kw.pop("_shape", (24, 40))
+    q, k, v = _inputs(2, 2, 1, Lq, Lk, 16, 24)
+    _compare(q, k, v, **kw)

@@ -10,6 +10,9 @@ from qkv.attention.triton import interpreter_compat
 
 # Fixed block sizes under the interpreter (the autotuner needs a GPU to time with).
 INTERPRET_BLOCK = 16
+# (BLOCK_M, BLOCK_N) of the main kernels there; tests also run unequal pairs, as the GPU's
+# autotuned configs are.
+INTERPRET_BLOCKS = (INTERPRET_BLOCK, INTERPRET_BLOCK)
 
 
 def interpreting() -> bool:
@@ -51,8 +54,8 @@ def launch(kernel, grid_fn, pairs, prob, **kwargs):
     args = dict(prob.args)
     args.update(kwargs)
     if interpreting():
-        b = INTERPRET_BLOCK
-        kernel[grid_fn(b, b)](**args, BLOCK_M=b, BLOCK_N=b)
+        bm, bn = INTERPRET_BLOCKS
+        kernel[grid_fn(bm, bn)](**args, BLOCK_M=bm, BLOCK_N=bn)
         return
     family = "wide" if prob.block_d > 128 or prob.block_dv > 128 else "narrow"
     key = (getattr(kernel, "fn", kernel).__name__, family)
