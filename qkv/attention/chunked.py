@@ -22,6 +22,7 @@ from qkv.attention.masking import (
     dropout_keep,
     kv_limit,
     modify_scores,
+    reduce_to,
     visible,
 )
 from qkv.attention.reference import compute_dtype
@@ -126,12 +127,6 @@ def chunked_forward(q, k, v, call: AttentionCall, block_m: int, block_n: int):
     return out, lse
 
 
-def _reduce_to(x: torch.Tensor, shape) -> torch.Tensor:
-    """Sum a (B, Hq, bm, bn) block over the dimensions where `shape` has size 1."""
-    dims = [d for d, n in enumerate(shape) if n == 1 and x.shape[d] != 1]
-    return x.sum(dim=dims, keepdim=True) if dims else x
-
-
 def chunked_backward(q, k, v, out, lse, dout, dlse, call: AttentionCall, block_m, block_n,
                      bias_grad: bool):
     """Gradients (dq, dk, dv, dbias-or-None), recomputing each block's weights from lse."""
@@ -168,7 +163,7 @@ def chunked_backward(q, k, v, out, lse, dout, dlse, call: AttentionCall, block_m
             if dbias is not None:
                 rows = slice(i0, i1) if dbias.shape[2] != 1 else slice(0, 1)
                 cols = slice(j0, j1) if dbias.shape[3] != 1 else slice(0, 1)
-                dbias[:, :, rows, cols] += _reduce_to(ds, dbias.shape)
+                dbias[:, :, rows, cols] += reduce_to(ds, dbias.shape)
             if capped is not None:
                 ds = ds * (1.0 - capped * capped)
             dsg = ch.grouped(ds, bm)  # (B, Hk, G*bm, bn)

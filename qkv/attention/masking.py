@@ -126,6 +126,13 @@ def masked_scores(call: AttentionCall, s: torch.Tensor, i0: int, i1: int, j0: in
     return s, vis, capped
 
 
+def reduce_to(x: torch.Tensor, shape) -> torch.Tensor:
+    """Sum a gradient (B, Hq, rows, cols) over the dimensions where a broadcast `shape` has size 1,
+    so it fits a mask or bias that was broadcast to the scores."""
+    dims = [d for d, n in enumerate(shape) if n == 1 and x.shape[d] != 1]
+    return x.sum(dim=dims, keepdim=True) if dims else x
+
+
 def block_is_empty(call: AttentionCall, i0: int, i1: int, j0: int, j1: int, kv_max: int,
                    offsets: tuple[int, int] | None = None) -> bool:
     """True when causal, window or kv_lengths hide every pair of the block for every batch row.

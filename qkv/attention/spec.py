@@ -98,6 +98,11 @@ def _as_4d(name: str, t: torch.Tensor, target: tuple[int, int, int, int]) -> tor
     return t4
 
 
+def _check_device(name: str, t: torch.Tensor, q: torch.Tensor) -> None:
+    if t.device != q.device:
+        raise ValueError(f"{name} is on {t.device}, q is on {q.device}")
+
+
 def _window(window) -> tuple[int | None, int | None] | None:
     if window is None:
         return None
@@ -196,8 +201,7 @@ def check_call(
             raise ValueError(f"kv_lengths must be a ({B},) integer tensor, got {got}")
         if kv_lengths.dtype.is_floating_point or kv_lengths.dtype == torch.bool:
             raise ValueError(f"kv_lengths must be an integer tensor, got {kv_lengths.dtype}")
-        if kv_lengths.device != q.device:
-            raise ValueError(f"kv_lengths is on {kv_lengths.device}, q is on {q.device}")
+        _check_device("kv_lengths", kv_lengths, q)
         if B and (int(kv_lengths.min()) < 0 or int(kv_lengths.max()) > Lk):
             raise ValueError(
                 f"kv_lengths must lie in [0, Lk={Lk}], got {kv_lengths.tolist()}"
@@ -207,15 +211,13 @@ def check_call(
         if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
             got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
             raise ValueError(f"mask must be a bool tensor (True = may attend), got {got}")
-        if mask.device != q.device:
-            raise ValueError(f"mask is on {mask.device}, q is on {q.device}")
+        _check_device("mask", mask, q)
         mask = _as_4d("mask", mask, target)
     if bias is not None:
         if not isinstance(bias, torch.Tensor) or not bias.dtype.is_floating_point:
             got = bias.dtype if isinstance(bias, torch.Tensor) else type(bias).__name__
             raise ValueError(f"bias must be a floating-point tensor, got {got}")
-        if bias.device != q.device:
-            raise ValueError(f"bias is on {bias.device}, q is on {q.device}")
+        _check_device("bias", bias, q)
         bias = _as_4d("bias", bias, target)
     if alibi_slopes is not None:
         if not isinstance(alibi_slopes, torch.Tensor) or not alibi_slopes.dtype.is_floating_point:
@@ -231,8 +233,7 @@ def check_call(
                 f"alibi_slopes must have shape (Hq,)=({Hq},) or (B, Hq)=({B}, {Hq}), "
                 f"got {_shape(alibi_slopes)}"
             )
-        if alibi_slopes.device != q.device:
-            raise ValueError(f"alibi_slopes is on {alibi_slopes.device}, q is on {q.device}")
+        _check_device("alibi_slopes", alibi_slopes, q)
     seed = None
     if dropout_p > 0:
         # Drawn from torch's default generator: the same torch.manual_seed gives the same mask.

@@ -16,7 +16,7 @@ import triton
 
 from qkv.attention.spec import AttentionCall
 from qkv.attention.triton import kernels_bwd, kernels_decode, kernels_fwd
-from qkv.attention.triton.launch import FWD_PAIRS, interpreting, launch, pow2
+from qkv.attention.triton.launch import FWD_PAIRS, bhl_strides, interpreting, launch, pow2
 
 MAX_HEAD_DIM = 256
 # Decode (split-KV) is used when Lq <= DECODE_MAX_LQ, groups * Lq <= DECODE_MAX_ROWS and the
@@ -31,13 +31,6 @@ def _broadcast_strides(t: torch.Tensor) -> tuple[int, int, int, int]:
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
-
-
-def bhl_strides(t: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
-    """(batch, head, row) strides: padded (B, H, L, D), or packed (total, H, D) with batch 0."""
-    if varlen:
-        return 0, t.stride(1), t.stride(0)
-    return t.stride(0), t.stride(1), t.stride(2)
 
 
 @dataclass

@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from qkv.attention.masking import reduce_to
 from qkv.attention.triton.kernels_common import (
     _dropout_keep,
     _key_range,
@@ -19,7 +20,13 @@ from qkv.attention.triton.kernels_common import (
     _scores,
     _seq_info,
 )
-from qkv.attention.triton.launch import BWD_PAIRS, INTERPRET_BLOCK, interpreting, launch
+from qkv.attention.triton.launch import (
+    BWD_PAIRS,
+    INTERPRET_BLOCK,
+    bhl_strides,
+    interpreting,
+    launch,
+)
 
 
 @triton.jit
@@ -287,16 +294,6 @@ def _attn_bwd_dq(
              mask=row_ok[:, None] & (offs_d[None, :] < head_dim))
 
 
-def _bhl(t, varlen):
-    return (0, t.stride(1), t.stride(0)) if varlen else (t.stride(0), t.stride(1), t.stride(2))
-
-
-def _reduce_to(x: torch.Tensor, shape) -> torch.Tensor:
-    """Sum a (B, Hq, Lq, Lk) gradient over the dimensions where `shape` broadcasts (size 1)."""
-    dims = [d for d, n in enumerate(shape) if n == 1 and x.shape[d] != 1]
-    return x.sum(dim=dims, keepdim=True) if dims else x
-
-
 def backward(q, k, v, out, lse, dout, dlse, prob):
     """(dq, dk, dv, dbias or None) for the layout of `prob` (padded or packed)."""
     c = prob.call
@@ -311,13 +308,13 @@ def backward(q, k, v, out, lse, dout, dlse, prob):
         dbias = torch.zeros(c.B, c.Hq, c.Lq, c.Lk, dtype=torch.float32, device=q.device)
     if q.numel() == 0 or k.numel() == 0 or c.Lk == 0 or c.Lq == 0:
         dq.zero_(), dk.zero_(), dv.zero_()
-        return dq, dk, dv, None if dbias is None else _reduce_to(dbias, c.bias.shape)
+        return dq, dk, dv, None if dbias is None else reduce_to(dbias, c.bias.shape)
     lse_strides = (0, 1, c.Hq) if vl else (c.Hq * c.Lq, c.Lq, 1)
     ls = dict(stride_lb=lse_strides[0], stride_lh=lse_strides[1], stride_lm=lse_strides[2])
     delta = torch.empty_like(lse)
     if dlse is not None:
         dlse = dlse.to(torch.float32).contiguous()
-    so, sdo = _bhl(out, vl), _bhl(dout, vl)
+    so, sdo = bhl_strides(out, vl), bhl_strides(dout, vl)
     bm = INTERPRET_BLOCK if interpreting() else 64
     _bwd_preprocess[(triton.cdiv(c.Lq, bm), c.B * c.Hq)](
         out, dout, dlse if dlse is not None else lse, delta, *so, *sdo, *lse_strides,
@@ -325,9 +322,9 @@ def backward(q, k, v, out, lse, dout, dlse, prob):
         IS_VARLEN=vl, HAS_DLSE=dlse is not None, BLOCK_M=bm, BLOCK_DV=prob.block_dv)
     qkv_strides = {}
     for name, t, tag in (("q", q, "m"), ("k", k, "n"), ("v", v, "n"), ("do", dout, "m")):
-        sb, sh, sm = _bhl(t, vl)
+        sb, sh, sm = bhl_strides(t, vl)
         qkv_strides.update({f"stride_{name}b": sb, f"stride_{name}h": sh, f"stride_{name}{tag}": sm})
-    sdk, sdv, sdq = _bhl(dk, vl), _bhl(dv, vl), _bhl(dq, vl)
+    sdk, sdv, sdq = bhl_strides(dk, vl), bhl_strides(dv, vl), bhl_strides(dq, vl)
     launch(_attn_bwd_dkdv, lambda bm_, bn_: (triton.cdiv(c.Lk, bn_), c.B * c.Hk), BWD_PAIRS, prob,
            Q=q, K=k, V=v, DO=dout, LSE=lse, DELTA=delta, DK=dk, DV=dv, **qkv_strides, **ls,
            stride_dkb=sdk[0], stride_dkh=sdk[1], stride_dkn=sdk[2],
@@ -337,5 +334,5 @@ def backward(q, k, v, out, lse, dout, dlse, prob):
            DBIAS=dbias if dbias is not None else lse, **qkv_strides, **ls,
            stride_dqb=sdq[0], stride_dqh=sdq[1], stride_dqm=sdq[2], STORE_DBIAS=dbias is not None)
     if dbias is not None:
-        dbias = _reduce_to(dbias, c.bias.shape)
+        dbias = reduce_to(dbias, c.bias.shape)
     return dq, dk, dv, dbias

@@ -28,6 +28,13 @@ def pow2(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
+def bhl_strides(t, varlen: bool) -> tuple[int, int, int]:
+    """(batch, head, row) strides: padded (B, H, L, D), or packed (total, H, D) with batch 0."""
+    if varlen:
+        return 0, t.stride(1), t.stride(0)
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
 def _configs(pairs, d: int):
     """Configs from (BLOCK_M, BLOCK_N, warps, stages); wide heads get the smaller tiles."""
     out = []
