@@ -1,4 +1,5 @@
-"""Decoding with caches: greedy, sampling (temperature, top-k, top-p) and beam search.
+"""Decoding with caches: greedy, sampling (temperature, top-k, top-p) and beam search, and
+`complete`, which continues a text prompt through a tokenizer.
 
 Works for `DecoderLM` (the prompt is `input_ids`, left-padded, with `attention_mask`) and for
 `EncoderDecoder` (`input_ids` is the source; the decoder starts from `bos_token_id`). Generation
@@ -9,8 +10,10 @@ filled with `pad_token_id` (default: eos). Call `model.eval()` first if it has d
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +21,11 @@ import torch.nn.functional as F
 from qkv.nn.cache import CACHE_KINDS, CrossAttentionCache, make_cache
 from qkv.nn.config import check_choice, check_float, check_int, from_dict
 from qkv.nn.models import DecoderLM, EncoderDecoder
+
+if TYPE_CHECKING:
+    from qkv.data import Tokenizer
+
+_ABSOLUTE_POSITIONS = ("learned", "sinusoidal")
 
 
 @dataclass
@@ -94,7 +102,7 @@ class _Session:
         else:
             self.tokens, self.mask = input_ids, mask
             config = model.config
-        if config.positions in ("learned", "sinusoidal"):
+        if config.positions in _ABSOLUTE_POSITIONS:
             # Fail before any work is done, not at the step that runs off the position table.
             # The first real token of a left-padded row is position 0, so the longest row counts.
             longest = self.tokens.shape[1] if self.mask is None else int(self.mask.sum(1).max())
@@ -311,3 +319,55 @@ def beam_search(model, input_ids, *, attention_mask=None, config: GenerationConf
     prefix = session.prefix[::K]
     sequences = torch.cat((prefix, out), dim=1)
     return sequences, torch.tensor([s for s, _ in best], device=device)
+
+
+def complete(model: DecoderLM, tokenizer: Tokenizer, prompt: str, *, max_new_tokens: int = 200,
+             temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+             seed: int = 0, cache: str | None = "dynamic", stop_at_eos: bool = True,
+             on_text: Callable[[str], None] | None = None) -> str:
+    """The completion of `prompt` (without the prompt), decoded with `stream` and its KV cache.
+    temperature 0 is greedy decoding; otherwise sampling (top-k / top-p).
+
+    `on_text(piece)` receives the new text after every token, except that a piece ending in an
+    incomplete UTF-8 character waits for the token that completes it. A model with learned or
+    sinusoidal positions can see at most max_len tokens: a prompt that long keeps its last
+    max_len // 2 tokens, and a max_new_tokens that would run past max_len is capped, with a
+    UserWarning. Raises ValueError for an empty prompt.
+    """
+    ids = tokenizer.encode(prompt)
+    if not ids:
+        raise ValueError("the prompt is empty")
+    limit = model.config.max_len if model.config.positions in _ABSOLUTE_POSITIONS else None
+    if limit is not None:
+        ids = ids[-max(1, limit // 2):] if len(ids) >= limit else ids
+        fits = max(1, limit - len(ids))
+        if max_new_tokens > fits:
+            warnings.warn(f"max_new_tokens={max_new_tokens} is capped at {fits}: a prompt of "
+                          f"{len(ids)} tokens leaves only {fits} of the model's max_len={limit} "
+                          f"positions", UserWarning, stacklevel=2)
+            max_new_tokens = fits
+    device = next(model.parameters()).device
+    input_ids = torch.tensor([ids], dtype=torch.long, device=device)
+    settings = {"max_new_tokens": max_new_tokens, "cache": cache,
+                "eos_token_id": tokenizer.eos_id if stop_at_eos else None}
+    if temperature > 0:
+        settings.update(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    model.eval()
+    new: list[int] = []
+    shown = ""
+    for tok in stream(model, input_ids, generator=generator, **settings):
+        token = int(tok[0])
+        if stop_at_eos and token == tokenizer.eos_id:
+            break
+        new.append(token)
+        text = tokenizer.decode(new, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            continue  # wait for the rest of the character
+        if on_text is not None and len(text) > len(shown):
+            on_text(text[len(shown):])
+        shown = text
+    text = tokenizer.decode(new, skip_special_tokens=True)
+    if on_text is not None and len(text) > len(shown):
+        on_text(text[len(shown):])
+    return text

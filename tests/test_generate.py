@@ -227,3 +227,40 @@ def test_generation_past_the_position_table_fails_before_it_starts():
     assert calls == []  # nothing was generated and then thrown away
     out = generate(model, idx, attention_mask=mask, max_new_tokens=10)
     assert out.shape == (3, 16)
+
+
+def _byte_lm(**overrides):
+    from qkv.data import byte_tokenizer
+
+    tokenizer = byte_tokenizer()
+    torch.manual_seed(0)
+    model = DecoderLM(_cfg(vocab_size=tokenizer.vocab_size, **overrides)).eval()
+    return model, tokenizer
+
+
+def test_complete_streams_the_text_it_returns():
+    from qkv.generate import complete
+
+    model, tokenizer = _byte_lm(positions="rope")
+    pieces = []
+    text = complete(model, tokenizer, "def f(x):", max_new_tokens=12, stop_at_eos=False,
+                    on_text=pieces.append)
+    assert "".join(pieces) == text
+    ids = torch.tensor([tokenizer.encode("def f(x):")])
+    new = generate(model, ids, max_new_tokens=12)[0, ids.shape[1]:].tolist()
+    assert text == tokenizer.decode(new, skip_special_tokens=True)
+    with pytest.raises(ValueError, match="empty"):
+        complete(model, tokenizer, "")
+
+
+def test_complete_warns_when_max_new_tokens_is_capped():
+    from qkv.generate import complete
+
+    model, tokenizer = _byte_lm(positions="learned", max_len=16)
+    with pytest.warns(UserWarning, match=r"max_new_tokens=50 is capped at 10.*max_len=16"):
+        complete(model, tokenizer, "abcdef", max_new_tokens=50, stop_at_eos=False)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        complete(model, tokenizer, "abcdef", max_new_tokens=10, stop_at_eos=False)
