@@ -20,8 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-IGNORE_INDEX = -100
-
+from qkv.nn.models import IGNORE_INDEX  # defined once, beside the loss that skips it
 
 # ---------------------------------------------------------------- bucketing
 

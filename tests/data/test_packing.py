@@ -95,3 +95,13 @@ def test_attention_over_packed_rows_equals_attention_per_document():
     varlen = qkv.attention_varlen(flat(q), flat(k), flat(v), packed.cu_seqlens,
                                   packed.cu_seqlens, causal=True)
     torch.testing.assert_close(varlen, flat(separate))
+
+
+def test_ignore_index_is_the_models_one():
+    import inspect
+
+    import qkv.data.batching
+    from qkv.nn.models import IGNORE_INDEX as MODEL_IGNORE_INDEX
+
+    assert IGNORE_INDEX == MODEL_IGNORE_INDEX == -100
+    assert "IGNORE_INDEX =" not in inspect.getsource(qkv.data.batching)  # defined once
