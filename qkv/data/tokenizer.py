@@ -16,12 +16,13 @@ Conventions:
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from qkv.io import atomic_write
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -70,20 +71,26 @@ class Tokenizer:
         """The text of `ids`; an incomplete UTF-8 sequence decodes to U+FFFD."""
         return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    def byte_lengths(self) -> list[int]:
+        """The number of UTF-8 bytes of text each token id stands for; 0 for special tokens.
+
+        Byte-level tokens spell their bytes with one character per byte, so the length of the
+        token's string is its byte count.
+        """
+        lengths = [0] * self.vocab_size
+        for token, i in self.hf.get_vocab(with_added_tokens=False).items():
+            if i not in (self.eos_id, self.pad_id):
+                lengths[i] = len(token)
+        return lengths
+
     def save(self, path: str | os.PathLike) -> None:
-        """Write tokenizer.json to `path` (a file, or a directory to hold tokenizer.json).
-        Written to a temporary name and renamed, so a reader never sees half a file."""
+        """Write tokenizer.json to `path` (a file, or a directory to hold tokenizer.json), through
+        qkv.io.atomic_write: a reader never sees half a file, and a failed write leaves the old
+        file as it was."""
         path = Path(path)
         if path.is_dir():
             path = path / "tokenizer.json"
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-        os.close(fd)
-        try:
-            self.hf.save(tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(path, lambda tmp: self.hf.save(str(tmp)))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Tokenizer:

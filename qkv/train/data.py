@@ -42,17 +42,8 @@ def build_tokenizer(config: TrainConfig, corpus: Corpus) -> Tokenizer:
 
 
 def token_byte_lengths(tokenizer: Tokenizer) -> torch.Tensor:
-    """(V,) long: the UTF-8 bytes of text each token id stands for; 0 for special tokens.
-
-    Byte-level tokens spell their bytes with one character per byte, so the length of the
-    token's string is its byte count.
-    """
-    lengths = torch.zeros(tokenizer.vocab_size, dtype=torch.long)
-    special = {tokenizer.eos_id, tokenizer.pad_id}
-    for token, i in tokenizer.hf.get_vocab(with_added_tokens=False).items():
-        if i not in special:
-            lengths[i] = len(token)
-    return lengths
+    """(V,) long: the UTF-8 bytes of text each token id stands for; 0 for special tokens."""
+    return torch.tensor(tokenizer.byte_lengths(), dtype=torch.long)
 
 
 @dataclass

@@ -1,5 +1,7 @@
 """Tokenizers: byte fallback and byte-level BPE; exact round trips, specials, save/load."""
 
+from pathlib import Path
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -88,3 +90,38 @@ def test_errors(tmp_path):
         train_bpe(["abc"], vocab_size=100)
     with pytest.raises(FileNotFoundError):
         Tokenizer.load(tmp_path / "nothing.json")
+
+
+@pytest.mark.parametrize("make", ["bytes", "bpe"])
+def test_byte_lengths_spell_the_bytes_of_each_token(bpe, make):
+    tok = byte_tokenizer() if make == "bytes" else bpe
+    lengths = tok.byte_lengths()
+    assert len(lengths) == tok.vocab_size
+    assert lengths[tok.eos_id] == lengths[tok.pad_id] == 0
+    assert all(n >= 1 for i, n in enumerate(lengths) if i not in (tok.eos_id, tok.pad_id))
+    text = "def f(x):\n    return 'ünï 🙂'\n"
+    assert sum(lengths[i] for i in tok.encode(text)) == len(text.encode("utf-8"))
+
+
+def test_save_is_atomic_and_durable(tmp_path, monkeypatch):
+    import qkv.io
+
+    tok = byte_tokenizer()
+    target = tmp_path / "tokenizer.json"
+    target.write_text("old")
+    synced = []
+    monkeypatch.setattr(qkv.io, "fsync_dir", synced.append)
+
+    def broken(path):
+        Path(path).write_text("half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(tok.hf, "save", broken, raising=False)
+    with pytest.raises(OSError, match="disk full"):
+        tok.save(target)
+    assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "tokenizer.json"]
+    monkeypatch.undo()
+    monkeypatch.setattr(qkv.io, "fsync_dir", synced.append)
+    tok.save(target)
+    assert Tokenizer.load(target).vocab_size == 258 and synced == [tmp_path]
