@@ -11,6 +11,7 @@ from qkv.nn.cache import (
 )
 from qkv.nn.layers import FeedForward, FeedForwardConfig, LayerNorm, RMSNorm, make_norm
 from qkv.nn.models import (
+    IGNORE_INDEX,
     Decoder,
     DecoderLM,
     Embeddings,
@@ -29,6 +30,7 @@ from qkv.nn.positions import (
 from qkv.nn.transformer import DecoderLayer, EncoderLayer, TransformerConfig
 
 __all__ = [
+    "IGNORE_INDEX",
     "AttentionConfig",
     "CrossAttentionCache",
     "Decoder",

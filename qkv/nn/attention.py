@@ -30,7 +30,9 @@ class AttentionConfig:
     rope_base: float = 10000.0
     rope_scaling: str | None = None  # None | linear | ntk
     rope_factor: float = 1.0
-    window: int | None = None  # each query sees keys at most `window` positions before it
+    # Sliding window: qkv.attention's window=(window, 0) when causal, (window, window)
+    # otherwise; keys at most `window` positions before (and, if not causal, after) a query.
+    window: int | None = None
     softcap: float | None = None
     scale: float | None = None  # None: 1/sqrt(head_dim)
     backend: str = "auto"

@@ -21,12 +21,27 @@ from qkv.nn.config import check_int
 from qkv.nn.positions import positions_from_mask
 
 
+def _reorder(*stores: dict[int, torch.Tensor], index: torch.Tensor, in_place: bool = False):
+    """Keep rows `index` of every tensor in `stores` (dicts layer -> (B, ...)), in that order;
+    `in_place` writes into the tensors (preallocated buffers) instead of replacing them."""
+    for store in stores:
+        for i, t in store.items():
+            if in_place:
+                t.copy_(t.index_select(0, index))
+            else:
+                store[i] = t.index_select(0, index)
+
+
 class KVCache:
     """The shared bookkeeping: per-row position offsets and the key padding mask."""
 
     window: int | None = None
 
+    _in_place = False  # reorder writes into the stored tensors instead of replacing them
+
     def __init__(self):
+        self.k: dict[int, torch.Tensor] = {}  # layer -> (B, Hk, kept, D)
+        self.v: dict[int, torch.Tensor] = {}
         self.seen = 0  # tokens (real or padding) stepped through so far
         self._offset: torch.Tensor | None = None  # (B,) real tokens so far, per row
         self._mask: torch.Tensor | None = None  # (B, kept) bool, None when every key is real
@@ -73,12 +88,9 @@ class KVCache:
             raise ValueError(f"k and v must be (B={self._batch}, Hk, L, D), got "
                              f"{tuple(k.shape)} and {tuple(v.shape)}")
 
-    def _reorder_tensors(self, index: torch.Tensor) -> None:
-        """Subclasses reorder their stored K/V."""
-
     def reorder(self, index: torch.Tensor) -> None:
         """Keep rows `index` (B,) in that order: beam search's reshuffle."""
-        self._reorder_tensors(index)
+        _reorder(self.k, self.v, index=index, in_place=self._in_place)
         if self._offset is not None:
             self._offset = self._offset.index_select(0, index)
         if self._mask is not None:
@@ -87,11 +99,6 @@ class KVCache:
 
 class DynamicCache(KVCache):
     """Grows with every step (torch.cat)."""
-
-    def __init__(self):
-        super().__init__()
-        self.k: dict[int, torch.Tensor] = {}
-        self.v: dict[int, torch.Tensor] = {}
 
     def update(self, layer_idx, k, v):
         """Append k, v (B, Hk, L, D); return every key and value so far (B, Hk, Lk, D)."""
@@ -102,21 +109,16 @@ class DynamicCache(KVCache):
         self.k[layer_idx], self.v[layer_idx] = k, v
         return k, v, None
 
-    def _reorder_tensors(self, index):
-        for i in self.k:
-            self.k[i] = self.k[i].index_select(0, index)
-            self.v[i] = self.v[i].index_select(0, index)
-
 
 class StaticCache(KVCache):
     """Preallocates max_len keys per layer on first use; returns views of the filled part."""
+
+    _in_place = True  # the preallocated buffers keep their storage
 
     def __init__(self, max_len: int):
         super().__init__()
         check_int("max_len", max_len)
         self.max_len = max_len
-        self.k: dict[int, torch.Tensor] = {}
-        self.v: dict[int, torch.Tensor] = {}
         self.lengths: dict[int, int] = {}
 
     def update(self, layer_idx, k, v):
@@ -135,11 +137,6 @@ class StaticCache(KVCache):
         self.lengths[layer_idx] = n + L
         return self.k[layer_idx][:, :, :n + L], self.v[layer_idx][:, :, :n + L], None
 
-    def _reorder_tensors(self, index):
-        for i in self.k:
-            self.k[i].copy_(self.k[i].index_select(0, index))
-            self.v[i].copy_(self.v[i].index_select(0, index))
-
 
 class SlidingWindowCache(KVCache):
     """Keeps only the last `window` keys, in order (rolled by slicing).
@@ -153,8 +150,6 @@ class SlidingWindowCache(KVCache):
         super().__init__()
         check_int("window", window)
         self.window = window
-        self.k: dict[int, torch.Tensor] = {}
-        self.v: dict[int, torch.Tensor] = {}
 
     def _kept(self, n: int) -> int:
         return min(n, self.window)
@@ -169,31 +164,26 @@ class SlidingWindowCache(KVCache):
         self.k[layer_idx], self.v[layer_idx] = k[:, :, keep:], v[:, :, keep:]
         return k, v, None
 
-    def _reorder_tensors(self, index):
-        for i in self.k:
-            self.k[i] = self.k[i].index_select(0, index)
-            self.v[i] = self.v[i].index_select(0, index)
-
 
 class CrossAttentionCache:
     """Each layer's cross-attention K/V (B, Hk, Ls, D), projected from the memory once."""
 
     def __init__(self):
-        self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.k: dict[int, torch.Tensor] = {}
+        self.v: dict[int, torch.Tensor] = {}
 
     def has(self, layer_idx: int) -> bool:
-        return layer_idx in self.kv
+        return layer_idx in self.k
 
     def get(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.kv[layer_idx]
+        return self.k[layer_idx], self.v[layer_idx]
 
     def set(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        self.kv[layer_idx] = (k, v)
+        self.k[layer_idx], self.v[layer_idx] = k, v
 
     def reorder(self, index: torch.Tensor) -> None:
         """Keep rows `index` (B,) in that order."""
-        self.kv = {i: (k.index_select(0, index), v.index_select(0, index))
-                   for i, (k, v) in self.kv.items()}
+        _reorder(self.k, self.v, index=index)
 
 
 CACHE_KINDS = ("dynamic", "static", "sliding")

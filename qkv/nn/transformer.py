@@ -46,7 +46,9 @@ class TransformerConfig:
     bias: bool = True
     dropout: float = 0.0  # on embeddings and on each sublayer's output
     attn_dropout: float = 0.0  # on the attention weights
-    window: int | None = None  # sliding-window attention: keys at most `window` before
+    # Sliding window (self-attention only): window=(window, 0) in the causal decoder, so a
+    # query sees the `window` keys before it and itself; (window, window) in the encoder.
+    window: int | None = None
     softcap: float | None = None
     tie_embeddings: bool = True  # DecoderLM / EncoderDecoder: lm_head shares tok_emb's weight
     backend: str = "auto"  # qkv.attention backend

@@ -62,15 +62,27 @@ def test_static_cache_is_preallocated_and_bounded(tiny):
         lm(torch.ones(2, 1, dtype=torch.long), cache=cache)
 
 
-def test_reorder_follows_rows(tiny):
-    lm = DecoderLM(tiny(positions="rope")).eval()
+@pytest.mark.parametrize("kind", ["dynamic", "static", "sliding"])
+def test_reorder_follows_rows(tiny, kind):
+    lm = DecoderLM(tiny(positions="rope", window=3)).eval()
     idx, mask = left_padded(2, 6, [0, 2])
-    a, b = DynamicCache(), DynamicCache()
+    a, b = (make_cache(kind, max_len=8, window=3) for _ in range(2))
     lm(idx, attention_mask=mask, cache=a)
     lm(idx.flip(0), attention_mask=mask.flip(0), cache=b)
+    stored = b.k[0]
     b.reorder(torch.tensor([1, 0]))
+    assert (b.k[0] is stored) == (kind == "static")  # the static buffers keep their storage
     nxt = torch.tensor([[3], [4]])
     assert torch.allclose(lm(nxt, cache=a)[0], lm(nxt, cache=b)[0], atol=1e-6)
+
+
+def test_cross_attention_cache_reorder():
+    cross = CrossAttentionCache()
+    k, v = torch.randn(3, 2, 4, 8), torch.randn(3, 2, 4, 8)
+    cross.set(0, k, v)
+    index = torch.tensor([2, 2, 0])
+    cross.reorder(index)
+    assert torch.equal(cross.get(0)[0], k[index]) and torch.equal(cross.get(0)[1], v[index])
 
 
 def test_cross_attention_cache_reuses_memory_kv(tiny):
@@ -86,7 +98,7 @@ def test_cross_attention_cache_reuses_memory_kv(tiny):
         outs.append(ed.decode(tgt[:, t:t + 1], None, memory_mask=src_mask, cache=cache,
                               cross_cache=cross))
     assert torch.allclose(torch.cat(outs, 1), full, atol=1e-5)
-    assert sorted(cross.kv) == [0, 1]
+    assert sorted(cross.k) == sorted(cross.v) == [0, 1]
 
 
 def test_cache_misuse_raises(tiny):

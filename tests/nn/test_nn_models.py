@@ -4,6 +4,7 @@ import torch.nn.functional as F
 from conftest import left_padded
 
 from qkv.nn import (
+    IGNORE_INDEX,
     DecoderLM,
     Encoder,
     EncoderDecoder,
@@ -60,7 +61,7 @@ def test_lm_loss_and_tied_embeddings(tiny):
     lm = DecoderLM(tiny())
     idx = torch.randint(0, 37, (2, 5))
     targets = idx.clone()
-    targets[0, :2] = -100
+    targets[0, :2] = IGNORE_INDEX
     logits, loss = lm(idx, targets)
     assert logits.shape == (2, 5, 37)
     ref = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
@@ -137,6 +138,17 @@ def test_config_from_dict_rejects_unknown_keys():
     with pytest.raises(ValueError, match="d_model"):
         EncoderDecoderConfig(encoder=dict(vocab_size=10, d_model=16, n_heads=2),
                              decoder=dict(vocab_size=10, d_model=32, n_heads=2))
+
+
+def test_encoder_decoder_config_from_dict_builds_the_nested_configs():
+    side = {"vocab_size": 10, "d_model": 16, "n_heads": 2}
+    cfg = EncoderDecoderConfig.from_dict({"encoder": side, "decoder": {**side, "n_layers": 1},
+                                          "share_embeddings": True})
+    assert cfg.decoder == TransformerConfig(**side, n_layers=1) and cfg.share_embeddings
+    with pytest.raises(ValueError, match=r"EncoderDecoderConfig has no field\(s\) \['shared'\]"):
+        EncoderDecoderConfig.from_dict({"encoder": side, "decoder": side, "shared": True})
+    with pytest.raises(ValueError, match=r"TransformerConfig has no field\(s\) \['n_layer'\]"):
+        EncoderDecoderConfig.from_dict({"encoder": side, "decoder": {**side, "n_layer": 1}})
 
 
 def test_bad_inputs_raise(tiny):
