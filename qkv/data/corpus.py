@@ -14,7 +14,8 @@ machine that runs qkv, so training needs no download. Which `*.py` files it hold
 
 Documents are split into train / validation / test by a hash of their relative path, not by a
 random draw: the same file lands in the same split on every machine and every Python patch
-release, and a file added in a new release moves no other file.
+release, and a file added in a new release moves no other file. A corpus of one file or a handful
+is split by position instead: the head of every document trains, its tail validates and tests.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from pathlib import Path
 
 SPLITS = ("train", "validation", "test")
 DEFAULT_FRACTIONS = (0.90, 0.05, 0.05)
+SPLIT_MODES = ("auto", "document", "position")
 
 _STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__",
                      "encodings", "pydoc_data"}
@@ -165,8 +167,13 @@ class CorpusConfig:
     source: "stdlib", a folder, a glob pattern, or a `.jsonl` file (one object per line).
     text_key: the JSONL field that holds the text.
     suffixes: for folders and globs, keep only files with these suffixes (e.g. (".py",)).
-    max_files / max_bytes: caps on the corpus, shared among the splits by their fractions.
+    max_files / max_bytes: caps on the corpus (by document: shared among the splits by their
+    fractions; by position: on the whole, the last document cut short to fit max_bytes).
     fractions: the train / validation / test shares.
+    split: "document" puts each document in one split (by a hash of its name); "position" cuts
+    every document, its first fractions[0] going to train, then validation, then test, so one
+    file or a handful of them can train; "auto" is "document" when that gives every split with a
+    nonzero fraction at least one file, else "position" (JSONL records: always "document").
     """
 
     source: str = "stdlib"
@@ -175,27 +182,55 @@ class CorpusConfig:
     max_files: int | None = None
     max_bytes: int | None = None
     fractions: tuple[float, float, float] = DEFAULT_FRACTIONS
+    split: str = "auto"
 
     def __post_init__(self):
         _check_fractions(self.fractions)
+        if self.split not in SPLIT_MODES:
+            raise ValueError(f"split must be one of {list(SPLIT_MODES)}, got {self.split!r}")
         for name in ("max_files", "max_bytes"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"{name} must be positive, got {value}")
 
 
+def cut_points(text: str, fractions: tuple[float, float, float]) -> tuple[int, int]:
+    """Where `text` is cut into its train / validation / test parts: the character offsets at
+    fractions[0] and fractions[0] + fractions[1] of it, each moved back to the start of its line
+    when that line starts after the previous cut (a cut at the very end stays there)."""
+    cuts, previous = [], 0
+    for share in (fractions[0], fractions[0] + fractions[1]):
+        at = min(len(text), round(len(text) * share))
+        line_start = text.rfind("\n", previous, at) + 1
+        if previous < line_start and at < len(text):
+            at = line_start
+        cuts.append(at)
+        previous = at
+    return cuts[0], cuts[1]
+
+
 class Corpus:
     """Documents grouped into the splits "train", "validation" and "test".
 
-    Build one with `Corpus.load(...)` (see CorpusConfig) or from documents directly.
+    Build one with `Corpus.load(...)` (see CorpusConfig) or from documents directly; `split` is
+    "document" or "position" (see CorpusConfig).
     """
 
-    def __init__(self, documents: list[Document], fractions=DEFAULT_FRACTIONS):
+    def __init__(self, documents: list[Document], fractions=DEFAULT_FRACTIONS,
+                 split: str = "document"):
         _check_fractions(fractions)
-        self.fractions = tuple(fractions)
+        if split not in ("document", "position"):
+            raise ValueError(f"split must be 'document' or 'position', got {split!r}")
+        self.fractions, self.split = tuple(fractions), split
         self.splits: dict[str, list[Document]] = {s: [] for s in SPLITS}
         for doc in documents:
-            self.splits[split_of(doc.name, self.fractions)].append(doc)
+            if split == "document":
+                self.splits[split_of(doc.name, self.fractions)].append(doc)
+                continue
+            a, b = cut_points(doc.text, self.fractions)
+            for s, part in zip(SPLITS, (doc.text[:a], doc.text[a:b], doc.text[b:]), strict=True):
+                if part:
+                    self.splits[s].append(Document(doc.name, part))
 
     @classmethod
     def load(cls, source: str = "stdlib", **options) -> Corpus:
@@ -206,10 +241,16 @@ class Corpus:
         malformed or lacks the text field (the message names the line).
         """
         config = CorpusConfig(source, **options)
-        documents = list(_read(config))
+        files = _source_files(config)
+        split = _resolve_split(config, files)
+        caps = _Caps(config, split)
+        if files is None:
+            documents = list(caps.documents(_jsonl_documents(Path(source), config.text_key)))
+        else:
+            documents = list(caps.files(files, strict=source != "stdlib"))
         if not documents:
             raise CorpusError(f"corpus {source!r} holds no non-empty text documents")
-        return cls(documents, config.fractions)
+        return cls(documents, config.fractions, split)
 
     def __getitem__(self, split: str) -> list[Document]:
         if split not in self.splits:
@@ -236,24 +277,27 @@ class Corpus:
         return {s: {"files": len(docs), "bytes": sum(d.nbytes for d in docs)}
                 for s, docs in self.splits.items()}
 
+    def describe_split(self) -> str:
+        """How the documents were split, e.g. "by document, 90/5/5"."""
+        shares = "/".join(f"{100 * f:g}" for f in self.fractions)
+        return f"by {self.split}, {shares}"
+
     def __repr__(self) -> str:
         parts = ", ".join(f"{s}={v['files']} files/{v['bytes'] / 1e6:.2f} MB"
                           for s, v in self.stats().items())
         return f"Corpus({parts})"
 
 
-def _read(config: CorpusConfig) -> Iterator[Document]:
-    """The documents of `config.source`, within the caps."""
+def _source_files(config: CorpusConfig) -> list[tuple[str, Path]] | None:
+    """(name, path) of the files `config.source` holds, or None for a JSONL file."""
     source = config.source
     if source == "stdlib":
-        yield from _capped_files(stdlib_files(), config, strict=False)
-        return
+        return stdlib_files()
     path = Path(source)
     if path.is_dir():
         files = _folder_files(path)
     elif path.is_file() and path.suffix == ".jsonl":
-        yield from _capped_documents(_jsonl_documents(path, config.text_key), config)
-        return
+        return None
     elif path.is_file():
         files = [(path.name, path)]
     elif _glob.has_magic(source):
@@ -265,52 +309,92 @@ def _read(config: CorpusConfig) -> Iterator[Document]:
                                 f"folder, a glob, or a .jsonl file)")
     if config.suffixes is not None:
         files = [(n, p) for n, p in files if p.suffix in config.suffixes]
-    yield from _capped_files(files, config, strict=True)
+    return files
 
 
-def _budgets(config: CorpusConfig, cap: int | None) -> dict[str, float]:
-    """Each split's share of a cap: at least one unit for any split with a nonzero fraction."""
+def _resolve_split(config: CorpusConfig, files: list[tuple[str, Path]] | None) -> str:
+    """"document" or "position": config.split, with "auto" decided from the file names."""
+    if config.split != "auto":
+        return config.split
+    if files is None:
+        return "document"
+    filled = {split_of(name, config.fractions) for name, _ in files}
+    wanted = {s for s, f in zip(SPLITS, config.fractions, strict=True) if f > 0}
+    return "document" if wanted <= filled else "position"
+
+
+def _shares(cap: int | None, fractions) -> list[float]:
+    """Each part's share of a cap: at least one unit for any part with a nonzero fraction."""
     if cap is None:
-        return {s: float("inf") for s in SPLITS}
-    return {s: max(1, round(cap * f)) if f > 0 else 0 for s, f in zip(SPLITS, config.fractions,
-                                                                        strict=True)}
+        return [float("inf")] * len(fractions)
+    return [max(1, round(cap * f)) if f > 0 else 0 for f in fractions]
 
 
-def _capped_files(files, config: CorpusConfig, strict: bool) -> Iterator[Document]:
-    """Read files in a fixed pseudo-random order until each split's share of the caps is used.
-
-    A file too large for what is left of its split's byte budget is passed over. Unreadable text
-    raises (strict) or is skipped (the stdlib).
-    """
-    files_left = _budgets(config, config.max_files)
-    bytes_left = _budgets(config, config.max_bytes)
-    for name, path in sorted(files, key=lambda f: _unit_hash(f[0], "order")):
-        split = split_of(name, config.fractions)
-        if files_left[split] <= 0:
-            continue
-        if path.stat().st_size > bytes_left[split]:
-            continue
-        try:
-            text = decode_text(path.read_bytes(), str(path))
-        except CorpusError:
-            if strict:
-                raise
-            continue
-        if not text:
-            continue
-        files_left[split] -= 1
-        bytes_left[split] -= len(text.encode("utf-8"))
-        yield Document(name, text)
+def _utf8_prefix(data: bytes, n: int) -> bytes:
+    """The first n bytes of `data` or fewer, never ending inside a UTF-8 character."""
+    if n >= len(data):
+        return data
+    while n > 0 and data[n] & 0xC0 == 0x80:
+        n -= 1
+    return data[:n]
 
 
-def _capped_documents(documents, config: CorpusConfig) -> Iterator[Document]:
-    """The caps for documents that are not files (JSONL records), taken in file order."""
-    files_left = _budgets(config, config.max_files)
-    bytes_left = _budgets(config, config.max_bytes)
-    for doc in documents:
-        split = split_of(doc.name, config.fractions)
-        n = doc.nbytes
-        if files_left[split] > 0 and n <= bytes_left[split]:
-            files_left[split] -= 1
-            bytes_left[split] -= n
+class _Caps:
+    """What is left of max_files / max_bytes: per split (by document) or for the whole corpus
+    (by position, where the document that reaches max_bytes is cut short to fit)."""
+
+    def __init__(self, config: CorpusConfig, split: str):
+        self.config, self.by_position = config, split == "position"
+        fractions = (1.0,) if self.by_position else config.fractions
+        self.files_left = _shares(config.max_files, fractions)
+        self.bytes_left = _shares(config.max_bytes, fractions)
+
+    def _part(self, name: str) -> int:
+        return 0 if self.by_position else SPLITS.index(split_of(name, self.config.fractions))
+
+    def room(self, name: str, nbytes: int) -> int:
+        """How many of a document's nbytes may be taken: all, a prefix (by position), or 0."""
+        part = self._part(name)
+        if self.files_left[part] <= 0 or self.bytes_left[part] <= 0:
+            return 0
+        if nbytes <= self.bytes_left[part]:
+            return nbytes
+        return int(self.bytes_left[part]) if self.by_position else 0
+
+    def take(self, name: str, nbytes: int) -> None:
+        part = self._part(name)
+        self.files_left[part] -= 1
+        self.bytes_left[part] -= nbytes
+
+    def files(self, files, strict: bool) -> Iterator[Document]:
+        """Read files in a fixed pseudo-random order until the caps are used.
+
+        A file too large for what is left of its split's byte budget is passed over (by
+        position: read up to the budget). Unreadable text raises (strict) or is skipped.
+        """
+        for name, path in sorted(files, key=lambda f: _unit_hash(f[0], "order")):
+            room = self.room(name, path.stat().st_size)
+            if room <= 0:
+                continue
+            with path.open("rb") as f:
+                data = _utf8_prefix(f.read(room + 4), room)
+            try:
+                text = decode_text(data, str(path))
+            except CorpusError:
+                if strict:
+                    raise
+                continue
+            if text:
+                self.take(name, len(text.encode("utf-8")))
+                yield Document(name, text)
+
+    def documents(self, documents) -> Iterator[Document]:
+        """The caps for documents that are not files (JSONL records), taken in file order."""
+        for doc in documents:
+            room = self.room(doc.name, doc.nbytes)
+            if room <= 0:
+                continue
+            if room < doc.nbytes:
+                doc = Document(doc.name, _utf8_prefix(doc.text.encode("utf-8"), room).decode())
+            self.take(doc.name, doc.nbytes)
             yield doc
