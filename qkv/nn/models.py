@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from qkv.nn.config import check_choice, from_dict
 from qkv.nn.positions import LearnedPositions, SinusoidalPositions, positions_from_mask
@@ -97,7 +98,25 @@ class Embeddings(nn.Module):
         return self.dropout(x)
 
 
-class Encoder(nn.Module):
+class _LayerStack(nn.Module):
+    """What Encoder and Decoder share: calling each layer, with optional activation
+    checkpointing."""
+
+    activation_checkpointing = False
+
+    def set_activation_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each layer's activations in backward instead of keeping them (memory for
+        time). Applies while grad is enabled and no cache is given; parameters are unchanged."""
+        check_choice("enabled", enabled, (True, False))
+        self.activation_checkpointing = enabled
+
+    def _call(self, layer: nn.Module, *args, cached: bool = False, **kwargs) -> torch.Tensor:
+        if self.activation_checkpointing and torch.is_grad_enabled() and not cached:
+            return checkpoint(layer, *args, use_reentrant=False, **kwargs)
+        return layer(*args, **kwargs)
+
+
+class Encoder(_LayerStack):
     """Embeddings, n_layers bidirectional EncoderLayers, optional final norm."""
 
     def __init__(self, config: TransformerConfig):
@@ -117,12 +136,12 @@ class Encoder(nn.Module):
         positions = positions_from_mask(mask, B, L, idx.device)
         x = self.embed(idx, positions, token_type_ids)  # (B, L, d_model)
         for layer in self.layers:
-            x = layer(x, positions=positions, kv_lengths=lengths, key_padding_mask=mask,
-                      backend=backend)
+            x = self._call(layer, x, positions=positions, kv_lengths=lengths,
+                           key_padding_mask=mask, backend=backend)
         return self.final_norm(x) if self.final_norm is not None else x
 
 
-class Decoder(nn.Module):
+class Decoder(_LayerStack):
     """Embeddings, n_layers causal DecoderLayers (with cross-attention if `cross`), final norm."""
 
     def __init__(self, config: TransformerConfig, cross: bool = False):
@@ -159,11 +178,12 @@ class Decoder(nn.Module):
         else:
             positions, key_mask = positions_from_mask(mask, B, L, idx.device), mask
         x = self.embed(idx, positions)  # (B, L, d_model)
+        cached = cache is not None or cross_cache is not None
         for i, layer in enumerate(self.layers):
-            x = layer(x, memory, positions=positions, kv_lengths=lengths,
-                      key_padding_mask=key_mask, memory_lengths=memory_lengths,
-                      memory_mask=memory_mask, cache=cache, cross_cache=cross_cache,
-                      layer_idx=i, backend=backend)
+            x = self._call(layer, x, memory, positions=positions, kv_lengths=lengths,
+                           key_padding_mask=key_mask, memory_lengths=memory_lengths,
+                           memory_mask=memory_mask, cache=cache, cross_cache=cross_cache,
+                           layer_idx=i, backend=backend, cached=cached)
         return self.final_norm(x) if self.final_norm is not None else x
 
 
@@ -248,6 +268,11 @@ class EncoderDecoder(nn.Module):
         nn.init.normal_(self.lm_head.weight, std=0.02)
         if config.decoder.tie_embeddings:
             self.lm_head.weight = self.decoder.embed.tok_emb.weight
+
+    def set_activation_checkpointing(self, enabled: bool = True) -> None:
+        """Activation checkpointing of every encoder and decoder layer (see Encoder's)."""
+        self.encoder.set_activation_checkpointing(enabled)
+        self.decoder.set_activation_checkpointing(enabled)
 
     def encode(self, src, *, src_mask=None, src_lengths=None, backend=None) -> torch.Tensor:
         """src (B, Ls) -> memory (B, Ls, d_model)."""
