@@ -151,7 +151,8 @@ def _jsonl_documents(path: Path, text_key: str) -> Iterator[Document]:
                 raise CorpusError(f"{path} line {lineno} is not a JSON object")
             if text_key not in record:
                 raise CorpusError(f"{path} line {lineno} has no field {text_key!r} "
-                                  f"(fields: {sorted(record)}); set text_key")
+                                  f"(fields: {sorted(record)}); set text_key to the field "
+                                  f"that holds the text")
             text = record[text_key]
             if not isinstance(text, str):
                 raise CorpusError(f"{path} line {lineno}: field {text_key!r} is "

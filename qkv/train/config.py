@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from qkv.data.corpus import SPLIT_MODES
+from qkv.device import resolve_device
 from qkv.nn import TransformerConfig
-from qkv.nn.config import check_choice, check_float, check_int
+from qkv.nn.config import check_choice, check_float, check_int, from_dict
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 TOKENIZERS = ("bpe", "byte")
@@ -32,6 +37,9 @@ class TrainConfig:
     # data
     corpus: str = "stdlib"
     suffixes: tuple[str, ...] | None = None  # folders and globs: keep these file suffixes
+    text_key: str = "text"  # .jsonl corpora: the field that holds each record's text
+    split: str = "auto"  # auto | document | position (see qkv.data.CorpusConfig)
+    split_fractions: tuple[float, float, float] = (0.9, 0.05, 0.05)  # train, validation, test
     max_bytes: int | None = 3_000_000
     max_files: int | None = None
     tokenizer: str = "bpe"  # bpe | byte
@@ -74,6 +82,10 @@ class TrainConfig:
                                                           for s in self.suffixes):
                 raise ValueError(f"suffixes must be a list of strings, got {self.suffixes!r}")
             self.suffixes = tuple(self.suffixes)
+        if not isinstance(self.text_key, str) or not self.text_key:
+            raise ValueError(f"text_key must be a non-empty string, got {self.text_key!r}")
+        check_choice("split", self.split, SPLIT_MODES)
+        self.split_fractions = _check_split_fractions(self.split_fractions)
         check_int("max_bytes", self.max_bytes, optional=True)
         check_int("max_files", self.max_files, optional=True)
         check_choice("tokenizer", self.tokenizer, TOKENIZERS)
@@ -84,7 +96,12 @@ class TrainConfig:
                              f"{type(self.model).__name__}")
         if "vocab_size" in self.model:
             raise ValueError("model.vocab_size comes from the tokenizer; set vocab_size instead")
-        self.model_config(vocab_size=self.vocab_size)  # validates the model table
+        model = self.model_config(vocab_size=self.vocab_size)  # validates the model table
+        if model.positions in ("learned", "sinusoidal") and model.max_len < self.seq_len:
+            raise ValueError(f"model.max_len={model.max_len} is below seq_len={self.seq_len}: "
+                             f"the {model.positions} position table must cover a training "
+                             f"window; raise model.max_len to at least {self.seq_len} or leave "
+                             f"it unset (it defaults to seq_len)")
         for name in ("batch_size", "grad_accum", "max_steps", "log_interval", "eval_interval",
                      "checkpoint_interval", "keep_checkpoints"):
             check_int(name, getattr(self, name))
@@ -120,16 +137,14 @@ class TrainConfig:
         values = dataclasses.asdict(self)
         if values["suffixes"] is not None:
             values["suffixes"] = list(values["suffixes"])
+        values["split_fractions"] = list(values["split_fractions"])
         return values
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        """Build from a dict; an unknown key raises ValueError naming it and the valid ones."""
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = [k for k in values if k not in names]
-        if unknown:
-            raise ValueError(f"unknown config key(s) {unknown}; valid keys: {', '.join(names)}")
-        return cls(**values)
+        """Build from a dict; an unknown key raises ValueError naming it and the valid ones (the
+        [model] table's keys are checked against TransformerConfig the same way)."""
+        return from_dict(cls, values)
 
     @classmethod
     def from_toml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
@@ -137,6 +152,77 @@ class TrainConfig:
         apply `overrides` (a `model` entry is merged into the file's [model] table)."""
         values = load_toml(path)
         return cls.from_dict(merge(values, overrides or {}))
+
+
+# fp32 weights (4 bytes), their gradients (4) and AdamW's two moments (8); autocast keeps fp32
+# weights too. Activations come on top and depend on batch_size and seq_len.
+TRAINING_BYTES_PER_PARAM = 16
+
+
+def count_params(config: TrainConfig, vocab_size: int | None = None) -> int:
+    """Parameters of the DecoderLM that `config` trains, counted on the meta device (nothing is
+    allocated). vocab_size defaults to the largest the tokenizer can give: vocab_size for BPE,
+    258 for bytes."""
+    from qkv.nn import DecoderLM
+
+    if vocab_size is None:
+        vocab_size = config.vocab_size if config.tokenizer == "bpe" else 258
+    with torch.device("meta"):
+        return DecoderLM(config.model_config(vocab_size)).num_params()
+
+
+def device_memory(device: torch.device) -> tuple[int, str] | None:
+    """(bytes, description) of the memory a model on `device` can use: free memory on a GPU, the
+    total RAM for the CPU; None where it cannot be told."""
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        return free, f"{device} has {_size(free)} free of {_size(total)}"
+    if device.type == "cpu" and hasattr(os, "sysconf"):
+        try:
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError):
+            return None
+        return total, f"this machine has {_size(total)} of RAM"
+    return None
+
+
+def check_fits(config: TrainConfig, device: str | torch.device | None = None) -> dict[str, int]:
+    """Refuse a model whose weights, gradients and AdamW state alone exceed the device's memory,
+    before anything is allocated. device defaults to config.device.
+
+    Returns {"params", "bytes"} (bytes = params * TRAINING_BYTES_PER_PARAM). Raises ValueError
+    naming the parameter count, the bytes needed and the memory the device has.
+    """
+    device = resolve_device(config.device if device is None else device)
+    params = count_params(config)
+    needed = params * TRAINING_BYTES_PER_PARAM
+    memory = device_memory(device)
+    if memory is not None and needed > memory[0]:
+        raise ValueError(f"the model does not fit: {params:,} parameters need {_size(needed)} for "
+                         f"fp32 weights, gradients and AdamW state ({TRAINING_BYTES_PER_PARAM} "
+                         f"bytes each, before activations), but {memory[1]}; make it smaller "
+                         f"(model.d_model, model.n_layers, vocab_size)")
+    return {"params": params, "bytes": needed}
+
+
+def _size(n: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:,.0f} {unit}" if unit == "bytes" else f"{n:,.1f} {unit}"
+        n /= 1000
+    raise AssertionError
+
+
+def _check_split_fractions(value: Any) -> tuple[float, float, float]:
+    """`value` as a (train, validation, test) tuple; ValueError unless it is three numbers >= 0
+    that sum to 1, with train and validation > 0."""
+    numbers = (isinstance(value, (list, tuple)) and len(value) == 3
+               and all(isinstance(f, (int, float)) and not isinstance(f, bool) for f in value))
+    if (not numbers or min(value) < 0 or abs(sum(value) - 1) > 1e-9 or value[0] <= 0
+            or value[1] <= 0):
+        raise ValueError(f"split_fractions must be three numbers [train, validation, test] "
+                         f"that sum to 1, with train and validation > 0, got {value!r}")
+    return tuple(float(f) for f in value)
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:

@@ -24,14 +24,24 @@ from qkv.train.config import TrainConfig
 def load_corpus(config: TrainConfig) -> Corpus:
     """The corpus `config` names. Raises FileNotFoundError (missing) or CorpusError (empty,
     not text)."""
-    options = {"max_bytes": config.max_bytes, "max_files": config.max_files}
+    options = {"max_bytes": config.max_bytes, "max_files": config.max_files,
+               "text_key": config.text_key, "split": config.split,
+               "fractions": config.split_fractions}
     if config.suffixes is not None:
         options["suffixes"] = config.suffixes
     corpus = Corpus.load(config.corpus, **options)
     if not corpus.train:
         raise CorpusError(f"corpus {config.corpus!r} has no documents in the training split "
-                          f"(documents are split by name, 90/5/5); add more documents")
+                          f"(split {corpus.describe_split()}); {_split_advice(corpus)}")
     return corpus
+
+
+def _split_advice(corpus: Corpus) -> str:
+    """What to change when a split of `corpus` is too small."""
+    if corpus.split == "document":
+        return ("add documents, or set split = \"position\" to cut every document into "
+                "train / validation / test parts")
+    return "add text, or give that split a larger share of split_fractions"
 
 
 def build_tokenizer(config: TrainConfig, corpus: Corpus) -> Tokenizer:
@@ -81,10 +91,12 @@ def prepare_data(config: TrainConfig, *, corpus: Corpus | None = None,
         raise CorpusError(f"corpus {config.corpus!r}: the training split has "
                           f"{len(streams['train'])} tokens, fewer than one batch of "
                           f"{config.batch_size} x {need}; add text or lower batch_size/seq_len")
-    if len(streams["validation"]) < need:
-        raise CorpusError(f"corpus {config.corpus!r}: the validation split has "
-                          f"{len(streams['validation'])} tokens, fewer than one window of {need}; "
-                          f"add documents (splits are by document, 90/5/5) or lower seq_len")
+    n_valid = len(streams["validation"])
+    if n_valid < need:
+        shorter = f", or lower seq_len to {n_valid - 1}" if n_valid > 2 else ""
+        raise CorpusError(f"corpus {config.corpus!r}: the validation split has {n_valid} tokens, "
+                          f"fewer than one window of {need} (split {corpus.describe_split()}); "
+                          f"{_split_advice(corpus)}{shorter}")
     return data
 
 
