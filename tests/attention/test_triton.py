@@ -20,6 +20,8 @@ pytest.importorskip("triton")
 
 import qkv  # noqa: E402
 
+from ._support import assert_matches, reference_run, run  # noqa: E402
+
 registry = importlib.import_module("qkv.attention.registry")
 tfunc = importlib.import_module("qkv.attention.triton.function")
 tdecode = importlib.import_module("qkv.attention.triton.kernels_decode")
@@ -287,3 +289,14 @@ def test_unequal_block_shapes_match_reference(name, blocks, monkeypatch):
     Lq, Lk = kw.pop("_shape", (24, 40))
     q, k, v = _inputs(2, 2, 1, Lq, Lk, 16, 24)
     _compare(q, k, v, **kw)
+
+
+@needs_interp
+@pytest.mark.parametrize("scale", [30.0, 300.0, 1e3, 1e4, -1e4])
+def test_float32_gradients_hold_at_large_scores(scale):
+    """Scores of |s| ~ 1e6 (q = k = v): the backward rebuilds p exactly as the forward had it."""
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    inputs, kw = (x, x, x), {"scale": scale}
+    got = run("triton", inputs, kw, torch.float32, with_lse=True)
+    ref = reference_run(inputs, kw, torch.float32, with_lse=True)
+    assert_matches(got, ref, torch.float32, f"scale {scale}: ")

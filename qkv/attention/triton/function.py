@@ -114,31 +114,33 @@ def use_decode(prob: Problem, q: torch.Tensor) -> bool:
 
 
 def forward(q, k, v, prob: Problem):
-    """out (B, Hq, Lq, Dv) or (total_q, Hq, Dv), and fp32 lse (B, Hq, Lq) or (total_q, Hq)."""
+    """out (B, Hq, Lq, Dv) or (total_q, Hq, Dv), and the fp32 row statistics (m, log2 l) of
+    shape (B, Hq, Lq) or (total_q, Hq), in the log2 domain: lse = (m + log2 l) · ln 2."""
     c = prob.call
     if prob.varlen:
         out = q.new_empty(q.shape[0], c.Hq, c.Dv)
-        lse = torch.empty(q.shape[0], c.Hq, dtype=torch.float32, device=q.device)
+        m, l2 = torch.empty(2, q.shape[0], c.Hq, dtype=torch.float32, device=q.device)
         lse_strides = (0, 1, c.Hq)
     else:
         out = q.new_empty(c.B, c.Hq, c.Lq, c.Dv)
-        lse = torch.empty(c.B, c.Hq, c.Lq, dtype=torch.float32, device=q.device)
+        m, l2 = torch.empty(2, c.B, c.Hq, c.Lq, dtype=torch.float32, device=q.device)
         lse_strides = (c.Hq * c.Lq, c.Lq, 1)
     if out.numel() == 0:
-        return out, lse
+        return out, m, l2
     if c.Lk == 0 or prob.Lk == 0:
         out.zero_()
-        lse.fill_(float("-inf"))
-        return out, lse
+        m.fill_(float("-inf"))
+        l2.zero_()
+        return out, m, l2
     if use_decode(prob, q):
-        kernels_decode.decode_forward(q, k, v, out, lse, prob)
-        return out, lse
+        kernels_decode.decode_forward(q, k, v, out, m, l2, prob)
+        return out, m, l2
     sq, sk, sv, so = (bhl_strides(t, prob.varlen) for t in (q, k, v, out))
     launch(
         kernels_fwd._attn_fwd,
         lambda bm, bn: (triton.cdiv(prob.Lq, bm), c.B * c.Hq),
         FWD_PAIRS, prob,
-        Q=q, K=k, V=v, O=out, LSE=lse,
+        Q=q, K=k, V=v, O=out, M=m, L2=l2,
         stride_qb=sq[0], stride_qh=sq[1], stride_qm=sq[2],
         stride_kb=sk[0], stride_kh=sk[1], stride_kn=sk[2],
         stride_vb=sv[0], stride_vh=sv[1], stride_vn=sv[2],
@@ -146,13 +148,14 @@ def forward(q, k, v, prob: Problem):
         stride_lb=lse_strides[0], stride_lh=lse_strides[1], stride_lm=lse_strides[2],
         SAFE_SOFTMAX=c.bias is not None or c.mask is not None,
     )
-    return out, lse
+    return out, m, l2
 
 
 # ---- autograd --------------------------------------------------------------------------------
 
 class TritonAttention(torch.autograd.Function):
-    """Saves q, k, v, out and lse; backward runs the deterministic dK/dV and dQ kernels."""
+    """Saves q, k, v, out and the row statistics (m, log2 l); backward runs the deterministic
+    dK/dV and dQ kernels. The lse it returns is (m + log2 l) · ln 2 in float32."""
 
     @staticmethod
     def forward(ctx, q, k, v, bias, prob: Problem):
@@ -161,18 +164,18 @@ class TritonAttention(torch.autograd.Function):
         if dtype == torch.bfloat16 and interpreting():
             # The interpreter multiplies bf16 tiles as raw bits; it computes them in fp32.
             q, k, v = q.float(), k.float(), v.float()
-        out, lse = forward(q, k, v, prob)
-        ctx.save_for_backward(q, k, v, out, lse)
+        out, m, l2 = forward(q, k, v, prob)
+        ctx.save_for_backward(q, k, v, out, m, l2)
         ctx.prob, ctx.dtype = prob, dtype
         ctx.set_materialize_grads(False)
-        return out.to(dtype), lse
+        return out.to(dtype), (m + l2) * math.log(2.0)
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, m, l2 = ctx.saved_tensors
         prob = ctx.prob
         dout = torch.zeros_like(out) if dout is None else dout.to(out.dtype)
-        dq, dk, dv, dbias = kernels_bwd.backward(q, k, v, out, lse, dout, dlse, prob)
+        dq, dk, dv, dbias = kernels_bwd.backward(q, k, v, out, m, l2, dout, dlse, prob)
         if dbias is not None:
             dbias = dbias.to(prob.call.bias.dtype)
         return dq.to(ctx.dtype), dk.to(ctx.dtype), dv.to(ctx.dtype), dbias, None

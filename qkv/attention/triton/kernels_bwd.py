@@ -2,9 +2,10 @@
 
 No atomics: each program owns the rows it writes (dK/dV of one key block and K/V head, summed
 over the query heads of its group in a fixed order; dQ of one query block), so gradients are
-bit-identical from run to run. Weights are recomputed from the saved lse:
+bit-identical from run to run. Weights are recomputed from the forward's row max m and log2 of
+the row sum l2 (log2 domain), with the scores s2 computed exactly as the forward did:
 
-    p = exp2(s2 - lse·log2 e);  dP = dO @ Vᵀ;  dS = p ∘ (dP - delta),  delta = rowsum(dO ∘ O) - dlse
+    p = exp2(s2 - m - l2);  dP = dO @ Vᵀ;  dS = p ∘ (dP - delta),  delta = rowsum(dO ∘ O) - dlse
     dV += dropout(p)ᵀ @ dO;  dK += scale·dS'ᵀ @ Q;  dQ += scale·dS' @ K,  dS' = dS·(1 - tanh²) with softcap
 """
 
@@ -16,6 +17,7 @@ from qkv.attention.masking import reduce_to
 from qkv.attention.triton.kernels_common import (
     _dropout_keep,
     _key_range,
+    _load_kT,
     _query_range,
     _scores,
     _seq_info,
@@ -64,7 +66,7 @@ def _bwd_preprocess(O, DO, DLSE, DELTA, stride_ob, stride_oh, stride_om,
 
 
 @triton.jit
-def _bwd_tile(q, k, v, do, lse2, delta, offs_m, offs_n, row_ok, col_ok, off, kv_end,
+def _bwd_tile(q, kT, v, do, m2, l2, delta, offs_m, offs_n, row_ok, col_ok, off, kv_end,
               sm_scale, softcap, wl, wr, bias_rows, stride_bias_n, mask_rows, stride_mask_n,
               slope2, seed, bh, drop_thresh, drop_scale,
               IS_CAUSAL: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
@@ -72,11 +74,11 @@ def _bwd_tile(q, k, v, do, lse2, delta, offs_m, offs_n, row_ok, col_ok, off, kv_
               HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, MASKED: tl.constexpr,
               PREC: tl.constexpr):
     """For a (BM, BN) tile: dropped weights, dS (= dbias) and dS' (w.r.t. scale·q·k)."""
-    qk = tl.dot(q, tl.trans(k), input_precision=PREC)
+    qk = tl.dot(q, kT, input_precision=PREC)
     s, t = _scores(qk, offs_m, offs_n, row_ok, col_ok, off, kv_end, sm_scale, softcap, wl, wr,
                    bias_rows, stride_bias_n, mask_rows, stride_mask_n, slope2,
                    IS_CAUSAL, HAS_WL, HAS_WR, HAS_BIAS, HAS_MASK, HAS_ALIBI, HAS_SOFTCAP, MASKED)
-    p = tl.exp2(s - lse2[:, None])  # lse2 = +inf on rows that see nothing: p = 0
+    p = tl.exp2((s - m2[:, None]) - l2[:, None])  # m2 = +inf on rows that see nothing: p = 0
     dp = tl.dot(do, tl.trans(v), input_precision=PREC)
     if HAS_DROPOUT:
         keep = _dropout_keep(seed, bh, offs_m, offs_n, drop_thresh)
@@ -96,15 +98,16 @@ def _load_rows(X, base, offs_m, stride_m, offs_d, row_ok, dim):
 
 
 @triton.jit
-def _load_lse2(LSE, l_base, offs_m, stride_lm, row_ok):
-    """lse · log2 e, with +inf for rows past the end or with no visible key."""
-    lse = tl.load(l_base + offs_m * stride_lm, mask=row_ok, other=float("inf"))
-    return tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+def _load_stats(M, L2, l_off, offs_m, stride_lm, row_ok):
+    """The forward's (m, log2 l); m = +inf for rows past the end or with no visible key."""
+    m = tl.load(M + l_off + offs_m * stride_lm, mask=row_ok, other=float("inf"))
+    l2 = tl.load(L2 + l_off + offs_m * stride_lm, mask=row_ok, other=0.0)
+    return tl.where(m == float("-inf"), float("inf"), m), l2
 
 
 @triton.jit
 def _attn_bwd_dkdv(
-    Q, K, V, DO, LSE, DELTA, DK, DV,
+    Q, K, V, DO, M, L2, DELTA, DK, DV,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
     stride_lb, stride_lh, stride_lm, stride_dkb, stride_dkh, stride_dkn,
@@ -139,7 +142,7 @@ def _attn_bwd_dkdv(
     col_ok = offs_n < lk
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    k = _load_rows(K, K + b64 * stride_kb + hk * stride_kh + ks * stride_kn, offs_n, stride_kn, offs_d, col_ok, head_dim)
+    kT = _load_kT(K + b64 * stride_kb + hk * stride_kh + ks * stride_kn, offs_n, stride_kn, offs_d, col_ok, head_dim)
     v = _load_rows(V, V + b64 * stride_vb + hk * stride_vh + ks * stride_vn, offs_n, stride_vn, offs_dv, col_ok, head_dim_v)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
@@ -149,8 +152,7 @@ def _attn_bwd_dkdv(
         h = hk * G + g
         q_base = Q + b64 * stride_qb + h * stride_qh + qs * stride_qm
         do_base = DO + b64 * stride_dob + h * stride_doh + qs * stride_dom
-        l_base = LSE + b64 * stride_lb + h * stride_lh + qs * stride_lm
-        d_base = DELTA + b64 * stride_lb + h * stride_lh + qs * stride_lm
+        l_off = b64 * stride_lb + h * stride_lh + qs * stride_lm
         bias_base = BIAS + b64 * stride_bias_b + h * stride_bias_h
         mask_base = MASK + b64 * stride_mask_b + h * stride_mask_h
         slope2 = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -162,18 +164,18 @@ def _attn_bwd_dkdv(
             row_ok = offs_m < lq
             q = _load_rows(Q, q_base, offs_m, stride_qm, offs_d, row_ok, head_dim)
             do = _load_rows(DO, do_base, offs_m, stride_dom, offs_dv, row_ok, head_dim_v)
-            lse2 = _load_lse2(LSE, l_base, offs_m, stride_lm, row_ok)
-            delta = tl.load(d_base + offs_m * stride_lm, mask=row_ok, other=0.0)
+            m2, l2 = _load_stats(M, L2, l_off, offs_m, stride_lm, row_ok)
+            delta = tl.load(DELTA + l_off + offs_m * stride_lm, mask=row_ok, other=0.0)
             if (m0 >= mid_lo) & (m0 < mid_hi):  # fully visible block: no element mask
                 pd, ds, dsc = _bwd_tile(
-                    q, k, v, do, lse2, delta, offs_m, offs_n, row_ok, col_ok, off, kv_end,
+                    q, kT, v, do, m2, l2, delta, offs_m, offs_n, row_ok, col_ok, off, kv_end,
                     sm_scale, softcap, wl, wr, bias_base + offs_m * stride_bias_m, stride_bias_n,
                     mask_base + offs_m * stride_mask_m, stride_mask_n, slope2, seed, bh,
                     drop_thresh, drop_scale, IS_CAUSAL, HAS_WL, HAS_WR, HAS_BIAS, HAS_MASK,
                     HAS_ALIBI, HAS_SOFTCAP, HAS_DROPOUT, False, PREC)
             else:
                 pd, ds, dsc = _bwd_tile(
-                    q, k, v, do, lse2, delta, offs_m, offs_n, row_ok, col_ok, off, kv_end,
+                    q, kT, v, do, m2, l2, delta, offs_m, offs_n, row_ok, col_ok, off, kv_end,
                     sm_scale, softcap, wl, wr, bias_base + offs_m * stride_bias_m, stride_bias_n,
                     mask_base + offs_m * stride_mask_m, stride_mask_n, slope2, seed, bh,
                     drop_thresh, drop_scale, IS_CAUSAL, HAS_WL, HAS_WR, HAS_BIAS, HAS_MASK,
@@ -190,7 +192,7 @@ def _attn_bwd_dkdv(
 
 
 @triton.jit
-def _dq_block(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, n0, offs_m, row_ok,
+def _dq_block(dq, q, do, m2, l2, delta, k_base, v_base, stride_kn, stride_vn, n0, offs_m, row_ok,
               offs_d, offs_dv, head_dim, head_dim_v, lk, off, kv_end, sm_scale, softcap, wl, wr,
               bias_rows, stride_bias_n, mask_rows, stride_mask_n, slope2,
               seed, bh, drop_thresh, drop_scale, dbias_rows, Lk,
@@ -201,22 +203,22 @@ def _dq_block(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, n0, 
     """Add keys [n0, n0 + BLOCK_N) to dQ of BLOCK_M query rows (and write their dbias tile)."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
     col_ok = offs_n < lk
-    k = _load_rows(k_base, k_base, offs_n, stride_kn, offs_d, col_ok, head_dim)
+    kT = _load_kT(k_base, offs_n, stride_kn, offs_d, col_ok, head_dim)
     v = _load_rows(v_base, v_base, offs_n, stride_vn, offs_dv, col_ok, head_dim_v)
-    pd, ds, dsc = _bwd_tile(q, k, v, do, lse2, delta, offs_m, offs_n, row_ok, col_ok, off, kv_end,
+    pd, ds, dsc = _bwd_tile(q, kT, v, do, m2, l2, delta, offs_m, offs_n, row_ok, col_ok, off, kv_end,
                             sm_scale, softcap, wl, wr, bias_rows, stride_bias_n, mask_rows,
                             stride_mask_n, slope2, seed, bh, drop_thresh, drop_scale,
                             IS_CAUSAL, HAS_WL, HAS_WR, HAS_BIAS, HAS_MASK, HAS_ALIBI, HAS_SOFTCAP,
                             HAS_DROPOUT, MASKED, PREC)
     if STORE_DBIAS:
         tl.store(dbias_rows[:, None] + offs_n[None, :], ds, mask=row_ok[:, None] & col_ok[None, :])
-    dq = tl.dot(dsc.to(k.dtype), k, dq, input_precision=PREC)
+    dq = tl.dot(dsc.to(kT.dtype), tl.trans(kT), dq, input_precision=PREC)
     return dq
 
 
 @triton.jit
 def _attn_bwd_dq(
-    Q, K, V, DO, LSE, DELTA, DQ, DBIAS,
+    Q, K, V, DO, M, L2, DELTA, DQ, DBIAS,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
     stride_lb, stride_lh, stride_lm, stride_dqb, stride_dqh, stride_dqm,
@@ -253,7 +255,7 @@ def _attn_bwd_dq(
     q = _load_rows(Q, Q + b64 * stride_qb + h * stride_qh + qs * stride_qm, offs_m, stride_qm, offs_d, row_ok, head_dim)
     do = _load_rows(DO, DO + b64 * stride_dob + h * stride_doh + qs * stride_dom, offs_m, stride_dom, offs_dv, row_ok, head_dim_v)
     l_off = b64 * stride_lb + h * stride_lh + qs * stride_lm
-    lse2 = _load_lse2(LSE, LSE + l_off, offs_m, stride_lm, row_ok)
+    m2, l2 = _load_stats(M, L2, l_off, offs_m, stride_lm, row_ok)
     delta = tl.load(DELTA + l_off + offs_m * stride_lm, mask=row_ok, other=0.0)
     k_base = K + b64 * stride_kb + hk * stride_kh + ks * stride_kn
     v_base = V + b64 * stride_vb + hk * stride_vh + ks * stride_vn
@@ -268,21 +270,21 @@ def _attn_bwd_dq(
     start, mid_lo, mid_hi, hi = _key_range(m0, lq, off, kv_end, wl, wr, BLOCK_M, BLOCK_N,
                                            IS_CAUSAL, HAS_WL, HAS_WR)
     for n0 in range(start, mid_lo, BLOCK_N):
-        dq = _dq_block(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, n0, offs_m,
+        dq = _dq_block(dq, q, do, m2, l2, delta, k_base, v_base, stride_kn, stride_vn, n0, offs_m,
                        row_ok, offs_d, offs_dv, head_dim, head_dim_v, lk, off, kv_end, sm_scale,
                        softcap, wl, wr, bias_rows, stride_bias_n, mask_rows, stride_mask_n, slope2,
                        seed, bh, drop_thresh, drop_scale, dbias_rows, Lk,
                        IS_CAUSAL, HAS_WL, HAS_WR, HAS_BIAS, HAS_MASK, HAS_ALIBI, HAS_SOFTCAP,
                        HAS_DROPOUT, True, STORE_DBIAS, BLOCK_N, PREC)
     for n0 in range(mid_lo, mid_hi, BLOCK_N):
-        dq = _dq_block(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, n0, offs_m,
+        dq = _dq_block(dq, q, do, m2, l2, delta, k_base, v_base, stride_kn, stride_vn, n0, offs_m,
                        row_ok, offs_d, offs_dv, head_dim, head_dim_v, lk, off, kv_end, sm_scale,
                        softcap, wl, wr, bias_rows, stride_bias_n, mask_rows, stride_mask_n, slope2,
                        seed, bh, drop_thresh, drop_scale, dbias_rows, Lk,
                        IS_CAUSAL, HAS_WL, HAS_WR, HAS_BIAS, HAS_MASK, HAS_ALIBI, HAS_SOFTCAP,
                        HAS_DROPOUT, False, STORE_DBIAS, BLOCK_N, PREC)
     for n0 in range(mid_hi, hi, BLOCK_N):
-        dq = _dq_block(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, n0, offs_m,
+        dq = _dq_block(dq, q, do, m2, l2, delta, k_base, v_base, stride_kn, stride_vn, n0, offs_m,
                        row_ok, offs_d, offs_dv, head_dim, head_dim_v, lk, off, kv_end, sm_scale,
                        softcap, wl, wr, bias_rows, stride_bias_n, mask_rows, stride_mask_n, slope2,
                        seed, bh, drop_thresh, drop_scale, dbias_rows, Lk,
@@ -294,7 +296,7 @@ def _attn_bwd_dq(
              mask=row_ok[:, None] & (offs_d[None, :] < head_dim))
 
 
-def backward(q, k, v, out, lse, dout, dlse, prob):
+def backward(q, k, v, out, m, l2, dout, dlse, prob):
     """(dq, dk, dv, dbias or None) for the layout of `prob` (padded or packed)."""
     c = prob.call
     vl = prob.varlen
@@ -311,13 +313,13 @@ def backward(q, k, v, out, lse, dout, dlse, prob):
         return dq, dk, dv, None if dbias is None else reduce_to(dbias, c.bias.shape)
     lse_strides = (0, 1, c.Hq) if vl else (c.Hq * c.Lq, c.Lq, 1)
     ls = dict(stride_lb=lse_strides[0], stride_lh=lse_strides[1], stride_lm=lse_strides[2])
-    delta = torch.empty_like(lse)
+    delta = torch.empty_like(m)
     if dlse is not None:
         dlse = dlse.to(torch.float32).contiguous()
     so, sdo = bhl_strides(out, vl), bhl_strides(dout, vl)
     bm = INTERPRET_BLOCK if interpreting() else 64
     _bwd_preprocess[(triton.cdiv(c.Lq, bm), c.B * c.Hq)](
-        out, dout, dlse if dlse is not None else lse, delta, *so, *sdo, *lse_strides,
+        out, dout, dlse if dlse is not None else m, delta, *so, *sdo, *lse_strides,
         prob.args["CU_Q"], c.Hq, c.Lq, c.Dv,
         IS_VARLEN=vl, HAS_DLSE=dlse is not None, BLOCK_M=bm, BLOCK_DV=prob.block_dv)
     qkv_strides = {}
@@ -326,12 +328,12 @@ def backward(q, k, v, out, lse, dout, dlse, prob):
         qkv_strides.update({f"stride_{name}b": sb, f"stride_{name}h": sh, f"stride_{name}{tag}": sm})
     sdk, sdv, sdq = bhl_strides(dk, vl), bhl_strides(dv, vl), bhl_strides(dq, vl)
     launch(_attn_bwd_dkdv, lambda bm_, bn_: (triton.cdiv(c.Lk, bn_), c.B * c.Hk), BWD_PAIRS, prob,
-           Q=q, K=k, V=v, DO=dout, LSE=lse, DELTA=delta, DK=dk, DV=dv, **qkv_strides, **ls,
+           Q=q, K=k, V=v, DO=dout, M=m, L2=l2, DELTA=delta, DK=dk, DV=dv, **qkv_strides, **ls,
            stride_dkb=sdk[0], stride_dkh=sdk[1], stride_dkn=sdk[2],
            stride_dvb=sdv[0], stride_dvh=sdv[1], stride_dvn=sdv[2])
     launch(_attn_bwd_dq, lambda bm_, bn_: (triton.cdiv(c.Lq, bm_), c.B * c.Hq), BWD_PAIRS, prob,
-           Q=q, K=k, V=v, DO=dout, LSE=lse, DELTA=delta, DQ=dq,
-           DBIAS=dbias if dbias is not None else lse, **qkv_strides, **ls,
+           Q=q, K=k, V=v, DO=dout, M=m, L2=l2, DELTA=delta, DQ=dq,
+           DBIAS=dbias if dbias is not None else m, **qkv_strides, **ls,
            stride_dqb=sdq[0], stride_dqh=sdq[1], stride_dqm=sdq[2], STORE_DBIAS=dbias is not None)
     if dbias is not None:
         dbias = reduce_to(dbias, c.bias.shape)

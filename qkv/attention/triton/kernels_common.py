@@ -110,6 +110,14 @@ def _query_range(n0, lq, off, kv_end, wl, wr, BLOCK_M: tl.constexpr, BLOCK_N: tl
 
 
 @triton.jit
+def _load_kT(k_base, offs_n, stride_kn, offs_d, col_ok, head_dim):
+    """Keys offs_n as a (D, BN) tile, loaded transposed: every kernel then computes q·kᵀ as
+    the same dot of the same operands, so the backward rebuilds the forward's scores exactly."""
+    return tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None],
+                   mask=col_ok[None, :] & (offs_d[:, None] < head_dim), other=0.0)
+
+
+@triton.jit
 def _scores(qk, offs_m, offs_n, row_ok, col_ok, off, kv_end, sm_scale, softcap, wl, wr,
             bias_rows, stride_bias_n, mask_rows, stride_mask_n, slope2,
             IS_CAUSAL: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,

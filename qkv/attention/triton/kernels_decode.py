@@ -3,9 +3,10 @@
 A decode step has too few query rows to fill the GPU with one program per query block, so the
 cache is cut into `splits` chunks of keys. Each program takes one chunk of one K/V head, and
 stacks the queries of every head in its group as rows (G·Lq rows), so each K/V tile is read once
-for the whole group. It writes a partial (out, lse); a second small kernel merges the partials:
+for the whole group. It writes a partial (out, m, l) (log2 domain); a second small kernel merges
+the partials into the forward's saved statistics (row max m and log2 of the row sum):
 
-    lse = log Σ_s exp(lse_s);   out = Σ_s exp(lse_s - lse) · out_s
+    m = max_s m_s;   w_s = l_s · exp2(m_s - m);   l = Σ_s w_s;   out = Σ_s w_s · out_s / l
 """
 
 import torch
@@ -19,7 +20,7 @@ from qkv.attention.triton.launch import INTERPRET_BLOCK, interpreting, pow2
 
 @triton.jit
 def _attn_decode_split(
-    Q, K, V, OP, LP,
+    Q, K, V, OP, MP, LP,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     CU_Q, CU_K, KVLEN, QOFF,
@@ -34,7 +35,7 @@ def _attn_decode_split(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    """Partial (out, lse·log2 e) of keys [split·chunk, (split+1)·chunk); grid (splits, B·Hk)."""
+    """Partial (out, m, l) of keys [split·chunk, (split+1)·chunk); grid (splits, B·Hk)."""
     pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)
     Hk = Hq // G
@@ -80,18 +81,18 @@ def _attn_decode_split(
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = tl.where(empty[:, None], 0.0, acc / l_safe[:, None])
-    lse2 = tl.where(empty, float("-inf"), m_i + tl.log2(l_safe))
     part = ((b64 * Hq + h) * Lq + i) * n_splits + pid_s  # (B·Hq·Lq, splits) row-major
     tl.store(OP + part[:, None] * head_dim_v + offs_dv[None, :], out,
              mask=row_ok[:, None] & (offs_dv[None, :] < head_dim_v))
-    tl.store(LP + part, lse2, mask=row_ok)
+    tl.store(MP + part, tl.where(empty, float("-inf"), m_i), mask=row_ok)
+    tl.store(LP + part, l_i, mask=row_ok)
 
 
 @triton.jit
-def _attn_decode_merge(OP, LP, O, LSE, stride_ob, stride_oh, stride_om,
+def _attn_decode_merge(OP, MP, LP, O, M, L2, stride_ob, stride_oh, stride_om,
                        stride_lb, stride_lh, stride_lm, Hq, Lq, head_dim_v, n_splits,
                        BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr):
-    """Merge the partials of one query row through their lse; grid (B·Hq·Lq,)."""
+    """Merge the partials of one query row through their (m, l); grid (B·Hq·Lq,)."""
     row = tl.program_id(0)
     b = row // (Hq * Lq)
     h = (row // Lq) % Hq
@@ -100,19 +101,21 @@ def _attn_decode_merge(OP, LP, O, LSE, stride_ob, stride_oh, stride_om,
     offs_dv = tl.arange(0, BLOCK_DV)
     s_ok = offs_s < n_splits
     row64 = row.to(tl.int64)
-    lse2 = tl.load(LP + row64 * n_splits + offs_s, mask=s_ok, other=float("-inf"))
-    m = tl.max(lse2, 0)
+    m_s = tl.load(MP + row64 * n_splits + offs_s, mask=s_ok, other=float("-inf"))
+    l_s = tl.load(LP + row64 * n_splits + offs_s, mask=s_ok, other=0.0)
+    m = tl.max(m_s, 0)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.exp2(lse2 - m_safe)
+    w = l_s * tl.exp2(m_s - m_safe)
     total = tl.sum(w, 0)
     parts = tl.load(OP + (row64 * n_splits + offs_s[:, None]) * head_dim_v + offs_dv[None, :],
                     mask=s_ok[:, None] & (offs_dv[None, :] < head_dim_v), other=0.0)
     total_safe = tl.where(total == 0.0, 1.0, total)
     out = tl.sum(w[:, None] * parts, 0) / total_safe
-    lse = tl.where(total == 0.0, float("-inf"), (m_safe + tl.log2(total_safe)) * 0.6931471805599453)
     o_ptr = O + b.to(tl.int64) * stride_ob + h * stride_oh + i * stride_om
     tl.store(o_ptr + offs_dv, out.to(O.dtype.element_ty), mask=offs_dv < head_dim_v)
-    tl.store(LSE + b.to(tl.int64) * stride_lb + h * stride_lh + i * stride_lm, lse)
+    l_off = b.to(tl.int64) * stride_lb + h * stride_lh + i * stride_lm
+    tl.store(M + l_off, tl.where(total == 0.0, float("-inf"), m))
+    tl.store(L2 + l_off, tl.log2(total_safe))
 
 
 def num_splits(Lk: int, block_n: int, programs: int, device: torch.device) -> int:
@@ -125,8 +128,8 @@ def num_splits(Lk: int, block_n: int, programs: int, device: torch.device) -> in
     return max(1, min(want, triton.cdiv(Lk, block_n), 256))
 
 
-def decode_forward(q, k, v, out, lse, prob):
-    """Fill out (B, Hq, Lq, Dv) and lse (B, Hq, Lq) by split-KV over the cache."""
+def decode_forward(q, k, v, out, m, l2, prob):
+    """Fill out (B, Hq, Lq, Dv), m and log2 l (B, Hq, Lq) by split-KV over the cache."""
     c = prob.call
     block_m = pow2(c.groups * c.Lq)
     block_n = INTERPRET_BLOCK if interpreting() else (64 if max(prob.block_d, prob.block_dv) <= 128 else 32)
@@ -135,15 +138,15 @@ def decode_forward(q, k, v, out, lse, prob):
     splits = triton.cdiv(c.Lk, chunk)
     rows = c.B * c.Hq * c.Lq
     part_out = torch.empty(rows, splits, c.Dv, dtype=torch.float32, device=q.device)
-    part_lse = torch.empty(rows, splits, dtype=torch.float32, device=q.device)
+    part_m, part_l = torch.empty(2, rows, splits, dtype=torch.float32, device=q.device)
     tune = {} if interpreting() else {"num_warps": 4, "num_stages": 3}
     _attn_decode_split[(splits, c.B * c.Hk)](
-        Q=q, K=k, V=v, OP=part_out, LP=part_lse,
+        Q=q, K=k, V=v, OP=part_out, MP=part_m, LP=part_l,
         stride_qb=q.stride(0), stride_qh=q.stride(1), stride_qm=q.stride(2),
         stride_kb=k.stride(0), stride_kh=k.stride(1), stride_kn=k.stride(2),
         stride_vb=v.stride(0), stride_vh=v.stride(1), stride_vn=v.stride(2),
         n_splits=splits, chunk=chunk, BLOCK_M=block_m, BLOCK_N=block_n, **prob.args, **tune)
     _attn_decode_merge[(rows,)](
-        part_out, part_lse, out, lse, out.stride(0), out.stride(1), out.stride(2),
-        lse.stride(0), lse.stride(1), lse.stride(2), c.Hq, c.Lq, c.Dv, splits,
+        part_out, part_m, part_l, out, m, l2, out.stride(0), out.stride(1), out.stride(2),
+        m.stride(0), m.stride(1), m.stride(2), c.Hq, c.Lq, c.Dv, splits,
         BLOCK_S=max(2, triton.next_power_of_2(splits)), BLOCK_DV=prob.block_dv)

@@ -5,13 +5,22 @@ causal, window and kv_lengths leave visible (`_key_range`), applies element mask
 boundary blocks, and keeps a running max `m`, sum `l` and fp32 accumulator in the log2 domain:
 
     m' = max(m, rowmax(s2));  p = exp2(s2 - m');  l' = l·exp2(m - m') + rowsum(p)
-    acc' = acc·exp2(m - m') + dropout(p) @ v;     out = acc / l;  lse = (m + log2 l) · ln 2
+    acc' = acc·exp2(m - m') + dropout(p) @ v;     out = acc / l
+
+It saves m and log2 l apart (lse = (m + log2 l) · ln 2): at large scores one float32 sum of the
+two loses the low bits that the backward needs to rebuild p exactly.
 """
 
 import triton
 import triton.language as tl
 
-from qkv.attention.triton.kernels_common import _dropout_keep, _key_range, _scores, _seq_info
+from qkv.attention.triton.kernels_common import (
+    _dropout_keep,
+    _key_range,
+    _load_kT,
+    _scores,
+    _seq_info,
+)
 
 
 @triton.jit
@@ -26,8 +35,7 @@ def _fwd_block(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, n0, offs_
     """Fold keys [n0, n0 + BLOCK_N) into the running (acc, l, m) of BLOCK_M query rows."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
     col_ok = offs_n < lk
-    kT = tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None],
-                 mask=col_ok[None, :] & (offs_d[:, None] < head_dim), other=0.0)  # (D, BN)
+    kT = _load_kT(k_base, offs_n, stride_kn, offs_d, col_ok, head_dim)  # (D, BN)
     qk = tl.dot(q, kT, input_precision=PREC)  # (BM, BN) fp32
     s, _t = _scores(qk, offs_m, offs_n, row_ok, col_ok, off, kv_end, sm_scale, softcap, wl, wr,
                     bias_rows, stride_bias_n, mask_rows, stride_mask_n, slope2,
@@ -50,7 +58,7 @@ def _fwd_block(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, n0, offs_
 
 @triton.jit
 def _attn_fwd(
-    Q, K, V, O, LSE,
+    Q, K, V, O, M, L2,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
     stride_lb, stride_lh, stride_lm,
@@ -66,7 +74,8 @@ def _attn_fwd(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    """out (B, Hq, Lq, Dv) and lse (B, Hq, Lq) for one block of query rows; grid (Lq/BM, B·Hq)."""
+    """out (B, Hq, Lq, Dv), row max m and log2 of the row sum (B, Hq, Lq) (log2 domain) for one
+    block of query rows; grid (Lq/BM, B·Hq)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // Hq
@@ -125,12 +134,12 @@ def _attn_fwd(
             IS_CAUSAL, HAS_WL, HAS_WR, HAS_BIAS, HAS_MASK, HAS_ALIBI, HAS_SOFTCAP, HAS_DROPOUT,
             True, True, BLOCK_N, PREC)
 
-    empty = l_i == 0.0  # no visible key: out 0, lse -inf
+    empty = l_i == 0.0  # no visible key: out 0, m -inf, log2 l 0
     l_safe = tl.where(empty, 1.0, l_i)
     out = tl.where(empty[:, None], 0.0, acc / l_safe[:, None])
-    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
     o_base = O + b64 * stride_ob + h * stride_oh + q_start.to(tl.int64) * stride_om
     tl.store(o_base + offs_m[:, None] * stride_om + offs_dv[None, :], out.to(O.dtype.element_ty),
              mask=row_ok[:, None] & (offs_dv[None, :] < head_dim_v))
-    l_base = LSE + b64 * stride_lb + h * stride_lh + q_start.to(tl.int64) * stride_lm
-    tl.store(l_base + offs_m * stride_lm, lse, mask=row_ok)
+    l_off = b64 * stride_lb + h * stride_lh + (q_start.to(tl.int64) + offs_m) * stride_lm
+    tl.store(M + l_off, tl.where(empty, float("-inf"), m_i), mask=row_ok)
+    tl.store(L2 + l_off, tl.log2(l_safe), mask=row_ok)
