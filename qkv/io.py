@@ -1,13 +1,25 @@
-"""Crash-safe file writes: write to a temporary name in the same folder, fsync, then rename."""
+"""Crash-safe file writes: write to a temporary name in the same folder, fsync, then rename.
+
+Files get the usual mode for new files (0o666 less the process umask), not mkstemp's 0o600,
+so other users and containers can read what qkv writes wherever the umask lets them.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+
+
+def file_mode() -> int:
+    """The mode open() gives a new file: 0o666 less the current umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 @contextlib.contextmanager
@@ -24,6 +36,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, file_mode())  # after the body: some writers replace the file
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
@@ -59,9 +72,29 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None
         write(tmp)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    atomic_write(path, lambda tmp: tmp.write_bytes(data))
-
-
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def append_line(path: str | os.PathLike, line: str) -> None:
+    """Append `line` plus a newline to a log file so that a reader never sees half of it.
+
+    The line goes out in one write() on a file opened for appending. If the write is cut short
+    (a full disk), the file is cut back to its old end and OSError is raised, so no torn line
+    stays behind.
+    """
+    data = (line.rstrip("\n") + "\n").encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        end = os.lseek(fd, 0, os.SEEK_END)
+        try:
+            written = os.write(fd, data)
+        except OSError:
+            os.ftruncate(fd, end)
+            raise
+        if written != len(data):
+            os.ftruncate(fd, end)
+            raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (wrote {written} of "
+                          f"{len(data)} bytes)", str(path))
+    finally:
+        os.close(fd)

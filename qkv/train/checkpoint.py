@@ -10,14 +10,17 @@ Layout of RUN/checkpoints/step-00001000/:
     manifest.json          size and SHA-256 of every other file; written last
 
 Nothing is unpickled: tensors come from safetensors and everything else from JSON.
-A checkpoint is assembled in a hidden temporary folder, each file fsynced, and the folder is
-renamed into place, so a crash or a full disk during a save leaves the earlier checkpoints as
-they were. Loading checks the manifest first, so a truncated or altered file is reported by
-name, and `find_latest` falls back to the newest checkpoint that passes.
+A checkpoint is assembled in a hidden folder `.step-N.tmp-PID`, each file fsynced, and renamed
+into place, so a crash or a full disk during a save leaves the earlier checkpoints as they were.
+A complete step-N is never rewritten; an unusable one is moved aside only after its replacement
+is complete, and `recover` puts back a complete copy that a crash left under a hidden name.
+Loading checks the manifest first, so a truncated or altered file is reported by name, and
+`find_latest` falls back to the newest checkpoint that passes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -26,7 +29,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -39,6 +41,7 @@ FORMAT = 1
 MODEL_FILE, MODEL_CONFIG, TOKENIZER_FILE = "model.safetensors", "model.json", "tokenizer.json"
 OPTIMIZER_FILE, STATE_FILE, MANIFEST = "optimizer.safetensors", "trainer.json", "manifest.json"
 _STEP_DIR = re.compile(r"^step-(\d{8,})$")
+_LEFTOVER = re.compile(r"^\.(step-\d{8,})\.(tmp|old|del)-[0-9-]+$")
 
 
 class CheckpointError(RuntimeError):
@@ -83,37 +86,23 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model: DecoderLM,
                     extra_tensors: dict[str, torch.Tensor] | None = None, keep: int = 3) -> Path:
     """Write checkpoint `step` of a run and keep only the newest `keep`; return its folder.
 
-    Raises CheckpointError (with the OSError as its cause, e.g. a full disk) if any part
-    cannot be written; the earlier checkpoints are then untouched and no partial folder stays.
+    A complete checkpoint of that step is never rewritten: it is returned as it is. One that
+    fails its checks is replaced, and only after the new one has its name. Raises
+    CheckpointError (with the OSError or SafetensorError as its cause, e.g. a full disk) if any
+    part cannot be written; the earlier checkpoints are then untouched and no partial folder
+    stays.
     """
     final = _step_dir(run_dir, step)
     final.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(final.parent)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    recover(run_dir)
+    if _usable(final):
+        return final
+    tmp = _fresh_name(final, "tmp")
     try:
         tmp.mkdir()
-        _save_tensors(tmp / MODEL_FILE, model_tensors(model))
-        _save_json(tmp / MODEL_CONFIG, {"kind": "DecoderLM",
-                                        "config": _config_dict(model.config)})
-        atomic_write(tmp / TOKENIZER_FILE, lambda p: tokenizer.hf.save(str(p)))
-        if optimizer is not None:
-            tensors, groups = _optimizer_tensors(optimizer)
-            _save_tensors(tmp / OPTIMIZER_FILE, {**tensors, **(extra_tensors or {})})
-            state = {**(trainer_state or {}), "optimizer_param_groups": groups}
-            _save_json(tmp / STATE_FILE, {"format": FORMAT, "step": step, **state})
-        files = sorted(p.name for p in tmp.iterdir())
-        manifest = {"format": FORMAT, "step": step,
-                    "files": {f: {"bytes": (tmp / f).stat().st_size, "sha256": sha256_file(tmp / f)}
-                              for f in files}}
-        _save_json(tmp / MANIFEST, manifest)
-        if final.exists():  # saving the same step again: replace it
-            old = final.parent / f".{final.name}.old-{os.getpid()}"
-            os.replace(final, old)
-            shutil.rmtree(old)
-        os.replace(tmp, final)
-        fsync_dir(final.parent)
-    except OSError as e:
+        _write_files(tmp, step, model, tokenizer, optimizer, trainer_state, extra_tensors)
+        _install(tmp, final)
+    except (OSError, SafetensorError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(f"could not write checkpoint {final}: {e}; earlier checkpoints "
                               f"are untouched") from e
@@ -124,23 +113,92 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model: DecoderLM,
     return final
 
 
-def _remove_stale_temporaries(folder: Path) -> None:
-    """Delete temporary folders left by saves that were killed (never a finished checkpoint)."""
-    for p in folder.iterdir():
-        if p.name.startswith(".step-") and (".tmp-" in p.name or ".old-" in p.name):
-            shutil.rmtree(p, ignore_errors=True)
+def _write_files(folder: Path, step: int, model, tokenizer, optimizer, trainer_state,
+                 extra_tensors) -> None:
+    """Every file of a checkpoint into `folder`, the manifest last."""
+    _save_tensors(folder / MODEL_FILE, model_tensors(model))
+    _save_json(folder / MODEL_CONFIG, {"kind": "DecoderLM",
+                                       "config": dataclasses.asdict(model.config)})
+    tokenizer.save(folder / TOKENIZER_FILE)
+    if optimizer is not None:
+        tensors, groups = _optimizer_tensors(optimizer)
+        _save_tensors(folder / OPTIMIZER_FILE, {**tensors, **(extra_tensors or {})})
+        state = {**(trainer_state or {}), "optimizer_param_groups": groups}
+        _save_json(folder / STATE_FILE, {"format": FORMAT, "step": step, **state})
+    files = sorted(p.name for p in folder.iterdir())
+    manifest = {"format": FORMAT, "step": step,
+                "files": {f: {"bytes": (folder / f).stat().st_size,
+                              "sha256": sha256_file(folder / f)} for f in files}}
+    _save_json(folder / MANIFEST, manifest)
+
+
+def _fresh_name(final: Path, kind: str) -> Path:
+    """A hidden sibling `.step-N.<kind>-<pid>[-k]` of `final` that does not exist yet."""
+    base = final.parent / f".{final.name}.{kind}-{os.getpid()}"
+    path, k = base, 0
+    while path.exists():
+        k += 1
+        path = base.with_name(f"{base.name}-{k}")
+    return path
+
+
+def _install(new: Path, final: Path) -> None:
+    """Give the complete checkpoint folder `new` the name `final`.
+
+    An unusable folder already at `final` is moved aside before and deleted after, so a crash in
+    between leaves both, and `recover` puts the complete one back.
+    """
+    fsync_dir(new)
+    old = None
+    if final.exists():
+        old = _fresh_name(final, "old")
+        os.replace(final, old)
+    os.replace(new, final)
+    fsync_dir(final.parent)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def _usable(path: Path) -> bool:
+    try:
+        verify(path)
+    except (CheckpointError, OSError):
+        return False
+    return True
+
+
+def recover(run_dir: str | os.PathLike) -> list[str]:
+    """Finish or undo saves that were cut short; return a note per checkpoint put back.
+
+    A hidden `.step-N.tmp-*` / `.step-N.old-*` folder that passes `verify` becomes step-N when
+    step-N is missing or fails its checks (the newer copy first); every other leftover (an
+    incomplete copy, a folder being pruned) is deleted. Call it while holding the run's lock.
+    """
+    folder = checkpoints_dir(run_dir)
+    if not folder.is_dir():
+        return []
+    order = {"tmp": 0, "old": 1, "del": 2}  # the newer copy first; pruned ones never
+    leftovers = sorted((m.group(1), order[m.group(2)], p.name) for p in folder.iterdir()
+                       if (m := _LEFTOVER.match(p.name)))
+    notes = []
+    for name, kind, leftover in leftovers:
+        path, final = folder / leftover, folder / name
+        if kind < 2 and path.is_dir() and not _usable(final) and _usable(path):
+            _install(path, final)
+            notes.append(f"recovered {final} from a save that was cut short")
+        elif path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    return notes
 
 
 def prune(run_dir: str | os.PathLike, keep: int) -> None:
     """Delete all but the newest `keep` checkpoints of a run."""
     for path in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def _config_dict(config: TransformerConfig) -> dict[str, Any]:
-    import dataclasses
-
-    return dataclasses.asdict(config)
+        doomed = _fresh_name(path, "del")  # a kill mid-delete leaves no half step-N behind
+        os.replace(path, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
 
 
 def _optimizer_tensors(optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
@@ -241,7 +299,8 @@ def resolve(path: str | os.PathLike, warn: Callable[[str], None] | None = None) 
 # ---------------------------------------------------------------- reading
 
 
-def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; CheckpointError naming it if it cannot be read."""
     try:
         return load_file(str(path))
     except (SafetensorError, OSError) as e:
@@ -252,7 +311,7 @@ def load_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:
     """Copy checkpoint `path`'s weights into `model` after checking that every name and shape
     matches; a mismatch raises CheckpointError naming the tensor and both shapes."""
     path = Path(path)
-    tensors = _load_tensors(path / MODEL_FILE)
+    tensors = load_tensors(path / MODEL_FILE)
     expected = model_tensors(model)
     for name, target in expected.items():
         if name not in tensors:
@@ -296,61 +355,66 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu",
     return model.to(device).eval(), tokenizer, folder
 
 
-def load_training_state(path: str | os.PathLike, optimizer: torch.optim.Optimizer
-                        ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Restore `optimizer` from checkpoint `path`; return (trainer.json, extra tensors)."""
-    path = Path(path)
-    if not (path / STATE_FILE).is_file():
-        raise CheckpointError(f"checkpoint {path} holds weights only; it cannot resume training")
-    state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
-    tensors = _load_tensors(path / OPTIMIZER_FILE)
-    opt_state: dict[int, dict[str, torch.Tensor]] = {}
-    extra = {}
-    for key, value in tensors.items():
-        if key.startswith("optimizer."):
-            _, pid, name = key.split(".", 2)
-            opt_state.setdefault(int(pid), {})[name] = value
-        else:
-            extra[key] = value
-    groups = state.pop("optimizer_param_groups")
-    opt_state = dict(sorted(opt_state.items()))
+# ---------------------------------------------------------------- describing runs
+
+
+def _read_state(path: Path) -> dict[str, Any]:
+    """A checkpoint's trainer.json, or {} if it has none or it cannot be read."""
     try:
-        optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
-    except (ValueError, KeyError, RuntimeError) as e:
-        raise CheckpointError(f"checkpoint {path}: optimizer state does not fit ({e})") from None
-    return state, extra
+        return json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
 
 
-# ---------------------------------------------------------------- random number generators
+def read_run_config(path: str | os.PathLike) -> dict[str, Any]:
+    """The TrainConfig (as a dict) a run was trained with.
+
+    `path` is a checkpoint folder (its trainer.json; {} for a weights-only checkpoint) or a run
+    folder (its newest usable checkpoint's, else the run's config.json). Raises
+    FileNotFoundError if a run folder has neither, CheckpointError if checkpoints exist but
+    none is usable.
+    """
+    path = Path(path)
+    if not ((path / MANIFEST).exists() or _STEP_DIR.match(path.name)):
+        latest = find_latest(path)
+        if latest is None:
+            config = path / "config.json"
+            if not config.is_file():
+                raise FileNotFoundError(f"{path} holds no checkpoint and no config.json")
+            return json.loads(config.read_text(encoding="utf-8"))
+        path = latest
+    return dict(_read_state(path).get("config") or {})
 
 
-def rng_state() -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """The python, numpy, torch (and CUDA) RNG states as (JSON values, tensors)."""
-    import random
+def describe_checkpoints(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """One dict per checkpoint folder of a run, oldest first.
 
-    py = random.getstate()
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    json_state = {"python": [py[0], list(py[1]), py[2]],
-                  "numpy": {"kind": kind, "pos": int(pos), "has_gauss": int(has_gauss),
-                            "cached_gaussian": float(gauss)}}
-    tensors = {"rng.torch": torch.get_rng_state(),
-               "rng.numpy": torch.from_numpy(keys.astype(np.int64))}
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"rng.cuda.{i}"] = s
-    return json_state, tensors
+    Keys: step, path, usable (passes `verify`), problem (why not, else None), latest (True for
+    the one `--resume` and `qkv eval RUN` use: the newest usable), tokens_seen, train_seconds,
+    and eval: the validation metrics of that step (loss, ppl, bpb, ...), from the checkpoint or
+    else from the run's metrics.jsonl, or None if that step was not evaluated.
+    """
+    from qkv.train.metrics import METRICS_FILE, read_records
 
-
-def set_rng_state(json_state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
-    """Restore what `rng_state` returned."""
-    import random
-
-    py = json_state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    n = json_state["numpy"]
-    np.random.set_state((n["kind"], tensors["rng.numpy"].numpy().astype(np.uint32), n["pos"],
-                         n["has_gauss"], n["cached_gaussian"]))
-    torch.set_rng_state(tensors["rng.torch"])
-    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
-    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(cuda)
+    logged = {r.get("step"): r for r in read_records(Path(run_dir) / METRICS_FILE)
+              if r.get("kind") == "eval" and r.get("split", "validation") == "validation"}
+    rows = []
+    for path in list_checkpoints(run_dir):
+        problem = None
+        try:
+            verify(path)
+        except CheckpointError as e:
+            problem = str(e)
+        step = int(_STEP_DIR.match(path.name).group(1))
+        state = _read_state(path)
+        metrics = state.get("eval") or logged.get(step)
+        if metrics is not None:
+            metrics = {k: v for k, v in metrics.items() if k not in ("kind", "split", "step")}
+        rows.append({"step": step, "path": str(path), "usable": problem is None,
+                     "problem": problem, "latest": False, "eval": metrics,
+                     "tokens_seen": state.get("tokens_seen"),
+                     "train_seconds": state.get("train_seconds")})
+    usable = [row for row in rows if row["usable"]]
+    if usable:
+        usable[-1]["latest"] = True
+    return rows

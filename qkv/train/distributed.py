@@ -69,3 +69,21 @@ def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()
+
+
+def broadcast_object(value, info: DistInfo):
+    """Rank 0's `value` on every process (any picklable object)."""
+    if not info.enabled:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_gather_object(value, info: DistInfo) -> list:
+    """Every process's `value`, in rank order, on every process."""
+    if not info.enabled:
+        return [value]
+    values = [None] * info.world_size
+    dist.all_gather_object(values, value)
+    return values

@@ -16,11 +16,13 @@ from qkv.train import (
     list_checkpoints,
     load_model,
     load_weights,
+    rng,
     save_checkpoint,
     verify,
 )
 from qkv.train import checkpoint as ckpt
 from qkv.train.loop import make_optimizer
+from qkv.train.resume import load_training_state
 from tests.train.conftest import tiny_config
 
 
@@ -47,7 +49,7 @@ def _save(run, step, model=None, **kw):
 def test_round_trip_weights_optimizer_and_rng(tmp_path):
     model = _model()
     opt = _trained_optimizer(model)
-    rng_json, rng_tensors = ckpt.rng_state()
+    rng_json, rng_tensors = rng.rng_state()
     expected = torch.rand(3)
     path = save_checkpoint(tmp_path, 5, model=model, tokenizer=byte_tokenizer(), optimizer=opt,
                            trainer_state={"rng": rng_json, "data": {"epoch": 1, "offset": 8}},
@@ -62,14 +64,14 @@ def test_round_trip_weights_optimizer_and_rng(tmp_path):
 
     fresh = _model(seed=1)
     opt2 = make_optimizer(fresh, tiny_config("unused"))
-    state, extra = ckpt.load_training_state(path, opt2)
+    state, extra = load_training_state(path, opt2)
     assert state["step"] == 5 and state["data"] == {"epoch": 1, "offset": 8}
     before, after = opt.state_dict()["state"], opt2.state_dict()["state"]
     assert before.keys() == after.keys()
     for pid in before:
         assert all(torch.equal(before[pid][k], after[pid][k]) for k in before[pid])
     torch.manual_seed(123)
-    ckpt.set_rng_state(state["rng"], extra)
+    rng.set_rng_state(state["rng"], extra)
     assert torch.equal(torch.rand(3), expected)
 
 
