@@ -9,7 +9,7 @@ import torch.nn as nn
 
 import qkv
 from qkv.nn.config import check_choice, check_float, check_int
-from qkv.nn.positions import ROPE_SCALINGS, RotaryEmbedding, alibi_slopes
+from qkv.nn.positions import ROPE_SCALINGS, ExactBuffers, RotaryEmbedding, alibi_slopes
 
 ATTENTION_POSITIONS = ("none", "rope", "alibi")
 
@@ -70,14 +70,17 @@ class AttentionConfig:
             raise ValueError(f"backend must be a string, got {self.backend!r}")
 
 
-class MultiHeadAttention(nn.Module):
+class MultiHeadAttention(ExactBuffers):
     """Project, attend with `qkv.attention`, project back.
 
     Self-attention uses one fused projection `qkv_proj` (d_model -> (Hq + 2 Hk) * D); cross-
     attention uses `q_proj` on x and `kv_proj` on the context. With a cache, self-attention
     appends its new K/V through `cache.update(layer_idx, k, v)` and cross-attention computes its
-    K/V once per generation and reads them back from the cross cache after that.
+    K/V once per generation and reads them back from the cross cache after that. ALiBi slopes
+    stay float32 when the module is cast (float64 for float64 inputs).
     """
+
+    _exact_buffers = ("alibi_slopes",)
 
     def __init__(self, config: AttentionConfig):
         super().__init__()

@@ -85,7 +85,7 @@ class Embeddings(nn.Module):
         """idx (B, L), positions (B, L) -> (B, L, d_model)."""
         x = self.tok_emb(idx)
         if self.pos_emb is not None:
-            x = x + self.pos_emb(positions)
+            x = x + self.pos_emb(positions).to(x.dtype)  # the sinusoidal table stays float32
         if self.type_emb is not None:
             if token_type_ids is None:
                 token_type_ids = torch.zeros_like(idx)

@@ -41,6 +41,25 @@ def sinusoidal_table(n_positions: int, dim: int) -> torch.Tensor:
     return table.float()
 
 
+class ExactBuffers(nn.Module):
+    """A module whose `_exact_buffers` keep their dtype when the module is cast (`.to(dtype)`,
+    `.half()`, `.bfloat16()`): they follow device moves only. Angles of rotary embeddings, the
+    sinusoidal table and ALiBi slopes are multiplied by positions in the thousands, where a
+    bfloat16 frequency or slope would be off by whole radians (logits)."""
+
+    _exact_buffers: tuple[str, ...] = ()
+
+    def _apply(self, fn, recurse=True):
+        kept = {name: self._buffers[name] for name in self._exact_buffers
+                if self._buffers.get(name) is not None}
+        super()._apply(fn, recurse)
+        for name, before in kept.items():
+            after = self._buffers[name]
+            if after.dtype != before.dtype:
+                self._buffers[name] = before.to(after.device)
+        return self
+
+
 def _check_positions(positions: torch.Tensor, max_len: int) -> None:
     if positions.numel() and int(positions.max()) >= max_len:
         raise ValueError(
@@ -48,8 +67,11 @@ def _check_positions(positions: torch.Tensor, max_len: int) -> None:
         )
 
 
-class SinusoidalPositions(nn.Module):
-    """Fixed sinusoidal embeddings looked up at absolute positions; not saved in state dicts."""
+class SinusoidalPositions(ExactBuffers):
+    """Fixed sinusoidal embeddings looked up at absolute positions; not saved in state dicts.
+    The table stays float32 under casts; the caller casts what it looks up."""
+
+    _exact_buffers = ("table",)
 
     def __init__(self, max_len: int, dim: int):
         super().__init__()
@@ -78,13 +100,16 @@ class LearnedPositions(nn.Module):
 ROPE_SCALINGS = (None, "linear", "ntk")
 
 
-class RotaryEmbedding(nn.Module):
+class RotaryEmbedding(ExactBuffers):
     """RoPE in the half-split (GPT-NeoX / LLaMA) layout, applied at absolute positions.
 
     Channel pairs (i, i + D/2) are rotated by angle pos * base**(-2i/D). Scaling stretches the
     usable context by `factor`: "linear" divides positions by it (position interpolation), "ntk"
-    raises the base to base * factor**(D / (D - 2)).
+    raises the base to base * factor**(D / (D - 2)). The angles are computed in float64 from
+    float64 frequencies, whatever the module is cast to.
     """
+
+    _exact_buffers = ("inv_freq",)
 
     def __init__(self, head_dim: int, base: float = 10000.0, scaling: str | None = None,
                  factor: float = 1.0):

@@ -1,9 +1,17 @@
+import copy
 import math
 
 import pytest
 import torch
 
-from qkv.nn import RotaryEmbedding, SinusoidalPositions, alibi_slopes, sinusoidal_table
+from qkv.nn import (
+    DecoderLM,
+    RotaryEmbedding,
+    SinusoidalPositions,
+    TransformerConfig,
+    alibi_slopes,
+    sinusoidal_table,
+)
 from qkv.nn.positions import positions_from_mask
 
 
@@ -69,3 +77,39 @@ def test_rope_ntk_raises_the_base():
 def test_rope_rejects_bad_settings(kwargs, field):
     with pytest.raises(ValueError, match=field):
         RotaryEmbedding(**kwargs)
+
+
+@pytest.mark.parametrize("positions, buffers", [
+    ("rope", {"layers.0.attn.rope.inv_freq": torch.float64}),
+    ("sinusoidal", {"embed.pos_emb.table": torch.float32}),
+    ("alibi", {"layers.0.attn.alibi_slopes": torch.float32}),
+])
+@pytest.mark.parametrize("cast", [lambda m: m.to(torch.bfloat16), lambda m: m.half(),
+                                  lambda m: m.to("cpu", torch.bfloat16)])
+def test_casting_a_model_keeps_position_buffers_exact(positions, buffers, cast):
+    heads = 12 if positions == "alibi" else 2  # 12 heads: slopes 2**-0.5 ... (inexact in bf16)
+    model = cast(DecoderLM(TransformerConfig(vocab_size=11, d_model=24, n_layers=1, n_heads=heads,
+                                             positions=positions)))
+    assert model.lm_head.weight.dtype != torch.float32
+    found = dict(model.named_buffers())
+    assert {name: found[name].dtype for name in buffers} == buffers
+    logits, _ = model(torch.randint(0, 11, (1, 5)))
+    assert logits.dtype == model.lm_head.weight.dtype
+
+
+def test_bf16_model_logits_at_position_4000_match_float32():
+    """A bf16-rounded RoPE frequency turns by radians at position 4000: the cast model would
+    attend to the wrong keys."""
+    torch.manual_seed(0)
+    cfg = TransformerConfig(vocab_size=50, d_model=32, n_layers=1, n_heads=2, positions="rope")
+    model = DecoderLM(cfg).eval()
+    with torch.no_grad():  # attention that depends on relative position only, and sharply
+        attn = model.layers[0].attn
+        attn.qkv_proj.weight[:64].zero_()
+        attn.qkv_proj.bias[:64] = 3 * torch.randn(64)
+        attn.qkv_proj.weight[64:].mul_(30)
+        attn.out_proj.weight.mul_(30)
+        idx = torch.randint(0, 50, (1, 4001))
+        want = model(idx, last_only=True)[0]
+        got = copy.deepcopy(model).to(torch.bfloat16)(idx, last_only=True)[0]
+    torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
