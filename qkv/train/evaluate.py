@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import math
+import warnings
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 
 import torch
 import torch.nn.functional as F
 
-from qkv.data import LMWindows
+from qkv.data import SPLITS, BigramModel, CorpusError, LMWindows, token_stream
+from qkv.train.checkpoint import load_model, read_run_config
+from qkv.train.config import TrainConfig
+from qkv.train.data import load_corpus, token_byte_lengths
 from qkv.train.distributed import DistInfo, all_reduce_sum
 
 
@@ -52,32 +57,31 @@ def evaluate(model: torch.nn.Module, windows: LMWindows, token_bytes: torch.Tens
             "bytes": int(nbytes)}
 
 
+# The settings of a run that decide which text its splits hold.
+CORPUS_KEYS = ("corpus", "max_bytes", "max_files", "suffixes", "text_key", "split",
+               "split_fractions", "seq_len")
+
+
 def evaluate_checkpoint(path, *, split: str = "test", corpus: str | None = None,
                         max_bytes: int | None = None, batch_size: int = 16,
-                        max_batches: int | None = None, device: str = "cpu",
-                        warn=None) -> dict[str, float | int | str]:
+                        max_batches: int | None = None, device: str | torch.device = "cpu",
+                        warn: Callable[[str], None] | None = None) -> dict[str, float | int | str]:
     """A checkpoint's loss, perplexity and bits per byte on a corpus split, beside the byte
     bigram fitted to the same corpus's training split.
 
-    The corpus and its caps default to those the checkpoint was trained on (its trainer.json);
-    `corpus` / `max_bytes` override them. Raises CheckpointError, FileNotFoundError or
+    The corpus, its caps and its split default to those the checkpoint was trained on (its run
+    config, qkv.train.checkpoint.read_run_config); `corpus` / `max_bytes` override them. A
+    fallback from a damaged newest checkpoint is reported through `warn` (default:
+    `warnings.warn`; nothing is printed). Raises CheckpointError, FileNotFoundError or
     CorpusError with a message that names the problem.
     """
-    import json
-
-    from qkv.data import SPLITS, BigramModel, CorpusError, token_stream
-    from qkv.train.checkpoint import STATE_FILE, load_model
-    from qkv.train.config import TrainConfig
-    from qkv.train.data import load_corpus
-
     if split not in SPLITS:
         raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
-    model, tokenizer, folder = load_model(path, device=device, warn=warn)
-    values = {}
-    if (folder / STATE_FILE).is_file():
-        saved = json.loads((folder / STATE_FILE).read_text(encoding="utf-8")).get("config", {})
-        values = {k: saved[k] for k in ("corpus", "max_bytes", "max_files", "suffixes",
-                                        "seq_len") if k in saved}
+    model, tokenizer, folder = load_model(path, device=device, warn=warn or _warn)
+    saved = read_run_config(folder)
+    values = {k: saved[k] for k in CORPUS_KEYS if k in saved}
+    if saved and "split" not in saved:
+        values["split"] = "document"  # runs from before split existed split by document
     if corpus is not None:
         values["corpus"] = corpus
     if max_bytes is not None:
@@ -91,10 +95,12 @@ def evaluate_checkpoint(path, *, split: str = "test", corpus: str | None = None,
     if len(windows) == 0:
         raise CorpusError(f"the {split} split of {config.corpus!r} has {len(stream)} tokens, "
                           f"fewer than one window of {seq_len + 1}")
-    from qkv.train.data import token_byte_lengths
-
     metrics = evaluate(model, windows, token_byte_lengths(tokenizer), batch_size=batch_size,
                        max_batches=max_batches, device=device)
     bigram = BigramModel.fit(data.texts("train")).bits_per_byte(texts)
     return {"checkpoint": str(folder), "split": split, "corpus": config.corpus, **metrics,
             "bigram_bpb": bigram}
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, stacklevel=2)
