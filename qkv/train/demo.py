@@ -12,13 +12,14 @@ from rich.console import Console
 from rich.table import Table
 
 from qkv.data import BigramModel
+from qkv.generate import complete
 from qkv.io import atomic_write_text
 from qkv.train.checkpoint import load_model
-from qkv.train.complete import complete
 from qkv.train.config import TrainConfig
 from qkv.train.data import build_tokenizer, load_corpus, prepare_data
 from qkv.train.evaluate import evaluate
 from qkv.train.loop import train
+from qkv.train.runfolder import check_writable
 
 DEFAULT_PROMPT = "def fibonacci(n):\n"
 
@@ -31,12 +32,12 @@ DEMO = {
     "eval_interval": 250, "eval_batches": 10, "log_interval": 10, "checkpoint_interval": 250,
     "keep_checkpoints": 1, "time_limit": 200.0,
 }
+# The demo in seconds, for tests: the same run, smaller everywhere.
 QUICK = {
-    "corpus": "stdlib", "max_bytes": 400_000, "tokenizer": "bpe", "vocab_size": 512,
-    "seq_len": 64, "model": {"d_model": 64, "n_layers": 2, "n_heads": 2},
-    "batch_size": 8, "max_steps": 150, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 5,
-    "eval_interval": 1000, "eval_batches": 4, "log_interval": 10, "checkpoint_interval": 1000,
-    "keep_checkpoints": 1, "time_limit": 10.0,
+    **DEMO, "max_bytes": 400_000, "vocab_size": 512, "seq_len": 64,
+    "model": {"d_model": 64, "n_layers": 2, "n_heads": 2}, "batch_size": 8, "max_steps": 150,
+    "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 5, "eval_interval": 1000, "eval_batches": 4,
+    "checkpoint_interval": 1000, "time_limit": 10.0,
 }
 
 
@@ -72,9 +73,14 @@ def demo_config(*, quick: bool = False, out_dir: str = "runs/demo",
 def run_demo(*, quick: bool = False, out_dir: str = "runs/demo", prompt: str = DEFAULT_PROMPT,
              max_new_tokens: int = 80, console: Console | None = None,
              **overrides: Any) -> dict[str, Any]:
-    """Run the demo, print what happens, write OUT/demo.json, and return the report."""
+    """Run the demo, print what happens, write OUT/demo.json, and return the report.
+
+    An out_dir that cannot be written is refused before any work (PermissionError or OSError
+    naming the folder); the report is written atomically (qkv.io).
+    """
     console = console or Console()
     start = time.perf_counter()
+    check_writable(out_dir)
     if "threads" not in overrides:
         overrides["threads"] = fastest_thread_count()
     config = demo_config(quick=quick, out_dir=out_dir, **overrides)
