@@ -9,7 +9,13 @@ import torch.nn as nn
 
 import qkv
 from qkv.nn.config import check_choice, check_float, check_int
-from qkv.nn.positions import ROPE_SCALINGS, ExactBuffers, RotaryEmbedding, alibi_slopes
+from qkv.nn.positions import (
+    ROPE_SCALINGS,
+    ExactBuffers,
+    RotaryEmbedding,
+    alibi_slopes,
+    positions_from_cu_seqlens,
+)
 
 ATTENTION_POSITIONS = ("none", "rope", "alibi")
 
@@ -105,11 +111,13 @@ class MultiHeadAttention(ExactBuffers):
             self.alibi_slopes = None
 
     def _heads(self, x: torch.Tensor, n: int) -> torch.Tensor:
-        B, L, _ = x.shape
-        return x.view(B, L, n, self.head_dim).transpose(1, 2)  # (B, n, L, D)
+        """(B, L, n * D) -> (B, n, L, D); packed rows (T, n * D) -> (T, n, D)."""
+        x = x.unflatten(-1, (n, self.head_dim))
+        return x.transpose(1, 2) if x.dim() == 4 else x
 
     def project_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cross-attention K and V (B, Hk, Lk, D) of a context (B, Lk, d_model)."""
+        """Cross-attention K and V (B, Hk, Lk, D) of a context (B, Lk, d_model), or (Tk, Hk, D)
+        of a packed context (Tk, d_model)."""
         k, v = self.kv_proj(context).split(self.n_kv_heads * self.head_dim, dim=-1)
         return self._heads(k, self.n_kv_heads), self._heads(v, self.n_kv_heads)
 
@@ -125,8 +133,10 @@ class MultiHeadAttention(ExactBuffers):
         cache=None,
         layer_idx: int = 0,
         backend: str | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        context_cu_seqlens: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x (B, L, d_model) -> (B, L, d_model).
+        """x (B, L, d_model) -> (B, L, d_model); packed rows x (T, d_model) -> (T, d_model).
 
         context (B, Lk, d_model) is required for cross-attention (unless the cross cache already
         holds this layer's K/V). positions (B, L) are the absolute positions of x's tokens (for
@@ -134,56 +144,99 @@ class MultiHeadAttention(ExactBuffers):
         padding) or key_padding_mask (B, Lk) bool, True = real key; with a cache both describe
         every key the cache returns. Causal and window are aligned bottom-right, so the newest
         query sees the newest key.
+
+        Packed rows: x holds sequences back to back, sequence b in rows
+        cu_seqlens[b]:cu_seqlens[b+1] ((B+1,) int offsets), and `qkv.attention_varlen` keeps
+        attention within each sequence: causal, window and ALiBi act per sequence exactly as for
+        that sequence alone, and positions (T,) restart at 0 in each (the default). Cross-
+        attention then takes a packed context (Tk, d_model) with context_cu_seqlens: query
+        sequence b attends to context sequence b. Packed rows have no padding and no cache.
         """
         c = self.config
-        if x.dim() != 3 or x.shape[-1] != c.d_model:
-            raise ValueError(f"x must be (B, L, {c.d_model}), got {tuple(x.shape)}")
-        B, L, _ = x.shape
-        if c.cross:
-            q = self._heads(self.q_proj(x), self.n_heads)  # (B, Hq, L, D)
-            if cache is not None and cache.has(layer_idx):
-                k, v = cache.get(layer_idx)
-            else:
-                if context is None:
-                    raise ValueError("cross-attention needs a context (B, Lk, d_model)")
-                k, v = self.project_kv(context)  # (B, Hk, Lk, D)
-                if cache is not None:
-                    cache.set(layer_idx, k, v)
-        else:
-            if context is not None:
-                raise ValueError("self-attention takes no context; build it with cross=True")
-            q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-            q, k, v = self.qkv_proj(x).split((q_dim, kv_dim, kv_dim), dim=-1)
-            q, k, v = self._heads(q, self.n_heads), self._heads(k, self.n_kv_heads), \
-                self._heads(v, self.n_kv_heads)
-            if self.rope is not None:
-                if positions is None:
-                    positions = torch.arange(L, device=x.device).expand(B, L)
-                q, k = self.rope(q, positions), self.rope(k, positions)
-            if cache is not None:
-                k, v, cached_lengths = cache.update(layer_idx, k, v)  # (B, Hk, Lk, D)
-                if cached_lengths is not None:
-                    kv_lengths = cached_lengths if kv_lengths is None else \
-                        torch.minimum(kv_lengths, cached_lengths)
-        mask = None
-        if key_padding_mask is not None:
-            if key_padding_mask.shape != (B, k.shape[2]):
-                raise ValueError(
-                    f"key_padding_mask must be (B, Lk) = {(B, k.shape[2])}, "
-                    f"got {tuple(key_padding_mask.shape)}"
-                )
-            mask = key_padding_mask.bool()[:, None, None, :]  # (B, 1, 1, Lk)
+        packed = cu_seqlens is not None
+        if x.dim() != (2 if packed else 3) or x.shape[-1] != c.d_model:
+            want = f"(T, {c.d_model}) with cu_seqlens" if packed else f"(B, L, {c.d_model})"
+            raise ValueError(f"x must be {want}, got {tuple(x.shape)}")
+        if packed:
+            _check_packed(c.cross, context, kv_lengths, key_padding_mask, cache,
+                          context_cu_seqlens)
+            if positions is None and self.rope is not None:
+                positions = positions_from_cu_seqlens(cu_seqlens, x.shape[0])
+        elif context_cu_seqlens is not None:
+            raise ValueError("context_cu_seqlens describes a packed context; give cu_seqlens too")
+        q, k, v, kv_lengths = self._project(x, context, positions, cache, layer_idx, kv_lengths)
         window = None
         if c.window is not None:
             window = (c.window, 0) if causal else (c.window, c.window)
         slopes = self.alibi_slopes
         if slopes is not None and q.dtype == torch.float64:
             slopes = slopes.double()
-        y = qkv.attention(
-            q, k, v, causal=causal, window=window, kv_lengths=kv_lengths, mask=mask,
-            alibi_slopes=slopes, softcap=c.softcap, scale=c.scale,
-            dropout_p=c.attn_dropout if self.training else 0.0,
-            backend=backend or c.backend,
-        )  # (B, Hq, L, D)
-        y = y.transpose(1, 2).reshape(B, L, self.n_heads * self.head_dim)
-        return self.dropout(self.out_proj(y))  # (B, L, d_model)
+        settings = dict(causal=causal, window=window, alibi_slopes=slopes, softcap=c.softcap,
+                        scale=c.scale, dropout_p=c.attn_dropout if self.training else 0.0,
+                        backend=backend or c.backend)
+        if packed:
+            cu_k = context_cu_seqlens if c.cross else cu_seqlens
+            y = qkv.attention_varlen(q, k, v, cu_seqlens, cu_k, **settings)  # (T, Hq, D)
+        else:
+            mask = _key_mask(key_padding_mask, x.shape[0], k.shape[2])
+            y = qkv.attention(q, k, v, kv_lengths=kv_lengths, mask=mask, **settings)
+            y = y.transpose(1, 2)  # (B, L, Hq, D)
+        return self.dropout(self.out_proj(y.flatten(-2)))  # (B, L, d_model) or (T, d_model)
+
+    def _project(self, x, context, positions, cache, layer_idx, kv_lengths):
+        """q (B, Hq, L, D), k and v (B, Hk, Lk, D) (with the cache's keys), and the keys'
+        lengths; packed: q (T, Hq, D), k and v (Tk, Hk, D)."""
+        if self.config.cross:
+            q = self._heads(self.q_proj(x), self.n_heads)
+            if cache is not None and cache.has(layer_idx):
+                k, v = cache.get(layer_idx)
+            else:
+                if context is None:
+                    raise ValueError("cross-attention needs a context (B, Lk, d_model)")
+                k, v = self.project_kv(context)
+                if cache is not None:
+                    cache.set(layer_idx, k, v)
+            return q, k, v, kv_lengths
+        if context is not None:
+            raise ValueError("self-attention takes no context; build it with cross=True")
+        q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        q, k, v = self.qkv_proj(x).split((q_dim, kv_dim, kv_dim), dim=-1)
+        q, k, v = self._heads(q, self.n_heads), self._heads(k, self.n_kv_heads), \
+            self._heads(v, self.n_kv_heads)
+        if self.rope is not None:
+            if positions is None:
+                B, L, _ = x.shape
+                positions = torch.arange(L, device=x.device).expand(B, L)
+            q, k = self.rope(q, positions), self.rope(k, positions)
+        if cache is not None:
+            k, v, cached_lengths = cache.update(layer_idx, k, v)  # (B, Hk, Lk, D)
+            if cached_lengths is not None:
+                kv_lengths = cached_lengths if kv_lengths is None else \
+                    torch.minimum(kv_lengths, cached_lengths)
+        return q, k, v, kv_lengths
+
+
+def _key_mask(key_padding_mask, B: int, Lk: int) -> torch.Tensor | None:
+    """key_padding_mask (B, Lk) -> the bool mask (B, 1, 1, Lk) qkv.attention takes."""
+    if key_padding_mask is None:
+        return None
+    if key_padding_mask.shape != (B, Lk):
+        raise ValueError(f"key_padding_mask must be (B, Lk) = {(B, Lk)}, "
+                         f"got {tuple(key_padding_mask.shape)}")
+    return key_padding_mask.bool()[:, None, None, :]
+
+
+def _check_packed(cross, context, kv_lengths, key_padding_mask, cache, context_cu_seqlens):
+    """Packed rows take no padding and no cache; packed cross-attention a packed context."""
+    given = [name for name, value in (("kv_lengths", kv_lengths), ("cache", cache),
+                                      ("key_padding_mask", key_padding_mask)) if value is not None]
+    if given:
+        raise ValueError(f"packed rows (cu_seqlens) have no padding and no cache; got {given}")
+    if not cross:
+        if context_cu_seqlens is not None:
+            raise ValueError("context_cu_seqlens is for cross-attention")
+        return
+    if context is None or context.dim() != 2 or context_cu_seqlens is None:
+        got = tuple(context.shape) if isinstance(context, torch.Tensor) else None
+        raise ValueError("packed cross-attention needs a packed context (Tk, d_model) and its "
+                         f"context_cu_seqlens, got context {got}")

@@ -4,6 +4,11 @@ Padding is given either as `lengths` (B,) (right padding: tokens at or past the 
 or as `attention_mask` (B, L), True / 1 for real tokens (any padding; generation uses left
 padding). Positions are absolute and padding does not count toward them: the first real token of
 every row is position 0.
+
+Packed rows are the other input form: idx (T,) holds the sequences back to back with no padding,
+and `cu_seqlens` (B+1,) int offsets say where each starts (sequence b is rows
+cu_seqlens[b]:cu_seqlens[b+1]). Each sequence then sees only itself, its positions restart at 0,
+and the hidden states are (T, d_model): the same numbers as each sequence run alone.
 """
 
 from __future__ import annotations
@@ -16,7 +21,12 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from qkv.nn.config import check_choice, from_dict
-from qkv.nn.positions import LearnedPositions, SinusoidalPositions, positions_from_mask
+from qkv.nn.positions import (
+    LearnedPositions,
+    SinusoidalPositions,
+    positions_from_cu_seqlens,
+    positions_from_mask,
+)
 from qkv.nn.transformer import DecoderLayer, EncoderLayer, TransformerConfig
 
 IGNORE_INDEX = -100  # targets equal to this are left out of the loss
@@ -32,10 +42,11 @@ def _init_weights(module: nn.Module) -> None:
         nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
 
-def _check_ids(name: str, ids: torch.Tensor, vocab_size: int) -> None:
-    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype.is_floating_point:
+def _check_ids(name: str, ids: torch.Tensor, vocab_size: int, packed: bool = False) -> None:
+    dims, shape = (1, "(T,) with cu_seqlens") if packed else (2, "(B, L)")
+    if not isinstance(ids, torch.Tensor) or ids.dim() != dims or ids.dtype.is_floating_point:
         got = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
-        raise ValueError(f"{name} must be an integer tensor (B, L), got {got}")
+        raise ValueError(f"{name} must be an integer tensor {shape}, got {got}")
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
         raise ValueError(
             f"{name} must lie in [0, vocab_size={vocab_size}), got values in "
@@ -64,6 +75,16 @@ def _padding(attention_mask, lengths, B: int, L: int, device):
     return None, None
 
 
+def _packed_positions(idx, cu_seqlens, vocab_size: int, **unused) -> torch.Tensor:
+    """Check packed token ids (T,) and return their positions (T,); `unused` are the padding and
+    cache arguments, which packed rows do not take."""
+    given = sorted(name for name, value in unused.items() if value is not None)
+    if given:
+        raise ValueError(f"packed rows (cu_seqlens) have no padding and no cache; got {given}")
+    _check_ids("idx", idx, vocab_size, packed=True)
+    return positions_from_cu_seqlens(cu_seqlens, idx.shape[0])
+
+
 class Embeddings(nn.Module):
     """Token (+ absolute position) (+ token type) embeddings, optional norm, dropout."""
 
@@ -82,14 +103,16 @@ class Embeddings(nn.Module):
         self.dropout = nn.Dropout(c.dropout)
 
     def forward(self, idx, positions, token_type_ids=None) -> torch.Tensor:
-        """idx (B, L), positions (B, L) -> (B, L, d_model)."""
+        """idx (B, L), positions (B, L) -> (B, L, d_model); packed idx, positions (T,) ->
+        (T, d_model)."""
         x = self.tok_emb(idx)
         if self.pos_emb is not None:
             x = x + self.pos_emb(positions).to(x.dtype)  # the sinusoidal table stays float32
         if self.type_emb is not None:
             if token_type_ids is None:
                 token_type_ids = torch.zeros_like(idx)
-            _check_ids("token_type_ids", token_type_ids, self.config.n_token_types)
+            _check_ids("token_type_ids", token_type_ids, self.config.n_token_types,
+                       packed=idx.dim() == 1)
             x = x + self.type_emb(token_type_ids)
         elif token_type_ids is not None:
             raise ValueError("token_type_ids given but the config has n_token_types=0")
@@ -128,16 +151,22 @@ class Encoder(_LayerStack):
         self.apply(_init_weights)
 
     def forward(self, idx, *, attention_mask=None, lengths=None, token_type_ids=None,
-                backend=None) -> torch.Tensor:
-        """idx (B, L) token ids -> hidden states (B, L, d_model)."""
-        _check_ids("idx", idx, self.config.vocab_size)
-        B, L = idx.shape
-        mask, lengths = _padding(attention_mask, lengths, B, L, idx.device)
-        positions = positions_from_mask(mask, B, L, idx.device)
-        x = self.embed(idx, positions, token_type_ids)  # (B, L, d_model)
+                backend=None, cu_seqlens=None) -> torch.Tensor:
+        """idx (B, L) token ids -> hidden states (B, L, d_model); packed rows idx (T,) with
+        cu_seqlens (B+1,) -> (T, d_model)."""
+        if cu_seqlens is not None:
+            positions = _packed_positions(idx, cu_seqlens, self.config.vocab_size,
+                                          attention_mask=attention_mask, lengths=lengths)
+            mask = None
+        else:
+            _check_ids("idx", idx, self.config.vocab_size)
+            B, L = idx.shape
+            mask, lengths = _padding(attention_mask, lengths, B, L, idx.device)
+            positions = positions_from_mask(mask, B, L, idx.device)
+        x = self.embed(idx, positions, token_type_ids)  # (B, L, d_model) or (T, d_model)
         for layer in self.layers:
             x = self._call(layer, x, positions=positions, kv_lengths=lengths,
-                           key_padding_mask=mask, backend=backend)
+                           key_padding_mask=mask, backend=backend, cu_seqlens=cu_seqlens)
         return self.final_norm(x) if self.final_norm is not None else x
 
 
@@ -154,13 +183,29 @@ class Decoder(_LayerStack):
 
     def forward(self, idx, memory=None, *, attention_mask=None, lengths=None,
                 memory_mask=None, memory_lengths=None, cache=None, cross_cache=None,
-                backend=None) -> torch.Tensor:
+                backend=None, cu_seqlens=None, memory_cu_seqlens=None) -> torch.Tensor:
         """idx (B, L), memory (B, Lm, d_model) -> hidden states (B, L, d_model).
 
         With a cache, idx holds only the new tokens and attention_mask (B, L) only their padding
         (left padding in the prompt); the cache keeps the earlier keys, their padding and each
-        row's position offset.
+        row's position offset. Packed rows: idx (T,) with cu_seqlens -> (T, d_model), each
+        sequence causal within itself; a packed memory (Tm, d_model) comes with
+        memory_cu_seqlens, and sequence b cross-attends to memory sequence b.
         """
+        if cu_seqlens is not None:
+            positions = _packed_positions(
+                idx, cu_seqlens, self.config.vocab_size, attention_mask=attention_mask,
+                lengths=lengths, memory_mask=memory_mask, memory_lengths=memory_lengths,
+                cache=cache, cross_cache=cross_cache)
+            x = self.embed(idx, positions)  # (T, d_model)
+            for i, layer in enumerate(self.layers):
+                x = self._call(layer, x, memory, positions=positions, layer_idx=i,
+                               backend=backend, cu_seqlens=cu_seqlens,
+                               memory_cu_seqlens=memory_cu_seqlens)
+            return self.final_norm(x) if self.final_norm is not None else x
+        if memory_cu_seqlens is not None:
+            raise ValueError("memory_cu_seqlens describes a packed memory; pack idx too "
+                             "(cu_seqlens)")
         _check_ids("idx", idx, self.config.vocab_size)
         B, L = idx.shape
         mask, lengths = _padding(attention_mask, lengths, B, L, idx.device)
@@ -190,11 +235,13 @@ class Decoder(_LayerStack):
 def _lm_loss(logits: torch.Tensor, targets: torch.Tensor | None):
     if targets is None:
         return None
-    if targets.shape != logits.shape[:2]:
-        raise ValueError(f"targets must be (B, L) = {tuple(logits.shape[:2])}, "
+    if targets.shape != logits.shape[:-1]:
+        raise ValueError(f"targets must have the shape of idx, {tuple(logits.shape[:-1])}, "
                          f"got {tuple(targets.shape)}")
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
-                           ignore_index=IGNORE_INDEX)
+    flat = logits.reshape(-1, logits.shape[-1])  # (N, V)
+    if flat.dtype != torch.float64:
+        flat = flat.float()  # the loss of a half-precision model in float32
+    return F.cross_entropy(flat, targets.flatten(), ignore_index=IGNORE_INDEX)
 
 
 class DecoderLM(Decoder):
@@ -208,16 +255,18 @@ class DecoderLM(Decoder):
             self.lm_head.weight = self.embed.tok_emb.weight
 
     def forward(self, idx, targets=None, *, attention_mask=None, lengths=None, cache=None,
-                last_only=False, backend=None):
+                last_only=False, backend=None, cu_seqlens=None):
         """idx (B, L) -> (logits (B, L, V), loss or None); nanoGPT's calling convention.
 
-        targets (B, L) gives the mean cross-entropy over entries != -100. `last_only` returns
-        only the last position's logits (B, 1, V), as generation needs.
+        targets (B, L) gives the mean cross-entropy over entries != IGNORE_INDEX. `last_only`
+        returns only the last position's logits (B, 1, V), as generation needs. Packed rows:
+        idx and targets (T,) with cu_seqlens give logits (T, V) (last_only: each sequence's
+        last token, (B, 1, V)).
         """
         x = super().forward(idx, attention_mask=attention_mask, lengths=lengths, cache=cache,
-                            backend=backend)
+                            backend=backend, cu_seqlens=cu_seqlens)
         if last_only and targets is None:
-            x = x[:, -1:]
+            x = x[cu_seqlens[1:].long() - 1, None] if cu_seqlens is not None else x[:, -1:]
         logits = self.lm_head(x)
         return logits, _lm_loss(logits, targets)
 

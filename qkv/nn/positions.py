@@ -31,6 +31,26 @@ def positions_from_mask(mask: torch.Tensor | None, B: int, L: int, device,
     return pos
 
 
+def positions_from_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """(total,) positions of packed sequences: 0, 1, ... restarting at every sequence.
+
+    cu_seqlens (B+1,) int offsets: sequence b is rows cu_seqlens[b]:cu_seqlens[b+1], starting at
+    0 and ending at `total`. Raises ValueError naming cu_seqlens for anything else.
+    """
+    ok = isinstance(cu_seqlens, torch.Tensor) and cu_seqlens.dim() == 1 \
+        and cu_seqlens.numel() >= 1 and not cu_seqlens.dtype.is_floating_point
+    cu = cu_seqlens.long() if ok else None
+    if ok:
+        lengths = cu.diff()
+        ok = int(cu[0]) == 0 and int(cu[-1]) == total and bool((lengths >= 0).all())
+    if not ok:
+        got = cu_seqlens.tolist() if isinstance(cu_seqlens, torch.Tensor) else cu_seqlens
+        raise ValueError(f"cu_seqlens must be (B+1,) non-decreasing integer offsets from 0 to "
+                         f"the {total} packed rows, got {got}")
+    starts = torch.repeat_interleave(cu[:-1], lengths, output_size=total)
+    return torch.arange(total, device=cu.device) - starts
+
+
 def sinusoidal_table(n_positions: int, dim: int) -> torch.Tensor:
     """(n_positions, dim) table of Vaswani et al.: sin on even channels, cos on odd ones."""
     pos = torch.arange(n_positions, dtype=torch.float64)[:, None]
@@ -127,11 +147,11 @@ class RotaryEmbedding(ExactBuffers):
         self.register_buffer("inv_freq", inv, persistent=False)  # (D/2,) float64
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Rotate x (B, H, L, D) at positions (B, L)."""
+        """Rotate x (B, H, L, D) at positions (B, L), or packed rows x (T, H, D) at (T,)."""
         pos = positions.to(torch.float64)
         if self.scaling == "linear":
             pos = pos / self.factor
-        angle = pos[:, None, :, None] * self.inv_freq  # (B, 1, L, D/2)
+        angle = (pos[..., None] * self.inv_freq)[:, None]  # (B, 1, L, D/2) or (T, 1, D/2)
         work = torch.float64 if x.dtype == torch.float64 else torch.float32
         cos, sin = angle.cos().to(work), angle.sin().to(work)
         x1, x2 = x.to(work).chunk(2, dim=-1)

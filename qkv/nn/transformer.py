@@ -128,11 +128,13 @@ class EncoderLayer(_Sublayers):
         self.ffn = FeedForward(config.feed_forward())
         self.ffn_norm = config.make_norm()
 
-    def forward(self, x, *, positions=None, kv_lengths=None, key_padding_mask=None, backend=None):
-        """x (B, L, d_model) -> (B, L, d_model); padding as kv_lengths (B,) or mask (B, L)."""
+    def forward(self, x, *, positions=None, kv_lengths=None, key_padding_mask=None, backend=None,
+                cu_seqlens=None):
+        """x (B, L, d_model) -> (B, L, d_model); padding as kv_lengths (B,) or mask (B, L).
+        Packed rows: x (T, d_model) with cu_seqlens (B+1,) (see MultiHeadAttention)."""
         x = self.residual(x, self.attn_norm, lambda h: self.attn(
             h, positions=positions, kv_lengths=kv_lengths, key_padding_mask=key_padding_mask,
-            backend=backend,
+            backend=backend, cu_seqlens=cu_seqlens,
         ))
         return self.residual(x, self.ffn_norm, self.ffn)
 
@@ -151,19 +153,23 @@ class DecoderLayer(_Sublayers):
 
     def forward(self, x, memory=None, *, positions=None, kv_lengths=None, key_padding_mask=None,
                 memory_lengths=None, memory_mask=None, cache=None, cross_cache=None,
-                layer_idx=0, backend=None):
+                layer_idx=0, backend=None, cu_seqlens=None, memory_cu_seqlens=None):
         """x (B, L, d_model), memory (B, Lm, d_model) -> (B, L, d_model).
 
         kv_lengths / key_padding_mask describe the self-attention keys (with a cache: every key
         the cache returns); memory_lengths (B,) / memory_mask (B, Lm) the memory's padding.
+        Packed rows: x (T, d_model) with cu_seqlens, memory (Tm, d_model) with memory_cu_seqlens;
+        sequence b is causal within itself and cross-attends to memory sequence b.
         """
         x = self.residual(x, self.attn_norm, lambda h: self.attn(
             h, causal=True, positions=positions, kv_lengths=kv_lengths,
             key_padding_mask=key_padding_mask, cache=cache, layer_idx=layer_idx, backend=backend,
+            cu_seqlens=cu_seqlens,
         ))
         if self.cross_attn is not None:
             x = self.residual(x, self.cross_norm, lambda h: self.cross_attn(
                 h, memory, kv_lengths=memory_lengths, key_padding_mask=memory_mask,
-                cache=cross_cache, layer_idx=layer_idx, backend=backend,
+                cache=cross_cache, layer_idx=layer_idx, backend=backend, cu_seqlens=cu_seqlens,
+                context_cu_seqlens=memory_cu_seqlens,
             ))
         return self.residual(x, self.ffn_norm, self.ffn)
