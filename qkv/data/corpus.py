@@ -1,4 +1,5 @@
-"""Text corpora split by document: the embedded stdlib corpus, folders, globs and JSONL files.
+"""Text corpora: the embedded stdlib corpus, folders, globs and JSONL files, split by document
+or by position.
 
 The default corpus is the source of the running interpreter's standard library: it is on every
 machine that runs qkv, so training needs no download. Which `*.py` files it holds:
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import glob as _glob
 import hashlib
+import itertools
 import json
 import os
 import sysconfig
@@ -122,18 +124,10 @@ def _folder_files(root: Path) -> list[tuple[str, Path]]:
 
 def _glob_files(pattern: str) -> list[tuple[str, Path]]:
     """Files matching `pattern` (recursive `**` allowed), named relative to its fixed prefix."""
-    parts = Path(pattern).parts
-    fixed = list(_takewhile_literal(parts))
+    fixed = list(itertools.takewhile(lambda p: not _glob.has_magic(p), Path(pattern).parts[:-1]))
     root = Path(*fixed) if fixed else Path(".")
     paths = [Path(p) for p in _glob.glob(pattern, recursive=True) if Path(p).is_file()]
     return sorted((p.relative_to(root).as_posix(), p) for p in paths)
-
-
-def _takewhile_literal(parts):
-    for p in parts[:-1]:
-        if _glob.has_magic(p):
-            return
-        yield p
 
 
 def _jsonl_documents(path: Path, text_key: str) -> Iterator[Document]:

@@ -71,7 +71,7 @@ class TrainData:
     def describe(self) -> str:
         parts = [f"{s}: {len(self.corpus[s])} files, {len(self.streams[s]):,} tokens"
                  for s in SPLITS]
-        return "; ".join(parts)
+        return "; ".join(parts) + f" (split {self.corpus.describe_split()})"
 
 
 def prepare_data(config: TrainConfig, *, corpus: Corpus | None = None,

@@ -111,3 +111,10 @@ def test_validation_message_names_the_split_and_helps(tmp_path):
     with pytest.raises(CorpusError, match='split = "position"') as e:
         prepare_data(config)
     assert "by document" in str(e.value) and "seq_len" not in str(e.value)
+
+
+def test_describe_names_the_split(tmp_path):
+    (tmp_path / "one.py").write_text("".join(f"x{i} = {i} * 2\n" for i in range(400)))
+    data = prepare_data(TrainConfig(corpus=str(tmp_path / "one.py"), **SMALL))
+    assert data.describe().startswith("train: 1 files, ")
+    assert data.describe().endswith("(split by position, 90/5/5)")
