@@ -118,3 +118,9 @@ def test_describe_names_the_split(tmp_path):
     data = prepare_data(TrainConfig(corpus=str(tmp_path / "one.py"), **SMALL))
     assert data.describe().startswith("train: 1 files, ")
     assert data.describe().endswith("(split by position, 90/5/5)")
+
+
+def test_gpu_memory_is_the_free_memory(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (3 * 10**9, 80 * 10**9))
+    memory, text = device_memory(torch.device("cuda", 0))
+    assert memory == 3 * 10**9 and text == "cuda:0 has 3.0 GB free of 80.0 GB"
