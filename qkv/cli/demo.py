@@ -2,26 +2,44 @@
 
 from __future__ import annotations
 
+import shlex
 from typing import Annotated
 
 import typer
+
+
+def next_steps(out: str) -> str:
+    """The commands to try on the demo's run folder, one per line."""
+    run = shlex.quote(out)
+    return "\n".join([
+        "next, try:",
+        f"  qkv generate --checkpoint {run} --prompt 'def add(a, b):\\n'",
+        f"  qkv eval --checkpoint {run}",
+        f"  qkv runs {run}",
+    ])
 
 
 def demo(
     quick: Annotated[bool, typer.Option(help="a tiny run of a few seconds (for tests)")] = False,
     out: Annotated[str, typer.Option(help="run folder for the checkpoint and report")]
         = "runs/demo",
-    prompt: Annotated[str, typer.Option(help="code to complete")] = "def fibonacci(n):\n",
+    prompt: Annotated[str, typer.Option(help="code to complete; \\n is read as a newline")]
+        = "def fibonacci(n):\\n",
     max_new_tokens: Annotated[int, typer.Option(min=1, help="tokens to generate")] = 80,
 ) -> None:
-    """Build the stdlib corpus, train a BPE tokenizer and a small DecoderLM, compare its bits
-    per byte with a byte bigram on held-out files, save it, and stream a completion."""
-    from qkv.cli.train import user_errors
-    from qkv.train.demo import run_demo
+    """Train a small code model on the Python standard library and complete a prompt.
+
+    It builds the stdlib corpus, trains a BPE tokenizer and a small DecoderLM, compares its bits
+    per byte with a byte bigram on held-out files, saves it, and streams a completion.
+    """
+    from qkv.cli._errors import user_errors
 
     with user_errors():
+        from qkv.train.demo import run_demo
+
         run_demo(quick=quick, out_dir=out, prompt=prompt.replace("\\n", "\n"),
                  max_new_tokens=max_new_tokens)
+    typer.echo(next_steps(out))
 
 
 def register(app: typer.Typer) -> None:

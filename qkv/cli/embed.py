@@ -9,12 +9,25 @@ from typing import Annotated
 
 import typer
 
+from qkv.cli._errors import fail
+from qkv.cli._files import check_writable_file
+
 FORMATS = (".npy", ".safetensors", ".jsonl")
 
 
 def read_lines(source: str) -> list[str]:
-    """The lines of a file ("-" for stdin), without their line ends; blank lines are kept."""
-    text = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
+    """The lines of a file ("-" for stdin), without their line ends; blank lines are kept.
+    Raises ValueError naming the file if it is not UTF-8 text."""
+    name = "stdin" if source == "-" else source
+    try:
+        data = sys.stdin.buffer.read() if source == "-" else Path(source).read_bytes()
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{name} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
+                         f"{e.start}); give a text file, one sentence per line") from None
+    if "\x00" in text:
+        raise ValueError(f"{name} is not a text file (it holds NUL bytes); give a text file, "
+                         "one sentence per line")
     return text.splitlines()
 
 
@@ -40,14 +53,24 @@ def write_vectors(out: Path, texts: list[str], vectors) -> None:
                     f.write("\n")
 
 
+def too_long_message(e: ValueError, source: str) -> str | None:
+    """The CLI's words for qkv.interop.minilm.TextTooLongError (None for other errors)."""
+    if not all(hasattr(e, a) for a in ("index", "length", "limit")):
+        return None
+    name = "stdin" if source == "-" else source
+    return (f"line {e.index + 1} of {name} has {e.length} tokens, more than {e.limit}; "
+            "drop --no-truncate to cut it")
+
+
 def embed(
-    source: Annotated[str, typer.Argument(help="text file, one sentence per line; - for stdin")],
+    source: Annotated[str, typer.Argument(
+        metavar="FILE", help="text file, one sentence per line; - for stdin")],
     out: Annotated[Path, typer.Option("--out", "-o",
                                       help="output file: .npy, .safetensors or .jsonl")],
     batch_size: Annotated[int, typer.Option(min=1, help="texts per forward pass")] = 32,
     backend: Annotated[str, typer.Option(help="qkv.attention backend")] = "auto",
-    device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda if present)")]
-    = None,
+    device: Annotated[str, typer.Option(
+        help="auto (cuda if present, else cpu), cpu, cuda or cuda:N")] = "auto",
     truncate: Annotated[bool, typer.Option(help="cut texts at 256 tokens; with --no-truncate "
                                                 "a longer text is an error")] = True,
 ) -> None:
@@ -55,25 +78,37 @@ def embed(
     from rich.console import Console
     from rich.progress import Progress
 
+    from qkv.cli._errors import user_errors
+
     if out.suffix.lower() not in FORMATS:
         raise typer.BadParameter(f"suffix must be one of {list(FORMATS)}, got {out.name!r}",
                                  param_hint="--out")
-    if source != "-" and not Path(source).is_file():
-        raise typer.BadParameter(f"no such file: {source}", param_hint="SOURCE")
-    texts = read_lines(source)
+    with user_errors():
+        if source != "-" and not Path(source).is_file():
+            raise FileNotFoundError(f"no such file: {source}")
+        check_writable_file(out)
+        from qkv.device import resolve_device
 
-    from qkv.interop.minilm import embed as embed_texts
+        resolved = resolve_device(device)
+        texts = read_lines(source)
+        from qkv.interop.minilm import embed as embed_texts
 
-    console = Console(stderr=True)
-    with Progress(console=console, transient=True) as bar:
-        task = bar.add_task("embedding", total=len(texts))
+        console = Console(stderr=True)
+        with Progress(console=console, transient=True) as bar:
+            task = bar.add_task("embedding", total=len(texts))
+            try:
+                vectors = embed_texts(texts, batch_size=batch_size, backend=backend,
+                                      device=resolved, truncate=truncate,
+                                      progress=lambda done: bar.update(task, completed=done))
+            except ValueError as e:
+                message = too_long_message(e, source)
+                if message is None:
+                    raise
+                raise fail(message) from None
         try:
-            vectors = embed_texts(texts, batch_size=batch_size, backend=backend, device=device,
-                                  truncate=truncate,
-                                  progress=lambda done: bar.update(task, completed=done))
-        except ValueError as e:
-            raise typer.BadParameter(str(e)) from e
-    write_vectors(out, texts, vectors.cpu())
+            write_vectors(out, texts, vectors.cpu())
+        except OSError as e:
+            raise fail(f"cannot write {out}: {e.strerror or e}") from None
     console.print(f"wrote {len(texts)} vectors of {vectors.shape[1]} floats to {out}")
 
 

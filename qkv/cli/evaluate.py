@@ -13,12 +13,14 @@ def eval_command(
         help="a checkpoint folder, or a run folder (its newest usable checkpoint)")],
     split: Annotated[str, typer.Option(help="train, validation or test")] = "test",
     corpus: Annotated[str | None, typer.Option(
-        help="corpus to evaluate on [the one the checkpoint was trained on]")] = None,
-    max_bytes: Annotated[int | None, typer.Option(help="corpus size cap [as trained]")] = None,
+        help="corpus to evaluate on", show_default="the one the checkpoint was trained on")]
+        = None,
+    max_bytes: Annotated[int | None, typer.Option(
+        help="corpus size cap", show_default="as trained")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="windows per batch")] = 16,
     max_batches: Annotated[int | None, typer.Option(
-        min=1, help="evaluate only this many batches [all]")] = None,
-    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+        min=1, help="evaluate only this many batches", show_default="all")] = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto")] = "cpu",
     json_out: Annotated[bool, typer.Option("--json", help="print the numbers as JSON")] = False,
 ) -> None:
     """Evaluate a trained model on a split and compare it with a byte bigram baseline."""
@@ -27,24 +29,26 @@ def eval_command(
     from rich.console import Console
     from rich.table import Table
 
-    from qkv.cli.train import user_errors
-    from qkv.train.evaluate import evaluate_checkpoint
+    from qkv.cli._errors import user_errors, warn
 
-    console = Console()
     with user_errors():
+        from qkv.device import resolve_device
+        from qkv.train.evaluate import evaluate_checkpoint
+
         m = evaluate_checkpoint(checkpoint, split=split, corpus=corpus, max_bytes=max_bytes,
-                                batch_size=batch_size, max_batches=max_batches, device=device,
-                                warn=lambda msg: console.print(f"warning: {msg}"))
+                                batch_size=batch_size, max_batches=max_batches,
+                                device=resolve_device(device), warn=warn)
     if json_out:
         typer.echo(json.dumps(m, indent=1))
         return
     table = Table(title=f"{m['split']} split of {m['corpus']} ({m['tokens']:,} tokens, "
                         f"{m['bytes']:,} bytes)")
-    for column in ("model", "loss (nats/token)", "perplexity", "bits per byte"):
-        table.add_column(column, justify="left" if column == "model" else "right")
+    table.add_column("model", overflow="fold")  # a checkpoint's path is never cut short
+    for column in ("loss (nats/token)", "perplexity", "bits per byte"):
+        table.add_column(column, justify="right", no_wrap=True)
     table.add_row("byte bigram (Kneser-Ney)", "", "", f"{m['bigram_bpb']:.3f}")
     table.add_row(m["checkpoint"], f"{m['loss']:.4f}", f"{m['ppl']:.2f}", f"{m['bpb']:.3f}")
-    console.print(table)
+    Console().print(table)
 
 
 def register(app: typer.Typer) -> None:

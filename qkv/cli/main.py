@@ -1,15 +1,54 @@
 """The `qkv` command. Each subcommand lives in its own module of this package and is a thin
-shell over library calls; a module joins the command by defining `register(app)`."""
+shell over library calls; a module joins the command by defining `register(app)`. Modules whose
+names start with "_" hold shared helpers.
+
+The subcommand modules import torch and the library inside their functions, so that
+`qkv --help`, `qkv --version` and usage errors answer at once.
+"""
 
 from __future__ import annotations
 
 import importlib
 import pkgutil
+import sys
+from typing import Annotated
 
 import typer
+from typer.core import TyperGroup
+
+from qkv.cli._errors import one_line
+
+# The parser's exception classes, whether typer ships its own click or uses the package.
+_BASES = {c.__name__: c for c in typer.BadParameter.__mro__}
+ClickException, UsageError = _BASES["ClickException"], _BASES["UsageError"]
+
+
+class UsageErrorsOnOneLine(TyperGroup):
+    """A usage error (unknown option, bad value) prints one `error:` line and exits 2."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except UsageError as e:
+            code = e.exit_code
+            if not e.format_message():  # no arguments: the help has been shown
+                sys.exit(code)
+            where = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
+            print(f"error: {one_line(e.format_message())}{where}", file=sys.stderr)
+        except ClickException as e:
+            print(f"error: {one_line(e.format_message())}", file=sys.stderr)
+            code = e.exit_code
+        except typer.Abort:
+            print("interrupted", file=sys.stderr)
+            code = 130
+        sys.exit(code if isinstance(code, int) else 0)
+
 
 app = typer.Typer(
     name="qkv",
+    cls=UsageErrorsOnOneLine,
     help="Exact attention in linear memory, and the Transformer built on it.",
     no_args_is_help=True,
     add_completion=False,
@@ -17,8 +56,20 @@ app = typer.Typer(
 )
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        import qkv
+
+        typer.echo(f"qkv {qkv.__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    version: Annotated[bool, typer.Option(
+        "--version", is_eager=True, callback=_print_version,
+        help="print qkv's version and exit")] = False,
+) -> None:
     """Exact attention in linear memory, and the Transformer built on it."""
 
 

@@ -2,26 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-
-
-@contextlib.contextmanager
-def user_errors() -> Iterator[None]:
-    """Print an unusable corpus, config or checkpoint as one `error: ...` line and exit 1."""
-    from qkv.data import CorpusError
-    from qkv.train import CheckpointError
-
-    try:
-        yield
-    except (CorpusError, CheckpointError, FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise typer.Exit(1) from None
 
 
 def build_config(config: Path | None, flags: dict[str, Any], assignments: list[str]):
@@ -34,34 +18,38 @@ def build_config(config: Path | None, flags: dict[str, Any], assignments: list[s
     return TrainConfig.from_dict(values)
 
 
+def _setting(help: str, default: str, *names: str):
+    """An option whose unset value means TrainConfig's default, shown in --help."""
+    return typer.Option(*names, help=help, show_default=default)
+
+
 def train(
     config: Annotated[Path | None, typer.Option(
         "--config", "-c", help="TOML file of TrainConfig keys (model settings in a \\[model] "
         "table); flags override it")] = None,
-    corpus: Annotated[str | None, typer.Option(
-        help="'stdlib' (default), a folder, a glob, or a .jsonl file")] = None,
-    out_dir: Annotated[str | None, typer.Option(
-        help="run folder: checkpoints/, metrics.jsonl, tokenizer.json [runs/train]")] = None,
-    max_steps: Annotated[int | None, typer.Option(help="optimizer steps [1000]")] = None,
-    batch_size: Annotated[int | None, typer.Option(
-        help="windows per micro-batch per process [16]")] = None,
-    grad_accum: Annotated[int | None, typer.Option(help="micro-batches per step [1]")] = None,
-    seq_len: Annotated[int | None, typer.Option(help="tokens per window [128]")] = None,
-    lr: Annotated[float | None, typer.Option(help="peak learning rate [2e-3]")] = None,
-    tokenizer: Annotated[str | None, typer.Option(help="bpe or byte [bpe]")] = None,
-    vocab_size: Annotated[int | None, typer.Option(help="BPE vocabulary size [2048]")] = None,
-    max_bytes: Annotated[int | None, typer.Option(help="corpus size cap [3000000]")] = None,
-    precision: Annotated[str | None, typer.Option(
-        help="fp32, bf16 (autocast) or fp16 (CUDA, with GradScaler) [fp32]")] = None,
-    activation_checkpointing: Annotated[bool | None, typer.Option(
-        "--activation-checkpointing/--no-activation-checkpointing",
-        help="recompute layer activations in the backward pass")] = None,
-    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda [auto]")] = None,
-    seed: Annotated[int | None, typer.Option(help="seed of init, data order, dropout [0]")]
+    corpus: Annotated[str | None, _setting(
+        "'stdlib', a folder, a glob, or a .jsonl file", "stdlib")] = None,
+    out_dir: Annotated[str | None, _setting(
+        "run folder: checkpoints/, metrics.jsonl, tokenizer.json", "runs/train")] = None,
+    max_steps: Annotated[int | None, _setting("optimizer steps", "1000")] = None,
+    batch_size: Annotated[int | None, _setting("windows per micro-batch per process", "16")]
         = None,
-    time_limit: Annotated[float | None, typer.Option(
-        help="stop (and save) after this many seconds of training")] = None,
-    threads: Annotated[int | None, typer.Option(help="torch CPU threads per process")] = None,
+    grad_accum: Annotated[int | None, _setting("micro-batches per step", "1")] = None,
+    seq_len: Annotated[int | None, _setting("tokens per window", "128")] = None,
+    lr: Annotated[float | None, _setting("peak learning rate", "0.002")] = None,
+    tokenizer: Annotated[str | None, _setting("bpe or byte", "bpe")] = None,
+    vocab_size: Annotated[int | None, _setting("BPE vocabulary size", "2048")] = None,
+    max_bytes: Annotated[int | None, _setting("corpus size cap", "3000000")] = None,
+    precision: Annotated[str | None, _setting(
+        "fp32, bf16 (autocast) or fp16 (CUDA, with GradScaler)", "fp32")] = None,
+    activation_checkpointing: Annotated[bool | None, _setting(
+        "recompute layer activations in the backward pass", "no-activation-checkpointing",
+        "--activation-checkpointing/--no-activation-checkpointing")] = None,
+    device: Annotated[str | None, _setting("auto, cpu, cuda or cuda:N", "auto")] = None,
+    seed: Annotated[int | None, _setting("seed of init, data order, dropout", "0")] = None,
+    time_limit: Annotated[float | None, _setting(
+        "stop (and save) after this many seconds of training", "no limit")] = None,
+    threads: Annotated[int | None, _setting("torch CPU threads per process", "torch's")] = None,
     set_: Annotated[list[str] | None, typer.Option(
         "--set", help="any other setting, repeatable: key=value or model.key=value "
         "(e.g. --set model.d_model=256 --set warmup_steps=100)")] = None,
@@ -77,6 +65,7 @@ def train(
     Under `torchrun --nproc_per_node N -m qkv train ...` it trains with DistributedDataParallel
     (gloo on the CPU, NCCL on CUDA); rank 0 alone writes checkpoints and logs.
     """
+    from qkv.cli._errors import user_errors
     from qkv.train import train as run_training
 
     flags = {"corpus": corpus, "out_dir": out_dir, "max_steps": max_steps,
@@ -86,6 +75,10 @@ def train(
              "device": device, "seed": seed, "time_limit": time_limit, "threads": threads,
              "progress": None if progress else False}
     with user_errors():
+        if device is not None:
+            from qkv.device import resolve_device
+
+            resolve_device(device)
         cfg = build_config(config, flags, set_ or [])
         result = run_training(cfg, resume=resume, overwrite=overwrite)
     if result.rank == 0 and result.eval is not None:

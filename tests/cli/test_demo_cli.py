@@ -31,15 +31,18 @@ def test_demo_quick(quick_run):
 def test_generate_streams_from_the_quick_checkpoint(quick_run):
     out, _ = quick_run
     args = ["generate", "--checkpoint", str(out), "--prompt", "def add(a, b):\\n",
-            "--max-new-tokens", "10"]
+            "--max-new-tokens", "10", "--temperature", "0"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert result.output.startswith("def add(a, b):\n")
     assert len(result.output) > len("def add(a, b):\n") + 1
     again = runner.invoke(app, [*args, "--cache", "none"])
     assert again.output == result.output  # greedy: the KV cache changes nothing
-    sampled = runner.invoke(app, [*args, "--temperature", "0.9", "--top-k", "20", "--seed", "3"])
+    sampled = runner.invoke(app, [*args[:-2], "--temperature", "0.9", "--top-k", "20",
+                                  "--seed", "3"])
     assert sampled.exit_code == 0, sampled.output
+    default = runner.invoke(app, args[:-2])  # samples at 0.8 among the top 40
+    assert default.exit_code == 0 and default.output.startswith("def add(a, b):\n")
 
 
 def test_eval_on_the_quick_checkpoint(quick_run):
@@ -57,4 +60,4 @@ def test_generate_errors(tmp_path, quick_run):
                                   "--prompt", "x"])
     assert missing.exit_code == 1 and "does not exist" in missing.output
     empty = runner.invoke(app, ["generate", "--checkpoint", str(out), "--prompt", ""])
-    assert empty.exit_code == 1 and "prompt is empty" in empty.output
+    assert empty.exit_code == 1 and "--prompt is empty" in empty.output

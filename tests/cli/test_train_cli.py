@@ -43,16 +43,14 @@ def test_config_file_and_flags(tmp_path):
     wider = _train(*TINY_FLAGS, "--max-steps", "4", "--out-dir", str(run), "--resume",
                    "--set", "model.d_model=64")
     message = _error(wider)
-    assert "does not fit this model" in message and "'embed.tok_emb.weight'" in message
-    assert "(258, 32)" in message and "(258, 64)" in message
+    assert "model.d_model" in message and "32" in message and "64" in message
 
 
 def test_unknown_config_key_in_file(tmp_path):
     config = tmp_path / "run.toml"
     config.write_text("learning_rate = 0.001\n")
     message = _error(_train("--config", str(config)))
-    assert "unknown config key(s) ['learning_rate']" in message and "valid keys" in message
-    assert "lr" in message
+    assert "['learning_rate']" in message and "'lr'" in message
 
 
 def test_unknown_key_via_set_and_bad_toml(tmp_path):
