@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from qkv.data import SPLITS, BigramModel, CorpusError, LMWindows, token_stream
+from qkv.device import resolve_device
 from qkv.train.checkpoint import load_model, read_run_config
 from qkv.train.config import TrainConfig
 from qkv.train.data import load_corpus, token_byte_lengths
@@ -73,10 +74,12 @@ def evaluate_checkpoint(path, *, split: str = "test", corpus: str | None = None,
     config, qkv.train.checkpoint.read_run_config); `corpus` / `max_bytes` override them. A
     fallback from a damaged newest checkpoint is reported through `warn` (default:
     `warnings.warn`; nothing is printed). Raises CheckpointError, FileNotFoundError or
-    CorpusError with a message that names the problem.
+    CorpusError with a message that names the problem; ValueError for an unknown split or a
+    device this machine lacks (qkv.device.resolve_device: "auto", "cpu", "cuda", "cuda:N").
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
+    device = resolve_device(device)
     model, tokenizer, folder = load_model(path, device=device, warn=warn or _warn)
     saved = read_run_config(folder)
     values = {k: saved[k] for k in CORPUS_KEYS if k in saved}

@@ -56,3 +56,12 @@ def test_runs_saved_before_split_existed_split_by_document(tmp_path):
     run, _ = _run(tmp_path, "".join(f"word {i}\n" for i in range(300)))
     with pytest.raises(CorpusError, match="split of .* has 0 tokens"):
         evaluate_checkpoint(run, split="validation", batch_size=4)
+
+
+@pytest.mark.parametrize("device, message", [("tpu", "device must be"),
+                                             ("cuda:99", "cuda:99")])
+def test_device_is_resolved_with_a_named_error(tmp_path, device, message):
+    run, _ = _run(tmp_path, "".join(f"word {i}\n" for i in range(300)), split="auto")
+    with pytest.raises(ValueError, match=message):
+        evaluate_checkpoint(run, split="validation", device=device)
+    assert evaluate_checkpoint(run, split="validation", device="auto")["tokens"] > 0
