@@ -7,6 +7,7 @@ import textwrap
 
 import pytest
 import torch
+from safetensors import SafetensorError
 
 from qkv.data import byte_tokenizer
 from qkv.nn import DecoderLM, TransformerConfig
@@ -150,3 +151,53 @@ def test_wrong_shape_names_the_tensor(tmp_path):
     path = _save(tmp_path, 1, model=_model(d_model=32))
     with pytest.raises(CheckpointError, match=r"embed\.tok_emb\.weight.*\(258, 32\).*\(258, 64\)"):
         load_weights(_model(d_model=64), path)
+
+
+def test_safetensors_error_is_reported_like_a_full_disk(tmp_path, monkeypatch):
+    good = _save(tmp_path, 1)
+
+    def storage_full(*args, **kwargs):
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: '
+                              'StorageFull, message: "No space left on device" })')
+
+    monkeypatch.setattr(ckpt, "save_file", storage_full)
+    with pytest.raises(CheckpointError, match=r"could not write checkpoint .*step-00000002: .*"
+                                              r"No space left on device.*earlier checkpoints "
+                                              r"are untouched"):
+        _save(tmp_path, 2)
+    assert list_checkpoints(tmp_path) == [good]
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == [good.name]
+
+
+def test_a_complete_checkpoint_is_never_rewritten(tmp_path):
+    saved = _model(seed=1)
+    first = _save(tmp_path, 1, model=saved)
+    stamp = (first / ckpt.MANIFEST).stat().st_mtime_ns
+    again = _save(tmp_path, 1, model=_model(seed=2))
+    assert again == first and (first / ckpt.MANIFEST).stat().st_mtime_ns == stamp
+    loaded, _, _ = load_model(first)
+    assert torch.equal(loaded.lm_head.weight, saved.lm_head.weight)
+
+
+def test_describe_checkpoints_and_read_run_config(tmp_path, tiny_data):
+    from qkv.train import describe_checkpoints, read_run_config, train
+
+    run = tmp_path / "run"
+    result = train(tiny_config(run, max_steps=4, checkpoint_interval=2, eval_interval=2),
+                   data=tiny_data)
+    broken = run / "checkpoints" / "step-00000004" / ckpt.MODEL_FILE
+    broken.write_bytes(broken.read_bytes()[:-4])
+    rows = describe_checkpoints(run)
+    assert [(r["step"], r["usable"], r["latest"]) for r in rows] == [(2, True, True),
+                                                                     (4, False, False)]
+    assert rows[0]["path"] == str(run / "checkpoints" / "step-00000002")
+    assert set(rows[0]["eval"]) >= {"loss", "ppl", "bpb"} and rows[0]["tokens_seen"] > 0
+    assert "truncated" in rows[1]["problem"]
+    assert read_run_config(run)["max_steps"] == 4 == read_run_config(rows[0]["path"])["max_steps"]
+    assert read_run_config(run) == result_config(result)
+
+
+def result_config(result):
+    import json
+
+    return json.loads((result.run_dir / "config.json").read_text())

@@ -1,0 +1,40 @@
+"""`qkv runs RUN_DIR`: a run's checkpoints with step, full path, metrics, and the one in use."""
+
+import json
+
+from typer.testing import CliRunner
+
+from qkv.cli.main import app
+from qkv.train import train
+from tests.train import conftest
+
+tiny_data = conftest.tiny_data  # the shared fixture
+
+runner = CliRunner()
+
+
+def test_lists_checkpoints_with_full_paths_and_the_one_in_use(tmp_path, tiny_data):
+    run = tmp_path / "a-rather-long-folder-name-for-the-run" / "run"
+    config = conftest.tiny_config(run, max_steps=4, checkpoint_interval=2, eval_interval=2)
+    train(config, data=tiny_data)
+    result = runner.invoke(app, ["runs", str(run)])
+    assert result.exit_code == 0, result.output
+    cells = [line.split("│") for line in result.output.splitlines() if line.startswith("│")]
+    paths = "".join(cell[2].strip() for cell in cells)  # folded over lines, never cut short
+    assert paths == str(run / "checkpoints" / "step-00000002") + str(run / "checkpoints" /
+                                                                    "step-00000004")
+    status = " ".join(" ".join(c[-2].strip() for c in cells).split())
+    assert status == "usable used by --resume and eval"
+    assert "…" not in result.output
+
+    as_json = runner.invoke(app, ["runs", str(run), "--json"])
+    rows = json.loads(as_json.output)
+    assert [(r["step"], r["latest"]) for r in rows] == [(2, False), (4, True)]
+    assert rows[1]["eval"]["bpb"] > 0
+
+
+def test_missing_and_empty_run_folders(tmp_path):
+    missing = runner.invoke(app, ["runs", str(tmp_path / "nope")])
+    assert missing.exit_code == 1 and "does not exist" in missing.output
+    empty = runner.invoke(app, ["runs", str(tmp_path)])
+    assert empty.exit_code == 0 and "holds no checkpoint" in empty.output
