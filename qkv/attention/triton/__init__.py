@@ -10,8 +10,12 @@ import torch
 
 from qkv.attention.registry import Backend, register
 from qkv.attention.spec import AttentionCall
+from qkv.attention.triton import interpreter_compat
 from qkv.attention.triton.function import MAX_HEAD_DIM, attention, attention_varlen
 from qkv.attention.triton.launch import interpreting
+
+if interpreting():
+    interpreter_compat.apply()
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 

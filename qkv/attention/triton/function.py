@@ -1,8 +1,9 @@
 """Launchers for the Triton kernels and the autograd.Function that joins forward and backward.
 
-`Problem` gathers, once per call, what every kernel launch shares: the layout (padded
-(B, H, L, D) or packed (total, H, D) with cu_seqlens), the mask tensors with broadcast
-strides, and the feature switches. On CUDA each kernel is autotuned over a small config list
+`Problem` gathers, once per call, the kernel arguments the launches share, in groups (packed
+sequences, cache, window, scores, bias and mask with broadcast strides, dropout, shape), so each
+kernel takes the groups it uses. Inputs q, k, v are read through their strides (padded
+(B, H, L, D) or packed (total, H, D) with cu_seqlens); everything the kernels write is dense. On CUDA each kernel is autotuned over a small config list
 keyed on head dim and sequence lengths; under TRITON_INTERPRET=1 (CPU) a fixed config runs.
 """
 
@@ -24,6 +25,8 @@ MAX_HEAD_DIM = 256
 DECODE_MAX_LQ = 16
 DECODE_MAX_ROWS = 64
 DECODE_MIN_LK = 1024
+
+
 def _broadcast_strides(t: torch.Tensor) -> tuple[int, int, int, int]:
     """Strides of a 4-D tensor with 0 for every size-1 (broadcast) dimension."""
     return tuple(0 if n == 1 else s for n, s in zip(t.shape, t.stride(), strict=True))
@@ -35,77 +38,87 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class Problem:
-    """One call's shapes, layout and kernel arguments shared by every launch."""
+    """One call's shapes, layout and the kernel arguments its launches share, by group.
+
+    The forward, dQ and dK/dV kernels take every group (`args`); the decode kernel takes
+    `cache`, `window`, `score` and `shape` only (no packed sequences, bias, mask or dropout).
+    """
 
     call: AttentionCall
     varlen: bool
-    Lq: int  # longest query sequence (padded Lq)
-    Lk: int
-    args: dict  # pointer / scalar / constexpr arguments common to all kernels
+    seq: dict  # packed sequences: cu_seqlens of queries and keys
+    cache: dict  # per-row kv_lengths and query offsets
+    window: dict  # causal and sliding window
+    score: dict  # scale, softcap, ALiBi slopes
+    bias_mask: dict  # additive bias and boolean mask with broadcast strides
+    dropout: dict
+    shape: dict  # heads, lengths, head dims, their padded block sizes and the dot precision
     bias_grad: bool
-    dtype: torch.dtype
+
+    @property
+    def args(self) -> dict:
+        return {**self.seq, **self.cache, **self.window, **self.score, **self.bias_mask,
+                **self.dropout, **self.shape}
 
     @property
     def block_d(self) -> int:
-        return pow2(self.call.D)
+        return self.shape["BLOCK_D"]
 
     @property
     def block_dv(self) -> int:
-        return pow2(self.call.Dv)
+        return self.shape["BLOCK_DV"]
+
+
+def _int32(t: torch.Tensor | None, dev: torch.device) -> torch.Tensor | None:
+    return None if t is None else t.to(device=dev, dtype=torch.int32).contiguous()
+
+
+def _broadcast_arg(name: str, t: torch.Tensor | None) -> dict:
+    """{NAME: t, stride_name_b/h/m/n: broadcast strides, HAS_NAME: present} for bias / mask."""
+    strides = _broadcast_strides(t) if t is not None else (0, 0, 0, 0)
+    out = {name.upper(): t, f"HAS_{name.upper()}": t is not None}
+    out.update({f"stride_{name}_{d}": s for d, s in zip("bhmn", strides, strict=True)})
+    return out
 
 
 def make_problem(call: AttentionCall, q: torch.Tensor, cu_seqlens_q=None, cu_seqlens_k=None
                  ) -> Problem:
-    """Build the shared kernel arguments for `call` (packed layout when cu_seqlens are given)."""
+    """Group the kernel arguments of `call` (packed layout when cu_seqlens are given)."""
     dev = q.device
-    dummy_i = torch.zeros(2, dtype=torch.int32, device=dev)
     varlen = cu_seqlens_q is not None
-    a = dict(CU_Q=dummy_i, CU_K=dummy_i, KVLEN=dummy_i, QOFF=dummy_i,
-             BIAS=q, stride_bias_b=0, stride_bias_h=0, stride_bias_m=0, stride_bias_n=0,
-             MASK=q, stride_mask_b=0, stride_mask_h=0, stride_mask_m=0, stride_mask_n=0,
-             SLOPES=q)
-    if varlen:
-        a["CU_Q"] = cu_seqlens_q.to(device=dev, dtype=torch.int32).contiguous()
-        a["CU_K"] = cu_seqlens_k.to(device=dev, dtype=torch.int32).contiguous()
-    has_kvlen = call.kv_lengths is not None and not varlen  # varlen: lengths come from cu_k
-    has_qoff = call.q_offset is not None and not varlen
-    if has_kvlen:
-        a["KVLEN"] = call.kv_lengths.to(device=dev, dtype=torch.int32).contiguous()
-    if has_qoff:
-        a["QOFF"] = call.q_offset.to(device=dev, dtype=torch.int32).contiguous()
-    if call.bias is not None:
-        a["BIAS"] = call.bias
-        (a["stride_bias_b"], a["stride_bias_h"], a["stride_bias_m"],
-         a["stride_bias_n"]) = _broadcast_strides(call.bias)
-    if call.mask is not None:
-        m = call.mask.view(torch.uint8)
-        a["MASK"] = m
-        (a["stride_mask_b"], a["stride_mask_h"], a["stride_mask_m"],
-         a["stride_mask_n"]) = _broadcast_strides(m)
-    if call.alibi_slopes is not None:
-        a["SLOPES"] = call.alibi_slopes.to(device=dev, dtype=torch.float32).contiguous()
+    # Packed sequences take their lengths and alignment from cu_seqlens.
+    kv_lengths = None if varlen else _int32(call.kv_lengths, dev)
+    q_offset = None if varlen else _int32(call.q_offset, dev)
     left, right = call.window if call.window is not None else (None, None)
+    slopes = call.alibi_slopes
     p = call.dropout_p
-    a.update(
-        Hq=call.Hq, G=call.groups, Lq=call.Lq, Lk=call.Lk, head_dim=call.D, head_dim_v=call.Dv,
-        sm_scale=call.scale, softcap=call.softcap or 1.0, wl=left or 0, wr=right or 0,
-        drop_thresh=math.ceil(p * (1 << 24)) if p > 0 else 0,
-        drop_scale=1.0 / (1.0 - p), seed=call.dropout_seed or 0,
-        IS_CAUSAL=call.causal, HAS_WL=left is not None, HAS_WR=right is not None,
-        HAS_KVLEN=has_kvlen, HAS_QOFF=has_qoff, IS_VARLEN=varlen,
-        HAS_BIAS=call.bias is not None, HAS_MASK=call.mask is not None,
-        HAS_ALIBI=call.alibi_slopes is not None, HAS_SOFTCAP=call.softcap is not None,
-        HAS_DROPOUT=p > 0,
-        BLOCK_D=pow2(call.D), BLOCK_DV=pow2(call.Dv),
-        PREC="ieee" if q.dtype == torch.float32 else "tf32",
+    return Problem(
+        call=call, varlen=varlen,
+        seq=dict(CU_Q=_int32(cu_seqlens_q, dev), CU_K=_int32(cu_seqlens_k, dev),
+                 IS_VARLEN=varlen),
+        cache=dict(KVLEN=kv_lengths, QOFF=q_offset, HAS_KVLEN=kv_lengths is not None,
+                   HAS_QOFF=q_offset is not None),
+        window=dict(wl=left or 0, wr=right or 0, IS_CAUSAL=call.causal,
+                    HAS_WL=left is not None, HAS_WR=right is not None),
+        score=dict(sm_scale=call.scale, softcap=call.softcap or 1.0,
+                   SLOPES=None if slopes is None else slopes.to(dev, torch.float32).contiguous(),
+                   HAS_ALIBI=slopes is not None, HAS_SOFTCAP=call.softcap is not None),
+        bias_mask={**_broadcast_arg("bias", call.bias),
+                   **_broadcast_arg("mask", None if call.mask is None
+                                    else call.mask.view(torch.uint8))},
+        dropout=dict(drop_thresh=math.ceil(p * (1 << 24)) if p > 0 else 0,
+                     drop_scale=1.0 / (1.0 - p), seed=call.dropout_seed or 0,
+                     HAS_DROPOUT=p > 0),
+        shape=dict(Hq=call.Hq, G=call.groups, Lq=call.Lq, Lk=call.Lk, head_dim=call.D,
+                   head_dim_v=call.Dv, BLOCK_D=pow2(call.D), BLOCK_DV=pow2(call.Dv),
+                   PREC="ieee" if q.dtype == torch.float32 else "tf32"),
+        bias_grad=call.bias is not None and call.bias.requires_grad,
     )
-    return Problem(call=call, varlen=varlen, Lq=call.Lq, Lk=call.Lk, args=a,
-                   bias_grad=call.bias is not None and call.bias.requires_grad, dtype=q.dtype)
 
 
 # ---- forward ---------------------------------------------------------------------------------
 
-def use_decode(prob: Problem, q: torch.Tensor) -> bool:
+def use_decode(prob: Problem) -> bool:
     """Split-KV decode for short query blocks over long caches (no bias, mask, dropout, varlen)."""
     c = prob.call
     return (c.Lq <= DECODE_MAX_LQ and c.groups * c.Lq <= DECODE_MAX_ROWS
@@ -115,39 +128,25 @@ def use_decode(prob: Problem, q: torch.Tensor) -> bool:
 
 def forward(q, k, v, prob: Problem):
     """out (B, Hq, Lq, Dv) or (total_q, Hq, Dv), and the fp32 row statistics (m, log2 l) of
-    shape (B, Hq, Lq) or (total_q, Hq), in the log2 domain: lse = (m + log2 l) · ln 2."""
+    shape (B, Hq, Lq) or (total_q, Hq), in the log2 domain: lse = (m + log2 l) · ln 2.
+    All three are dense, as the kernels index them by row."""
     c = prob.call
-    if prob.varlen:
-        out = q.new_empty(q.shape[0], c.Hq, c.Dv)
-        m, l2 = torch.empty(2, q.shape[0], c.Hq, dtype=torch.float32, device=q.device)
-        lse_strides = (0, 1, c.Hq)
-    else:
-        out = q.new_empty(c.B, c.Hq, c.Lq, c.Dv)
-        m, l2 = torch.empty(2, c.B, c.Hq, c.Lq, dtype=torch.float32, device=q.device)
-        lse_strides = (c.Hq * c.Lq, c.Lq, 1)
+    rows = (q.shape[0], c.Hq) if prob.varlen else (c.B, c.Hq, c.Lq)
+    out = q.new_empty(*rows, c.Dv)
+    m, l2 = torch.empty(2, *rows, dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, m, l2
-    if c.Lk == 0 or prob.Lk == 0:
+    if c.Lk == 0:
         out.zero_()
         m.fill_(float("-inf"))
         l2.zero_()
         return out, m, l2
-    if use_decode(prob, q):
+    if use_decode(prob):
         kernels_decode.decode_forward(q, k, v, out, m, l2, prob)
         return out, m, l2
-    sq, sk, sv, so = (bhl_strides(t, prob.varlen) for t in (q, k, v, out))
-    launch(
-        kernels_fwd._attn_fwd,
-        lambda bm, bn: (triton.cdiv(prob.Lq, bm), c.B * c.Hq),
-        FWD_PAIRS, prob,
-        Q=q, K=k, V=v, O=out, M=m, L2=l2,
-        stride_qb=sq[0], stride_qh=sq[1], stride_qm=sq[2],
-        stride_kb=sk[0], stride_kh=sk[1], stride_kn=sk[2],
-        stride_vb=sv[0], stride_vh=sv[1], stride_vn=sv[2],
-        stride_ob=so[0], stride_oh=so[1], stride_om=so[2],
-        stride_lb=lse_strides[0], stride_lh=lse_strides[1], stride_lm=lse_strides[2],
-        SAFE_SOFTMAX=c.bias is not None or c.mask is not None,
-    )
+    strides = [s for t in (q, k, v) for s in bhl_strides(t, prob.varlen)]
+    launch(kernels_fwd._attn_fwd, lambda bm, bn: (triton.cdiv(c.Lq, bm), c.B * c.Hq), FWD_PAIRS,
+           prob, q, k, v, out, m, l2, *strides, **prob.args)
     return out, m, l2
 
 

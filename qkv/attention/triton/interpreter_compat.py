@@ -3,7 +3,8 @@
 The interpreter holds every scalar as a one-element 1-D array and converts it with `int(array)`
 when a scalar bounds a `range` loop. NumPy 2.4 refuses `int()` of an array with ndim > 0, so any
 kernel whose loop bounds are computed at run time fails there. The shim makes `__index__` read
-the single element. It touches nothing when the interpreter is off (real GPU runs).
+the single element. `qkv.attention.triton` applies it once, on import, when TRITON_INTERPRET=1;
+real GPU runs never touch it.
 """
 
 from __future__ import annotations

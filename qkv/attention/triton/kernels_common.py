@@ -14,34 +14,107 @@ Dropout draws the counter-based hash of `masking.dropout_keep` in uint32 arithme
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): natural-log scores to the log2 domain
 
 
 @triton.jit
-def _seq_info(b, CU_Q, CU_K, KVLEN, QOFF, Lq, Lk,
-              IS_VARLEN: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_QOFF: tl.constexpr):
-    """(q_start, lq, k_start, lk, off, kv_end) of batch row b.
-
-    Packed sequences start at cu_seqlens[b]; padded ones at 0. `off` is the bottom-right shift
-    i' = i + off, `kv_end` the number of keys that may be visible at all.
-    """
+def _seq_bounds(b, CU, L, IS_VARLEN: tl.constexpr):
+    """(start, length) of sequence b: packed ones start at cu_seqlens[b], padded ones at 0."""
     if IS_VARLEN:
-        q_start = tl.load(CU_Q + b)
-        lq = tl.load(CU_Q + b + 1) - q_start
-        k_start = tl.load(CU_K + b)
-        lk = tl.load(CU_K + b + 1) - k_start
+        start = tl.load(CU + b)
+        length = tl.load(CU + b + 1) - start
     else:
-        q_start = b * 0
-        lq = b * 0 + Lq
-        k_start = b * 0
-        lk = b * 0 + Lk
+        start = b * 0
+        length = b * 0 + L
+    return start, length
+
+
+@triton.jit
+def _seq_shift(b, lq, lk, KVLEN, QOFF, HAS_KVLEN: tl.constexpr, HAS_QOFF: tl.constexpr):
+    """(off, kv_end) of batch row b: the bottom-right shift i' = i + off, and the number of keys
+    that may be visible at all."""
     off = lk - lq
     if HAS_QOFF:
         off = tl.load(QOFF + b)
     kv_end = lk
     if HAS_KVLEN:
         kv_end = tl.minimum(lk, tl.load(KVLEN + b))
+    return off, kv_end
+
+
+@triton.jit
+def _seq_info(b, CU_Q, CU_K, KVLEN, QOFF, Lq, Lk,
+              IS_VARLEN: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_QOFF: tl.constexpr):
+    """(q_start, lq, k_start, lk, off, kv_end) of batch row b, padded or packed."""
+    q_start, lq = _seq_bounds(b, CU_Q, Lq, IS_VARLEN)
+    k_start, lk = _seq_bounds(b, CU_K, Lk, IS_VARLEN)
+    off, kv_end = _seq_shift(b, lq, lk, KVLEN, QOFF, HAS_KVLEN, HAS_QOFF)
     return q_start, lq, k_start, lk, off, kv_end
+
+
+@triton.jit
+def _base(X, b, h, start, stride_b, stride_h, stride_l):
+    """Pointer to position 0 of sequence b, head h of a padded (B, H, L, D) or packed
+    (total, H, D) tensor (packed: stride_b = 0, `start` = cu_seqlens[b])."""
+    return X + b.to(tl.int64) * stride_b + h * stride_h + start.to(tl.int64) * stride_l
+
+
+@triton.jit
+def _rows(b, h, start, offs, H, L, IS_VARLEN: tl.constexpr):
+    """Row numbers of positions `offs` of (b, h) in a tensor we allocate dense: (B, H, L, ·)
+    padded, (total, H, ·) packed. Outputs, gradients and row statistics are indexed this way."""
+    if IS_VARLEN:
+        return (start.to(tl.int64) + offs) * H + h
+    return (b.to(tl.int64) * H + h) * L + offs
+
+
+@triton.jit
+def _load_rows(base, offs, stride, offs_d, ok, dim):
+    """A (len(offs), D) tile of rows `offs` from `base`; zeros outside `ok` and past `dim`."""
+    return tl.load(base + offs[:, None] * stride + offs_d[None, :],
+                   mask=ok[:, None] & (offs_d[None, :] < dim), other=0.0)
+
+
+@triton.jit
+def _load_kT(k_base, offs_n, stride_kn, offs_d, col_ok, head_dim):
+    """Keys offs_n as a (D, BN) tile, loaded transposed: every kernel then computes q·kᵀ as
+    the same dot of the same operands, so the backward rebuilds the forward's scores exactly."""
+    return tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None],
+                   mask=col_ok[None, :] & (offs_d[:, None] < head_dim), other=0.0)
+
+
+@triton.jit
+def _head_rows(b, h, offs_m, Hq, BIAS, stride_bias_b, stride_bias_h, stride_bias_m,
+               MASK, stride_mask_b, stride_mask_h, stride_mask_m, SLOPES,
+               HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_ALIBI: tl.constexpr):
+    """Per-row pointers to the bias and mask rows of query rows offs_m of head h (offs_m
+    itself where there is none: never read), and the (BM,) ALiBi slope times log2(e)."""
+    b64 = b.to(tl.int64)
+    bias_rows = offs_m
+    if HAS_BIAS:
+        bias_rows = BIAS + b64 * stride_bias_b + h * stride_bias_h + offs_m * stride_bias_m
+    mask_rows = offs_m
+    if HAS_MASK:
+        mask_rows = MASK + b64 * stride_mask_b + h * stride_mask_h + offs_m * stride_mask_m
+    return bias_rows, mask_rows, _slopes2(b, h, offs_m, Hq, SLOPES, HAS_ALIBI)
+
+
+@triton.jit
+def _slopes2(b, h, offs_m, Hq, SLOPES, HAS_ALIBI: tl.constexpr):
+    """(BM,) ALiBi slopes of rows offs_m (of head h, a scalar or one per row) times log2(e)."""
+    slope2 = tl.zeros(offs_m.shape, dtype=tl.float32)
+    if HAS_ALIBI:
+        slope2 += tl.load(SLOPES + b * Hq + h).to(tl.float32) * LOG2E
+    return slope2
+
+
+@triton.jit
+def _stage_bounds(STAGE: tl.constexpr, start, mid_lo, mid_hi, hi):
+    """Block range of stage 0 (leading boundary blocks), 1 (fully visible) or 2 (trailing
+    boundary blocks) of a `_key_range` / `_query_range` split."""
+    lo = mid_lo if STAGE == 1 else (mid_hi if STAGE == 2 else start)
+    end = mid_lo if STAGE == 0 else (mid_hi if STAGE == 1 else hi)
+    return lo, end
 
 
 @triton.jit
@@ -110,35 +183,28 @@ def _query_range(n0, lq, off, kv_end, wl, wr, BLOCK_M: tl.constexpr, BLOCK_N: tl
 
 
 @triton.jit
-def _load_kT(k_base, offs_n, stride_kn, offs_d, col_ok, head_dim):
-    """Keys offs_n as a (D, BN) tile, loaded transposed: every kernel then computes q·kᵀ as
-    the same dot of the same operands, so the backward rebuilds the forward's scores exactly."""
-    return tl.load(k_base + offs_n[None, :] * stride_kn + offs_d[:, None],
-                   mask=col_ok[None, :] & (offs_d[:, None] < head_dim), other=0.0)
-
-
-@triton.jit
-def _scores(qk, offs_m, offs_n, row_ok, col_ok, off, kv_end, sm_scale, softcap, wl, wr,
+def _scores(q, kT, offs_m, offs_n, row_ok, col_ok, off, kv_end, sm_scale, softcap, wl, wr,
             bias_rows, stride_bias_n, mask_rows, stride_mask_n, slope2,
             IS_CAUSAL: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
             HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_ALIBI: tl.constexpr,
-            HAS_SOFTCAP: tl.constexpr, MASKED: tl.constexpr):
-    """Log2-domain scores of a (BM, BN) tile of q·k, -inf where not visible; and tanh of the cap.
+            HAS_SOFTCAP: tl.constexpr, MASKED: tl.constexpr, PREC: tl.constexpr):
+    """Log2-domain scores of the (BM, BN) tile q·kᵀ, -inf where not visible; and tanh of the cap.
 
     `bias_rows` / `mask_rows` are (BM,) pointers to the start of each row's bias / mask;
     `slope2` is the (BM,) ALiBi slope times log2(e). MASKED applies causal, window and kv_end.
     """
+    qk = tl.dot(q, kT, input_precision=PREC)  # (BM, BN) fp32
     t = qk
     if HAS_SOFTCAP:
         x = qk * (sm_scale / softcap)
-        t = 1.0 - 2.0 / (tl.exp2(x * (2.0 * 1.4426950408889634)) + 1.0)  # tanh(x)
-        s = t * (softcap * 1.4426950408889634)
+        t = 1.0 - 2.0 / (tl.exp2(x * (2.0 * LOG2E)) + 1.0)  # tanh(x)
+        s = t * (softcap * LOG2E)
     else:
-        s = qk * (sm_scale * 1.4426950408889634)
+        s = qk * (sm_scale * LOG2E)
     if HAS_BIAS:
         bias = tl.load(bias_rows[:, None] + offs_n[None, :] * stride_bias_n,
                        mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-        s += bias.to(tl.float32) * 1.4426950408889634
+        s += bias.to(tl.float32) * LOG2E
     if HAS_ALIBI:
         dist = tl.abs((offs_m + off)[:, None] - offs_n[None, :]).to(tl.float32)
         s -= slope2[:, None] * dist

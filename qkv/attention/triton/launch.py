@@ -6,8 +6,6 @@ import os
 
 import triton
 
-from qkv.attention.triton import interpreter_compat
-
 # Fixed block sizes under the interpreter (the autotuner needs a GPU to time with).
 INTERPRET_BLOCK = 16
 # (BLOCK_M, BLOCK_N) of the main kernels there; tests also run unequal pairs, as the GPU's
@@ -16,11 +14,8 @@ INTERPRET_BLOCKS = (INTERPRET_BLOCK, INTERPRET_BLOCK)
 
 
 def interpreting() -> bool:
-    """True under TRITON_INTERPRET=1 (kernels run on the CPU); applies the interpreter shim."""
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        return False
-    interpreter_compat.apply()
-    return True
+    """True under TRITON_INTERPRET=1 (kernels run on the CPU)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def pow2(n: int) -> int:
@@ -53,21 +48,19 @@ _KEY = ["Lq", "Lk", "BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "HAS_BIAS", "HAS_MASK", 
 _TUNED: dict = {}
 
 
-def launch(kernel, grid_fn, pairs, prob, **kwargs):
-    """Run `kernel` with the problem's shared arguments plus `kwargs`.
+def launch(kernel, grid_fn, pairs, prob, *args, **kwargs):
+    """Run `kernel` on `args` and `kwargs` (all but BLOCK_M and BLOCK_N).
 
-    grid_fn(BLOCK_M, BLOCK_N) -> grid. Autotuned on CUDA; fixed blocks under the interpreter.
+    grid_fn(BLOCK_M, BLOCK_N) -> grid. Autotuned on CUDA over `pairs`; fixed blocks under the
+    interpreter.
     """
-    args = dict(prob.args)
-    args.update(kwargs)
     if interpreting():
         bm, bn = INTERPRET_BLOCKS
-        kernel[grid_fn(bm, bn)](**args, BLOCK_M=bm, BLOCK_N=bn)
+        kernel[grid_fn(bm, bn)](*args, **kwargs, BLOCK_M=bm, BLOCK_N=bn)
         return
     family = "wide" if prob.block_d > 128 or prob.block_dv > 128 else "narrow"
     key = (getattr(kernel, "fn", kernel).__name__, family)
     if key not in _TUNED:
         _TUNED[key] = triton.autotune(configs=_configs(pairs, max(prob.block_d, prob.block_dv)),
                                       key=_KEY)(kernel)
-    tuned = _TUNED[key]
-    tuned[lambda meta: grid_fn(meta["BLOCK_M"], meta["BLOCK_N"])](**args)
+    _TUNED[key][lambda meta: grid_fn(meta["BLOCK_M"], meta["BLOCK_N"])](*args, **kwargs)
