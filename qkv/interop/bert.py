@@ -13,16 +13,7 @@ from collections.abc import Mapping
 
 import torch
 
-import qkv
-from qkv.interop.weights import (
-    Expected,
-    WeightsError,
-    check_state,
-    config_dict,
-    copy_into,
-    layer_count,
-    strip_prefix,
-)
+from qkv.interop.weights import Expected, WeightsError, checked_state, config_dict, load_model
 from qkv.nn import Encoder, TransformerConfig
 
 _SUPPORTED = {  # field: values qkv's Encoder reproduces
@@ -105,13 +96,10 @@ def convert_bert_state(state: Mapping[str, torch.Tensor], config) -> dict[str, t
     """Validate a BERT state dict against its config and rename it to qkv Encoder keys."""
     c = config_dict(config)
     bert_config(c)  # validates the fields
-    state = strip_prefix(state, ("bert.",))
-    n = layer_count(state, "encoder.layer.")
-    if n != c["num_hidden_layers"]:
-        raise WeightsError(f"config field num_hidden_layers={c['num_hidden_layers']} does not fit "
-                           f"the weights, which hold {n} layers")
-    req, optional = _expected(c)
-    check_state(state, req, optional=optional, ignored=_ignored, source="BERT weights")
+    n = c["num_hidden_layers"]
+    state = checked_state(state, prefixes=("bert.",), layer_prefix="encoder.layer.", n_layers=n,
+                          layers_field="num_hidden_layers", expected=_expected(c),
+                          ignored=_ignored, source="BERT weights")
     out = {
         "embed.tok_emb.weight": state["embeddings.word_embeddings.weight"],
         "embed.pos_emb.weight": state["embeddings.position_embeddings.weight"],
@@ -139,78 +127,5 @@ def load_bert(weights: Mapping[str, torch.Tensor] | str | os.PathLike, config) -
     Raises WeightsError naming the tensor or config field when the weights are missing a tensor,
     hold an unexpected or misshaped one, or the config asks for something qkv does not build.
     """
-    if isinstance(weights, (str, os.PathLike)):
-        from safetensors.torch import load_file
-
-        weights = load_file(os.fspath(weights))
-    values = convert_bert_state(weights, config)
-    model = Encoder(bert_config(config))
-    copy_into(model, values)
-    return model.eval()
-
-
-def _runs(lengths: list[int]) -> list[tuple[int, int, int]]:
-    """Runs of consecutive equal lengths: (first row, number of sequences, length) each."""
-    runs: list[tuple[int, int, int]] = []
-    for length in lengths:
-        if runs and runs[-1][2] == length:
-            first, count, _ = runs[-1]
-            runs[-1] = (first, count + 1, length)
-        else:
-            row = runs[-1][0] + runs[-1][1] * runs[-1][2] if runs else 0
-            runs.append((row, 1, length))
-    return runs
-
-
-def attend_packed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int],
-                  backend: str = "auto") -> torch.Tensor:
-    """Bidirectional attention within each of the packed sequences: q, k, v (T, H, D) -> (T, H, D).
-
-    Consecutive sequences of equal length are attended together as one (n, H, length, D) batch,
-    which needs no mask at all (so `auto` can use torch's fused kernel); sorting by length first
-    makes the runs long. Equal to `qkv.attention_varlen` with the same cu_seqlens.
-    """
-    outs = []
-    for row, count, length in _runs(lengths):
-        rows = slice(row, row + count * length)
-        qs, ks, vs = (t[rows].view(count, length, *t.shape[1:]).transpose(1, 2)
-                      for t in (q, k, v))  # (n, H, length, D)
-        y = qkv.attention(qs, ks, vs, backend=backend)  # (n, H, length, D)
-        outs.append(y.transpose(1, 2).reshape(count * length, *q.shape[1:]))
-    return torch.cat(outs) if outs else torch.empty_like(q)  # one copy, not one per run
-
-
-def packed_forward(encoder: Encoder, ids: torch.Tensor, lengths: list[int],
-                   backend: str = "auto") -> torch.Tensor:
-    """Hidden states (T, d) of packed sequences: ids (T,) hold the sequences back to back, of
-    `lengths` tokens each.
-
-    The same computation as `encoder(idx, lengths=...)` for a BERT-layout Encoder (post-LN,
-    learned positions, token type 0, inference), but every projection, norm and feed-forward runs
-    on the T real tokens only, with no padding; attention is `attend_packed`. Raises ValueError
-    for an encoder this path does not reproduce.
-    """
-    c = encoder.config
-    bert_layout = (c.norm_placement == "post" and c.positions == "learned"
-                   and c.n_kv_heads in (None, c.n_heads) and c.window is None
-                   and c.softcap is None and encoder.final_norm is None)
-    if not bert_layout or encoder.training:
-        raise ValueError("packed_forward reproduces BERT-layout encoders in eval mode only")
-    if sum(lengths) != ids.shape[0]:
-        raise ValueError(f"lengths sum to {sum(lengths)}, but ids holds {ids.shape[0]} tokens")
-    positions = torch.cat([torch.arange(n, device=ids.device) for n in lengths])  # (T,)
-    e = encoder.embed
-    x = e.tok_emb(ids) + e.pos_emb(positions)
-    if e.type_emb is not None:
-        x = x + e.type_emb.weight[0]
-    if e.norm is not None:
-        x = e.norm(x)  # (T, d)
-    T = ids.shape[0]
-    for layer in encoder.layers:
-        attn = layer.attn
-        H, D = attn.n_heads, attn.head_dim
-        q, k, v = attn.qkv_proj(x).view(T, 3, H, D).unbind(1)  # each (T, H, D)
-        y = attend_packed(q, k, v, lengths, backend)  # (T, H, D)
-        x = layer.attn_norm(x + attn.out_proj(y.reshape(T, H * D)))
-        x = layer.ffn_norm(x + layer.ffn(x))  # (T, d)
-    return x
+    return load_model(Encoder(bert_config(config)), weights,
+                      lambda state: convert_bert_state(state, config))

@@ -14,15 +14,7 @@ from pathlib import Path
 
 import torch
 
-from qkv.interop.weights import (
-    Expected,
-    WeightsError,
-    check_state,
-    config_dict,
-    copy_into,
-    layer_count,
-    strip_prefix,
-)
+from qkv.interop.weights import Expected, WeightsError, checked_state, config_dict, load_model
 from qkv.nn import DecoderLM, TransformerConfig
 
 ACTIVATIONS = {  # transformers' activation_function -> qkv's FeedForward activation
@@ -102,13 +94,10 @@ def _ignored(key: str) -> bool:
 def convert_gpt2_state(state: Mapping[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
     """Validate a GPT-2 state dict against its config and rename it to qkv DecoderLM keys."""
     t = gpt2_config(config)
-    state = strip_prefix(state, ("transformer.",))
-    n = layer_count(state, "h.")
-    if n != t.n_layers:
-        raise WeightsError(f"config field n_layer={t.n_layers} does not fit the weights, "
-                           f"which hold {n} layers")
-    req, optional = _expected(t)
-    check_state(state, req, optional=optional, ignored=_ignored, source="GPT-2 weights")
+    n = t.n_layers
+    state = checked_state(state, prefixes=("transformer.",), layer_prefix="h.", n_layers=n,
+                          layers_field="n_layer", expected=_expected(t), ignored=_ignored,
+                          source="GPT-2 weights")
     wte = state["wte.weight"]
     if t.tie_embeddings and "lm_head.weight" in state and \
             not torch.equal(state["lm_head.weight"], wte):
@@ -146,17 +135,12 @@ def load_gpt2(weights: Mapping[str, torch.Tensor] | str | os.PathLike,
     something qkv does not build. No weight is copied before every check has passed.
     """
     if isinstance(weights, (str, os.PathLike)):
-        from safetensors.torch import load_file
-
         path = Path(weights)
         if config is None:
             config = path.parent / "config.json"
             if not config.is_file():
                 raise WeightsError(f"no config given and no config.json beside {path}")
-        weights = load_file(os.fspath(path))
     elif config is None:
         raise WeightsError("a state dict needs its config (dict, GPT2Config or config.json path)")
-    values = convert_gpt2_state(weights, config)
-    model = DecoderLM(gpt2_config(config))
-    copy_into(model, values)
-    return model.eval()
+    return load_model(DecoderLM(gpt2_config(config)), weights,
+                      lambda state: convert_gpt2_state(state, config))

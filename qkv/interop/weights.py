@@ -117,6 +117,35 @@ def layer_count(state: Mapping[str, torch.Tensor], prefix: str) -> int:
     return max(indices) + 1 if indices else 0
 
 
+def checked_state(state: Mapping[str, torch.Tensor], *, prefixes: tuple[str, ...],
+                  layer_prefix: str, n_layers: int, layers_field: str,
+                  expected: tuple[Mapping[str, Expected], Mapping[str, Expected]],
+                  ignored: Callable[[str], bool], source: str) -> dict[str, torch.Tensor]:
+    """A converter's first step: drop the wrapper `prefixes`, check that the weights hold the
+    config's `n_layers` layers (`layer_prefix{i}.`) and every tensor of `expected` (required,
+    optional) with its shape (see check_state); return the state without the prefixes."""
+    state = strip_prefix(state, prefixes)
+    n = layer_count(state, layer_prefix)
+    if n != n_layers:
+        raise WeightsError(f"config field {layers_field}={n_layers} does not fit the weights, "
+                           f"which hold {n} layers")
+    required, optional = expected
+    check_state(state, required, optional=optional, ignored=ignored, source=source)
+    return state
+
+
+def load_model(model: nn.Module, weights: Mapping[str, torch.Tensor] | str | os.PathLike,
+               convert: Callable[[Mapping[str, torch.Tensor]], dict]) -> nn.Module:
+    """`model` in eval mode holding `weights` (a state dict, or a .safetensors path read here),
+    renamed by `convert`, which checks them all before `copy_into` copies the first one."""
+    if isinstance(weights, (str, os.PathLike)):
+        from safetensors.torch import load_file
+
+        weights = load_file(os.fspath(weights))
+    copy_into(model, convert(weights))
+    return model.eval()
+
+
 def copy_into(model: nn.Module, values: Mapping[str, torch.Tensor]) -> None:
     """Copy converted tensors into `model`; every one of the model's parameters and persistent
     buffers must be given exactly once (tied weights count once)."""

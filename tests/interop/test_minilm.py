@@ -9,7 +9,7 @@ import torch
 
 import qkv
 from qkv.interop.bert import bert_config, convert_bert_state
-from qkv.interop.minilm import MODEL_SHA256, load_minilm, model_dir
+from qkv.interop.minilm import MODEL_SHA256, TextTooLongError, load_minilm, model_dir
 from qkv.interop.weights import WeightsError, read_json
 
 TOL = 1e-5
@@ -19,7 +19,7 @@ TOL = 1e-5
     ("reference", True), ("chunked", True), ("sdpa", True), ("reference", False),
 ], ids=["reference-packed", "chunked-packed", "sdpa-packed", "reference-padded"])
 def test_matches_sentence_transformers(minilm, texts, st_embeddings, backend, packed):
-    """Packed: no padding, equal lengths attend together. Padded: kv_lengths marks padding."""
+    """Packed: the Encoder with cu_seqlens, no padding. Padded: lengths mark the padding."""
     ours = minilm.encode(texts, batch_size=8, backend=backend, packed=packed)
     assert ours.shape == (len(texts), 384) and ours.dtype == torch.float32
     diff = (ours - st_embeddings).abs().max().item()
@@ -63,9 +63,25 @@ def test_order_is_restored(minilm, texts):
 def test_truncation_and_over_long_input(minilm, texts):
     over = texts[23]
     assert len(minilm.tokenize([over])[0]) == 256
-    with pytest.raises(ValueError, match=r"text 0 is \d+ tokens long, over max_length=256"):
-        minilm.encode([over], truncate=False)
+    batch = ["short", "also short", over, "fine"]
+    with pytest.raises(TextTooLongError, match=r"^text 3 of 4 has \d+ tokens; the limit is 256 ") \
+            as caught:
+        minilm.encode(batch, truncate=False)
+    error = caught.value
+    assert isinstance(error, ValueError)
+    assert (error.index, error.limit) == (2, 256) and error.length > 256
+    minilm.tokenizer.no_truncation()
+    assert error.length == len(minilm.tokenizer.encode(over).ids)
     minilm.encode([texts[22]], truncate=False)  # ~200 tokens fit
+
+
+def test_any_iterable_of_texts_is_read_once(minilm, texts):
+    want = minilm.encode(texts[:6], batch_size=4)
+    got = qkv.embed((text for text in texts[:6]), batch_size=4, device="cpu")
+    assert got.shape == (6, 384)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    torch.testing.assert_close(minilm.encode(iter(texts[:6]), batch_size=4), want)
+    torch.testing.assert_close(minilm.encode(tuple(texts[:6]), batch_size=4), want)
 
 
 def test_edge_inputs(minilm):
@@ -75,7 +91,7 @@ def test_edge_inputs(minilm):
         minilm.encode(["ok", 3])
     with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
         minilm.encode(["ok"], batch_size=0)
-    with pytest.raises(ValueError, match="device must be a torch device"):
+    with pytest.raises(ValueError, match="device must be 'auto', 'cpu', 'cuda'.*'gpu0'"):
         qkv.embed(["ok"], device="gpu0")
 
 
