@@ -2,6 +2,8 @@
 
 import json
 
+import numpy as np
+import pytest
 import torch.multiprocessing as mp
 
 from qkv.train import train
@@ -31,3 +33,43 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, tiny_data)
     assert abs(evals[-1]["loss"] - single.eval["loss"]) < 1e-5
     names = sorted(p.name for p in (ddp_dir / "checkpoints").iterdir())
     assert names == ["step-00000002", "step-00000004"]
+
+
+def _resume_worker(rank: int, world_size: int, root: str) -> None:
+    """Train run A straight through; then rank 0 copies A without its last checkpoint to B (as
+    if killed after step 2) and both ranks resume B. Each rank saves its final torch RNG."""
+    import shutil
+    from pathlib import Path
+
+    import numpy as np
+    import torch
+
+    root = Path(root)
+    config = {"batch_size": 2, "max_steps": 4, "checkpoint_interval": 2,
+              "model": {**MODEL, "dropout": 0.2, "attn_dropout": 0.2}}
+    train(tiny_config(root / "A", **config), rank=rank, world_size=world_size,
+          init_method=f"file://{root / 'rendezvous-a'}")
+    np.save(root / f"A-rank{rank}.npy", torch.get_rng_state().numpy())
+    if rank == 0:  # the others wait in the next rendezvous until this is done
+        shutil.copytree(root / "A", root / "B")
+        shutil.rmtree(root / "B" / "checkpoints" / "step-00000004")
+    train(tiny_config(root / "B", **config), rank=rank, world_size=world_size,
+          init_method=f"file://{root / 'rendezvous-b'}", resume=True)
+    np.save(root / f"B-rank{rank}.npy", torch.get_rng_state().numpy())
+
+
+@pytest.mark.slow
+def test_resume_restores_every_ranks_generators(tmp_path):
+    mp.spawn(_resume_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+
+    def losses(run):
+        records = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").open()]
+        return {r["step"]: r["loss"] for r in records if r["kind"] == "train"}
+
+    straight, resumed = losses("A"), losses("B")
+    assert sorted(resumed) == [1, 2, 3, 4]
+    for step in (3, 4):  # dropout on both ranks drew the masks of the uninterrupted run
+        assert resumed[step] == straight[step], step
+    for rank in (0, 1):
+        assert np.array_equal(np.load(tmp_path / f"A-rank{rank}.npy"),
+                              np.load(tmp_path / f"B-rank{rank}.npy")), rank
