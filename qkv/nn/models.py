@@ -232,6 +232,11 @@ class Decoder(_LayerStack):
         return self.final_norm(x) if self.final_norm is not None else x
 
 
+def _last(x: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
+    """The last position of each row (B, 1, d_model), of (B, L, d) or of packed rows (T, d)."""
+    return x[:, -1:] if cu_seqlens is None else x[cu_seqlens[1:].long() - 1, None]
+
+
 def _lm_loss(logits: torch.Tensor, targets: torch.Tensor | None):
     if targets is None:
         return None
@@ -266,7 +271,7 @@ class DecoderLM(Decoder):
         x = super().forward(idx, attention_mask=attention_mask, lengths=lengths, cache=cache,
                             backend=backend, cu_seqlens=cu_seqlens)
         if last_only and targets is None:
-            x = x[cu_seqlens[1:].long() - 1, None] if cu_seqlens is not None else x[:, -1:]
+            x = _last(x, cu_seqlens)
         logits = self.lm_head(x)
         return logits, _lm_loss(logits, targets)
 
@@ -323,24 +328,33 @@ class EncoderDecoder(nn.Module):
         self.encoder.set_activation_checkpointing(enabled)
         self.decoder.set_activation_checkpointing(enabled)
 
-    def encode(self, src, *, src_mask=None, src_lengths=None, backend=None) -> torch.Tensor:
-        """src (B, Ls) -> memory (B, Ls, d_model)."""
-        return self.encoder(src, attention_mask=src_mask, lengths=src_lengths, backend=backend)
+    def encode(self, src, *, src_mask=None, src_lengths=None, backend=None,
+               src_cu_seqlens=None) -> torch.Tensor:
+        """src (B, Ls) -> memory (B, Ls, d_model); packed src (Ts,) -> (Ts, d_model)."""
+        return self.encoder(src, attention_mask=src_mask, lengths=src_lengths, backend=backend,
+                            cu_seqlens=src_cu_seqlens)
 
     def decode(self, tgt, memory, *, tgt_mask=None, memory_mask=None, memory_lengths=None,
-               cache=None, cross_cache=None, last_only=False, backend=None) -> torch.Tensor:
-        """tgt (B, L), memory (B, Ls, d_model) -> logits (B, L, V) (or (B, 1, V) if last_only)."""
+               cache=None, cross_cache=None, last_only=False, backend=None,
+               tgt_cu_seqlens=None, memory_cu_seqlens=None) -> torch.Tensor:
+        """tgt (B, L), memory (B, Ls, d_model) -> logits (B, L, V) (or (B, 1, V) if last_only).
+        Packed: tgt (T,) and memory (Ts, d_model) with their cu_seqlens -> logits (T, V)."""
         x = self.decoder(tgt, memory, attention_mask=tgt_mask, memory_mask=memory_mask,
                          memory_lengths=memory_lengths, cache=cache, cross_cache=cross_cache,
-                         backend=backend)
-        return self.lm_head(x[:, -1:] if last_only else x)
+                         backend=backend, cu_seqlens=tgt_cu_seqlens,
+                         memory_cu_seqlens=memory_cu_seqlens)
+        return self.lm_head(_last(x, tgt_cu_seqlens) if last_only else x)
 
     def forward(self, src, tgt, targets=None, *, src_mask=None, src_lengths=None,
-                tgt_mask=None, backend=None):
-        """src (B, Ls), tgt (B, L) -> (logits (B, L, V), loss or None)."""
+                tgt_mask=None, backend=None, src_cu_seqlens=None, tgt_cu_seqlens=None):
+        """src (B, Ls), tgt (B, L) -> (logits (B, L, V), loss or None). Packed: src (Ts,) and
+        tgt, targets (T,) with src_cu_seqlens and tgt_cu_seqlens -> logits (T, V); target
+        sequence b reads source sequence b."""
         if src_mask is not None:
             src_mask = src_mask.bool()
-        memory = self.encode(src, src_mask=src_mask, src_lengths=src_lengths, backend=backend)
+        memory = self.encode(src, src_mask=src_mask, src_lengths=src_lengths, backend=backend,
+                             src_cu_seqlens=src_cu_seqlens)
         logits = self.decode(tgt, memory, tgt_mask=tgt_mask, memory_mask=src_mask,
-                             memory_lengths=src_lengths, backend=backend)
+                             memory_lengths=src_lengths, backend=backend,
+                             tgt_cu_seqlens=tgt_cu_seqlens, memory_cu_seqlens=src_cu_seqlens)
         return logits, _lm_loss(logits, targets)

@@ -109,3 +109,21 @@ def test_packed_input_errors(tiny):
     attn = MultiHeadAttention(tiny().attention())
     with pytest.raises(ValueError, match=r"\(T, 32\) with cu_seqlens"):
         attn(torch.randn(2, 3, 32), cu_seqlens=cu)
+
+
+def test_packed_encoder_decoder_equals_each_pair_alone(tiny):
+    from qkv.nn import EncoderDecoder, EncoderDecoderConfig
+
+    model = EncoderDecoder(EncoderDecoderConfig(encoder=tiny(), decoder=tiny(positions="rope")))
+    model = model.double().eval()
+    src, src_idx, src_cu = _packed([4, 6, 2, 3])
+    tgt, tgt_idx, tgt_cu = _packed(LENGTHS)
+    logits, loss = model(src_idx, tgt_idx, tgt_idx, src_cu_seqlens=src_cu,
+                         tgt_cu_seqlens=tgt_cu)  # (T, V)
+    for s, t, row in zip(src, tgt, _rows(logits, tgt_cu), strict=True):
+        torch.testing.assert_close(row, model(s[None], t[None])[0][0], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits, tgt_idx))
+    memory = model.encode(src_idx, src_cu_seqlens=src_cu)
+    last = model.decode(tgt_idx, memory, tgt_cu_seqlens=tgt_cu, memory_cu_seqlens=src_cu,
+                        last_only=True)  # (B, 1, V)
+    torch.testing.assert_close(last[:, 0], logits[tgt_cu[1:].long() - 1])
