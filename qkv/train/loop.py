@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -70,6 +71,11 @@ class Trainer:
         if self.dist.is_main:
             self.console.print(message, highlight=False)
 
+    def warn(self, message: str) -> None:
+        """A warning (rank 0 only) through `warnings`, never printed to stdout."""
+        if self.dist.is_main:
+            warnings.warn(message, UserWarning, stacklevel=2)
+
     def record(self, values: dict) -> None:
         """Append one record to metrics.jsonl (rank 0 only)."""
         self.metrics.append(values)
@@ -80,11 +86,11 @@ class Trainer:
         """Prepare the run folder (under its lock); return the checkpoint to resume from."""
         if self.dist.is_main:
             for note in ckpt.recover(self.run_dir):
-                self.say(note)
+                self.warn(note)
         distributed.barrier(self.dist)  # every rank looks after the recovery
         existing = ckpt.list_checkpoints(self.run_dir)
         if resume_run:
-            found = ckpt.find_latest(self.run_dir, warn=self.say)
+            found = ckpt.find_latest(self.run_dir, warn=self.warn)
             if found is None:
                 self.say(f"no checkpoint in {self.run_dir}; starting from scratch")
                 self.metrics.reset()
@@ -177,7 +183,7 @@ class Trainer:
         """Cut the metrics log back to `step` and note the settings that changed."""
         dropped = self.metrics.rewind(step)
         if dropped:
-            self.say(f"metrics.jsonl: dropped {dropped} line(s) after step {step} or torn")
+            self.say(f"metrics.jsonl: dropped {dropped} record(s) after step {step} or torn")
         if changes:
             listed = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changes.items())
             self.say(f"resuming with changed settings: {listed}")
@@ -192,8 +198,8 @@ class Trainer:
             scaler.load_state_dict(state["scaler"])
         resume.restore_rng(state, extra, self.dist, self.config.seed)
         if state.get("world_size", 1) != self.dist.world_size:
-            self.say(f"note: the checkpoint was written by {state.get('world_size')} process(es), "
-                     f"this run has {self.dist.world_size}; the data order differs from there on")
+            self.warn(f"the checkpoint was written by {state.get('world_size')} process(es), this "
+                      f"run has {self.dist.world_size}; the data order differs from there on")
         self.say(f"resumed from {path} (step {state['step']})")
         return int(state["step"]), int(state.get("tokens_seen", 0))
 

@@ -197,3 +197,19 @@ def test_output_files_follow_the_umask(tmp_path, tiny_data):
              result.run_dir / "tokenizer.json", result.run_dir / "metrics.jsonl"]
     for f in files:
         assert stat.S_IMODE(f.stat().st_mode) == 0o644, f
+
+
+def test_fallbacks_and_recoveries_are_warnings_not_stdout(tmp_path, tiny_data, capsys):
+    run = tmp_path / "run"
+    _run(run, tiny_data, max_steps=4, checkpoint_interval=2)
+    newest = list_checkpoints(run)[-1]
+    newest.rename(run / "checkpoints" / ".step-00000004.old-1")  # a replacement cut short
+    with pytest.warns(UserWarning, match=r"recovered .*step-00000004 from a save that was cut"):
+        assert _run(run, tiny_data, resume=True, max_steps=4).already_complete
+    (newest / "model.safetensors").write_bytes(b"broken")
+    capsys.readouterr()
+    with pytest.warns(UserWarning, match="falling back to step-00000002"):
+        _run(run, tiny_data, resume=True, max_steps=4, checkpoint_interval=2)
+    out = " ".join(capsys.readouterr().out.split())
+    assert "falling back" not in out and "resumed from" in out
+    assert [p.name for p in list_checkpoints(run)] == ["step-00000002", "step-00000004"]
