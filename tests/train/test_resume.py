@@ -7,7 +7,9 @@ import subprocess
 import sys
 import time
 
-from qkv.train import list_checkpoints, train
+import pytest
+
+from qkv.train import list_checkpoints, train, verify
 from tests.train.conftest import TINY, tiny_config
 
 STEPS = 40
@@ -68,3 +70,30 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path, tiny_data):
     assert sorted(resumed) == list(range(1, STEPS + 1))
     for step, loss in reference.losses.items():
         assert abs(resumed[step] - loss) <= 1e-6, (step, resumed[step], loss)
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_a_checkpoint_and_says_how_to_continue(tmp_path):
+    run = tmp_path / "run"
+    config = tmp_path / "run.toml"
+    config.write_text(_toml({**TINY, "max_steps": 100_000, "out_dir": str(run)}))
+    env = {**os.environ, "PYTHONPATH": os.getcwd()}
+    proc = subprocess.Popen([sys.executable, "-m", "qkv", "train", "--config", str(config)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        metrics = run / "metrics.jsonl"
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    [saved] = list_checkpoints(run)
+    step = int(saved.name.removeprefix("step-"))
+    assert err.strip().splitlines()[-1] == (
+        f"interrupted at step {step}; checkpoint saved to {saved}; continue with: qkv train "
+        f"... --out-dir {run} --resume")
+    assert "Traceback" not in err
+    verify(saved)
+    assert max(_train_losses(run)) == step  # the log ends where the checkpoint is

@@ -6,6 +6,8 @@ import json
 import os
 import signal
 import stat
+import subprocess
+import sys
 
 import pytest
 
@@ -213,3 +215,37 @@ def test_fallbacks_and_recoveries_are_warnings_not_stdout(tmp_path, tiny_data, c
     out = " ".join(capsys.readouterr().out.split())
     assert "falling back" not in out and "resumed from" in out
     assert [p.name for p in list_checkpoints(run)] == ["step-00000002", "step-00000004"]
+
+
+def test_a_run_in_another_process_holds_the_folder_until_it_dies(tmp_path, tiny_data):
+    run = tmp_path / "run"
+    run.mkdir()
+    script = ("import sys, time; from qkv.train.runfolder import RunLock; "
+              f"RunLock({str(run)!r}).acquire(); print('locked', flush=True); time.sleep(120)")
+    holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": os.getcwd()})
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(RunInUseError, match=rf"\(process {holder.pid}\)"):
+            _run(run, tiny_data, max_steps=1)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert _run(run, tiny_data, max_steps=1).step == 1  # the dead holder's lock is taken over
+
+
+def test_atomic_writes_follow_the_umask_whatever_the_writer_does(tmp_path):
+    from qkv.io import atomic_write, atomic_write_text
+
+    def private_writer(path):  # replaces the file with an owner-only one, as some libraries do
+        path.unlink()
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+
+    old = os.umask(0o027)
+    try:
+        atomic_write(tmp_path / "weights.bin", private_writer)
+        atomic_write_text(tmp_path / "report.json", "{}")
+    finally:
+        os.umask(old)
+    for name in ("weights.bin", "report.json"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o640, name
