@@ -1,28 +1,33 @@
-"""CPU benchmark: time and peak memory of qkv's reference and chunked backends beside torch SDPA.
+"""CPU benchmark: time and peak memory of qkv's reference and chunked backends beside torch SDPA
+(the backend "sdpa", as qkv.backends() names it).
 
-Each case runs in a fresh subprocess so that its peak resident memory can be read from the
-kernel (`ru_maxrss`) without earlier cases' allocations in the way; the peak growth above the
-inputs is reported. Times are medians of repeated runs after a warm-up, and every row carries the
-ratio chunked / torch measured in the same process.
+When memory is measured, each case runs in a fresh process so that its peak resident memory can
+be read from the kernel (`ru_maxrss`) without earlier cases' allocations in the way; the peak
+growth above the inputs is reported. The processes fork from a server that imported torch once
+(multiprocessing's forkserver), so a case does not pay for the imports. Timing-only sweeps
+(`memory=False`) run every case in this process. Times are medians of repeated runs after a
+warm-up, and every row carries its ratio to sdpa's time on the same case, in the same sweep.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
+import multiprocessing
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 
 import torch
 
 import qkv
 from qkv.attention.flops import attention_flops
+from qkv.bench import CPU_BACKENDS, CPU_REPS, CPU_SEQLENS
 
-BACKENDS = ("torch", "chunked", "reference")
+BACKENDS = CPU_BACKENDS
 
 
 @dataclass
@@ -33,8 +38,8 @@ class CpuCase:
     batch: int = 1
     causal: bool = False
     mode: str = "fwd"  # "fwd" or "fwd_bwd"
-    backend: str = "chunked"  # "torch" (F.scaled_dot_product_attention), "chunked", "reference"
-    reps: int = 3
+    backend: str = "chunked"  # "sdpa" (F.scaled_dot_product_attention), "chunked", "reference"
+    reps: int = CPU_REPS
     threads: int = 0  # 0: torch's default
 
 
@@ -44,7 +49,7 @@ def score_matrix_bytes(case: CpuCase) -> int:
 
 
 def _run_once(case: CpuCase, q, k, v, grad):
-    if case.backend == "torch":
+    if case.backend == "sdpa":
         out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=case.causal)
     else:
         out = qkv.attention(q, k, v, causal=case.causal, backend=case.backend)
@@ -98,17 +103,22 @@ def measure_in_process(case: CpuCase) -> dict:
             "score_matrix_bytes": score_matrix_bytes(case), "tflops": flops / seconds / 1e12}
 
 
-def measure(case: CpuCase, timeout: float = 1800) -> dict:
-    """Run one case in a fresh Python process (clean memory high-water mark)."""
-    code = (
-        "import json, sys; from qkv.bench.cpu import CpuCase, measure_in_process; "
-        "print(json.dumps(measure_in_process(CpuCase(**json.loads(sys.argv[1])))))"
-    )
-    proc = subprocess.run([sys.executable, "-c", code, json.dumps(asdict(case))],
-                          capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        raise RuntimeError(f"benchmark case {case} failed:\n{proc.stderr[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def fresh_processes() -> ProcessPoolExecutor:
+    """An executor that runs each case in a process of its own, forked from a server process
+    that has imported torch and qkv once: a clean memory high-water mark per case without
+    paying the imports per case."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["qkv.bench.cpu"])
+    return ProcessPoolExecutor(max_workers=1, mp_context=context, max_tasks_per_child=1)
+
+
+def measure(case: CpuCase, processes: ProcessPoolExecutor | None = None,
+            timeout: float = 1800) -> dict:
+    """Run one case in a fresh process (clean memory high-water mark), one of `processes`."""
+    with contextlib.ExitStack() as stack:
+        if processes is None:
+            processes = stack.enter_context(fresh_processes())
+        return processes.submit(measure_in_process, case).result(timeout=timeout)
 
 
 def reference_fits(case: CpuCase, budget_bytes: float) -> bool:
@@ -117,31 +127,40 @@ def reference_fits(case: CpuCase, budget_bytes: float) -> bool:
     return score_matrix_bytes(case) * copies < budget_bytes
 
 
-def sweep(ns=(1024, 2048, 4096, 8192, 16384), modes=("fwd", "fwd_bwd"), causals=(False, True),
-          backends=BACKENDS, reps: int = 3, memory_budget: float = 12e9, progress=None):
-    """Every (n, mode, causal, backend) case; rows skipped for memory say so in 'skipped'."""
+def measure_time(case: CpuCase) -> dict:
+    """Run one case in this process; its row without the memory columns."""
+    row = measure_in_process(case)
+    del row["peak_bytes"]
+    return row
+
+
+def sweep(ns=CPU_SEQLENS, modes=("fwd", "fwd_bwd"), causals=(False, True), backends=BACKENDS,
+          reps: int = CPU_REPS, memory: bool = True, memory_budget: float = 12e9, progress=None):
+    """Every (n, mode, causal, backend) case; rows skipped for memory say so in 'skipped'.
+    With `memory`, each case runs in its own process (`measure`), else all run here."""
     rows = []
     cases = [CpuCase(n=n, causal=c, mode=m, backend=b, reps=reps)
              for n in ns for m in modes for c in causals for b in backends]
-    for case in cases:
-        if case.backend == "reference" and not reference_fits(case, memory_budget):
-            need = score_matrix_bytes(case) / 1e9
-            rows.append({**asdict(case), "skipped": f"needs > {need:.1f} GB per n x n matrix"})
-        else:
-            rows.append(measure(case))
-        if progress is not None:
-            progress(case)
+    with fresh_processes() if memory else contextlib.nullcontext() as processes:
+        for case in cases:
+            if case.backend == "reference" and not reference_fits(case, memory_budget):
+                need = score_matrix_bytes(case) / 1e9
+                rows.append({**asdict(case), "skipped": f"needs > {need:.1f} GB per n x n matrix"})
+            else:
+                rows.append(measure(case, processes) if memory else measure_time(case))
+            if progress is not None:
+                progress(case)
     return add_ratios(rows)
 
 
 def add_ratios(rows: list[dict]) -> list[dict]:
-    """Attach to each row its time and memory relative to torch's row of the same case."""
-    torch_rows = {(r["n"], r["mode"], r["causal"]): r for r in rows
-                  if r["backend"] == "torch" and "seconds" in r}
+    """Attach to each row its time relative to sdpa's row of the same case."""
+    sdpa_rows = {(r["n"], r["mode"], r["causal"]): r for r in rows
+                 if r["backend"] == "sdpa" and "seconds" in r}
     for r in rows:
-        base = torch_rows.get((r["n"], r["mode"], r["causal"]))
+        base = sdpa_rows.get((r["n"], r["mode"], r["causal"]))
         if base is not None and "seconds" in r:
-            r["time_vs_torch"] = r["seconds"] / base["seconds"]
+            r["time_vs_sdpa"] = r["seconds"] / base["seconds"]
     return rows
 
 
@@ -167,7 +186,7 @@ def _fmt_bytes(b: float) -> str:
 def markdown_table(rows: list[dict]) -> str:
     """The sweep as a markdown table."""
     lines = [
-        "| n | mode | causal | backend | time (s) | vs torch | GFLOP/s | peak extra memory "
+        "| n | mode | causal | backend | time (s) | vs sdpa | GFLOP/s | peak extra memory "
         "| % of n×n fp32 scores |",
         "|---:|---|---|---|---:|---:|---:|---:|---:|",
     ]
@@ -176,11 +195,13 @@ def markdown_table(rows: list[dict]) -> str:
         if "skipped" in r:
             lines.append(head + f"| skipped: {r['skipped']} | | | | |")
             continue
-        ratio = r.get("time_vs_torch")
-        pct = 100.0 * r["peak_bytes"] / r["score_matrix_bytes"]
+        ratio = r.get("time_vs_sdpa")
+        memory = ("| not measured | " if "peak_bytes" not in r else
+                  f"| {_fmt_bytes(r['peak_bytes'])} "
+                  f"| {100.0 * r['peak_bytes'] / r['score_matrix_bytes']:.2f}% ")
         lines.append(
             head + f"| {r['seconds']:.3f} | {'' if ratio is None else f'{ratio:.2f}×'} "
-            f"| {r['tflops'] * 1e3:.1f} | {_fmt_bytes(r['peak_bytes'])} | {pct:.2f}% |"
+            f"| {r['tflops'] * 1e3:.1f} " + memory + "|"
         )
     speedups = causal_speedups(rows)
     if speedups:

@@ -11,7 +11,7 @@ measured in the same run. Timing is `triton.testing.do_bench` (warm-up, then the
     qkv bench --device cuda --out OUT [--quick]
 
 Writes OUT/attention_gpu.json, OUT/attention_gpu.md and OUT/attention_gpu.png. Only the
-measuring needs CUDA; the writers run anywhere (see tests/test_bench_gpu.py).
+measuring needs CUDA; the writers run anywhere (see tests/bench/test_bench_gpu.py).
 """
 
 from __future__ import annotations
@@ -20,32 +20,32 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import time
 from pathlib import Path
 
 import torch
 
 from qkv.attention.flops import attention_flops, kv_cache_bytes
+from qkv.bench import GPU_PROVIDERS, GPU_QUICK_SEQLENS, GPU_REPS, GPU_SEQLENS, SDPA_PROVIDERS
 from qkv.io import atomic_write, atomic_write_text
 
-SEQLENS = [512, 1024, 2048, 4096, 8192, 16384]
-QUICK_SEQLENS = [1024, 4096]
 HEAD_DIMS = [64, 128]
 DECODE_CACHES = [8192, 32768, 131072]
 QUICK_DECODE_CACHES = [8192, 32768]
-SDPA_PROVIDERS = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-cudnn": "CUDNN_ATTENTION",
-                  "sdpa-efficient": "EFFICIENT_ATTENTION"}
-PROVIDERS = ["qkv-triton", *SDPA_PROVIDERS]
+PROVIDERS = list(GPU_PROVIDERS)
 MODES = ["fwd", "bwd", "fwd_bwd"]
 
 
 # ---- measuring (CUDA) ------------------------------------------------------------------------
 
-def _bench(fn, grad_to_none=None) -> float:
-    """Median milliseconds of `fn` by triton.testing.do_bench."""
+def _bench(fn, grad_to_none=None, reps: int = GPU_REPS) -> float:
+    """Median milliseconds of `fn`: the median of `reps` triton.testing.do_bench medians."""
     from triton.testing import do_bench
 
-    return float(do_bench(fn, warmup=10, rep=40, grad_to_none=grad_to_none, return_mode="median"))
+    return statistics.median(
+        float(do_bench(fn, warmup=10, rep=40, grad_to_none=grad_to_none, return_mode="median"))
+        for _ in range(reps))
 
 
 def copy_bandwidth_gbps(device="cuda", nbytes: int = 1 << 30) -> float:
@@ -84,7 +84,7 @@ def _row(**kw) -> dict:
 
 
 def bench_training(provider: str, head_dim: int, seqlen: int, causal: bool,
-                   dtype=torch.bfloat16) -> list[dict]:
+                   dtype=torch.bfloat16, reps: int = GPU_REPS) -> list[dict]:
     """Forward, backward and fwd+bwd of one (provider, d, n, causal) point."""
     batch, heads = max(1, 16384 // seqlen), 2048 // head_dim
     shape = dict(kind="train", provider=provider, head_dim=head_dim, seqlen=seqlen,
@@ -95,10 +95,12 @@ def bench_training(provider: str, head_dim: int, seqlen: int, causal: bool,
                                requires_grad=True) for _ in range(3))
         fn = _attention_fn(provider, causal)
         dout = torch.randn_like(q)
-        times = {"fwd": _bench(lambda: fn(q, k, v))}
+        times = {"fwd": _bench(lambda: fn(q, k, v), reps=reps)}
         out = fn(q, k, v)
-        times["bwd"] = _bench(lambda: out.backward(dout, retain_graph=True), grad_to_none=[q, k, v])
-        times["fwd_bwd"] = _bench(lambda: fn(q, k, v).backward(dout), grad_to_none=[q, k, v])
+        times["bwd"] = _bench(lambda: out.backward(dout, retain_graph=True),
+                              grad_to_none=[q, k, v], reps=reps)
+        times["fwd_bwd"] = _bench(lambda: fn(q, k, v).backward(dout), grad_to_none=[q, k, v],
+                                  reps=reps)
     except Exception as exc:  # a provider that cannot run this shape is recorded, not fatal
         return [_row(**shape, mode=m, error=f"{type(exc).__name__}: {exc}"[:200]) for m in MODES]
     for mode, ms in times.items():
@@ -108,7 +110,7 @@ def bench_training(provider: str, head_dim: int, seqlen: int, causal: bool,
 
 
 def bench_decode(provider: str, cache: int, copy_gbps: float, batch=8, heads=32, kv_heads=8,
-                 head_dim=128, dtype=torch.bfloat16) -> dict:
+                 head_dim=128, dtype=torch.bfloat16, reps: int = GPU_REPS) -> dict:
     """One decode step (q_len = 1) over a cache of `cache` keys."""
     shape = dict(kind="decode", provider=provider, mode="decode", head_dim=head_dim,
                  seqlen=cache, batch=batch, heads=heads, kv_heads=kv_heads)
@@ -117,7 +119,7 @@ def bench_decode(provider: str, cache: int, copy_gbps: float, batch=8, heads=32,
         k, v = (torch.randn(batch, kv_heads, cache, head_dim, device="cuda", dtype=dtype)
                 for _ in range(2))
         fn = _attention_fn(provider, False)
-        ms = _bench(lambda: fn(q, k, v))
+        ms = _bench(lambda: fn(q, k, v), reps=reps)
     except Exception as exc:
         return _row(**shape, error=f"{type(exc).__name__}: {exc}"[:200])
     nbytes = kv_cache_bytes(batch, kv_heads, cache, head_dim, q.element_size())
@@ -225,9 +227,18 @@ def write_all(results: list[dict], out_dir, env: dict | None = None) -> None:
 
 # ---- the sweep -------------------------------------------------------------------------------
 
-def run_gpu_sweep(out_dir=None, quick: bool = False) -> list[dict]:
+def run_gpu_sweep(out_dir=None, quick: bool = False, seqlens=None, providers=None,
+                  reps: int = GPU_REPS) -> list[dict]:
     """Measure the whole sweep on the current CUDA device; write JSON, markdown and PNG to
-    `out_dir` (after each head dim too, so a stalled run keeps what it measured)."""
+    `out_dir` (after each head dim too, so a stalled run keeps what it measured).
+
+    `seqlens` (training shapes) and `providers` (a subset of PROVIDERS) default to the full
+    sweep, or the quick one; `reps` do_bench medians are taken per point (their median kept).
+    """
+    providers = list(providers or PROVIDERS)
+    unknown = sorted(set(providers) - set(PROVIDERS))
+    if unknown:
+        raise ValueError(f"unknown GPU provider(s) {unknown}; choose from {PROVIDERS}")
     if not torch.cuda.is_available():
         raise RuntimeError("run_gpu_sweep needs a CUDA device")
     env = environment()
@@ -236,15 +247,15 @@ def run_gpu_sweep(out_dir=None, quick: bool = False) -> list[dict]:
     results: list[dict] = []
     for d in HEAD_DIMS:
         for causal in (False, True):
-            for n in (QUICK_SEQLENS if quick else SEQLENS):
-                for p in PROVIDERS:
-                    results += bench_training(p, d, n, causal)
+            for n in seqlens or (GPU_QUICK_SEQLENS if quick else GPU_SEQLENS):
+                for p in providers:
+                    results += bench_training(p, d, n, causal, reps=reps)
                     torch.cuda.empty_cache()
         if out_dir is not None:
             write_all(results, out_dir, env)
     for cache in (QUICK_DECODE_CACHES if quick else DECODE_CACHES):
-        for p in PROVIDERS:
-            results.append(bench_decode(p, cache, copy))
+        for p in providers:
+            results.append(bench_decode(p, cache, copy, reps=reps))
         torch.cuda.empty_cache()
     if out_dir is not None:
         write_all(results, out_dir, env)
@@ -255,8 +266,14 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/out"))
     parser.add_argument("--quick", action="store_true", help="two sequence lengths, two caches")
+    parser.add_argument("--n", type=int, action="append", help="training sequence length "
+                        "(repeatable); default: the sweep's")
+    parser.add_argument("--backend", action="append", choices=PROVIDERS,
+                        help="provider (repeatable); default: all")
+    parser.add_argument("--reps", type=int, default=GPU_REPS, help="do_bench medians per point")
     args = parser.parse_args(argv)
-    results = run_gpu_sweep(args.out, quick=args.quick)
+    results = run_gpu_sweep(args.out, quick=args.quick, seqlens=args.n, providers=args.backend,
+                            reps=args.reps)
     print(markdown_table(results))
 
 

@@ -94,7 +94,7 @@ def embed(
         from qkv.interop.minilm import embed as embed_texts
 
         console = Console(stderr=True)
-        with Progress(console=console, transient=True) as bar:
+        with Progress(console=console, transient=True, disable=not console.is_terminal) as bar:
             task = bar.add_task("embedding", total=len(texts))
             try:
                 vectors = embed_texts(texts, batch_size=batch_size, backend=backend,

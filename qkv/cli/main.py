@@ -14,13 +14,22 @@ import sys
 from typing import Annotated
 
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 from qkv.cli._errors import one_line
 
 # The parser's exception classes, whether typer ships its own click or uses the package.
 _BASES = {c.__name__: c for c in typer.BadParameter.__mro__}
 ClickException, UsageError = _BASES["ClickException"], _BASES["UsageError"]
+
+
+class PlainUsage(TyperCommand):
+    """A subcommand whose usage line names a required argument as click does (FILE), not as
+    typer's {FILE}."""
+
+    def collect_usage_pieces(self, ctx) -> list[str]:
+        return [piece[1:-1] if piece[:1] == "{" and piece[-1:] == "}" else piece
+                for piece in super().collect_usage_pieces(ctx)]
 
 
 class UsageErrorsOnOneLine(TyperGroup):
@@ -83,6 +92,9 @@ def _register_subcommands() -> None:
         register = getattr(module, "register", None)
         if register is not None:
             register(app)
+    for command in app.registered_commands:
+        if command.cls in (None, TyperCommand):
+            command.cls = PlainUsage
 
 
 _register_subcommands()

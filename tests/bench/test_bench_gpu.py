@@ -47,3 +47,39 @@ def test_sweep_refuses_without_cuda(tmp_path, monkeypatch):
     monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: False)
     with pytest.raises(RuntimeError, match="CUDA"):
         bench.run_gpu_sweep(tmp_path, quick=True)
+
+
+def test_cli_passes_reps_sizes_and_backends_to_the_gpu_sweep(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from qkv.cli.main import app
+
+    calls = []
+
+    def fake_sweep(out_dir=None, **kwargs):
+        calls.append((out_dir, kwargs))
+        return _fake()
+
+    monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(bench, "run_gpu_sweep", fake_sweep)
+    result = CliRunner().invoke(app, ["bench", "--device", "cuda", "--reps", "5", "--n", "2048",
+                                      "--n", "8192", "--backend", "qkv-triton",
+                                      "--backend", "sdpa-flash", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert calls == [(tmp_path, dict(quick=False, seqlens=[2048, 8192],
+                                     providers=["qkv-triton", "sdpa-flash"], reps=5))]
+    assert "| 128 | yes | 1024 | fwd |" in result.output
+    calls.clear()
+    assert CliRunner().invoke(app, ["bench", "--device", "cuda", "--quick"]).exit_code == 0
+    assert calls == [(None, dict(quick=True, seqlens=None, providers=None, reps=bench.GPU_REPS))]
+
+
+def test_cli_rejects_cpu_backend_names_on_cuda(monkeypatch):
+    from typer.testing import CliRunner
+
+    from qkv.cli.main import app
+
+    monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(bench, "run_gpu_sweep", lambda *a, **k: pytest.fail("ran the sweep"))
+    result = CliRunner().invoke(app, ["bench", "--device", "cuda", "--backend", "chunked"])
+    assert result.exit_code == 2 and "'chunked'" in result.output and "qkv-triton" in result.output

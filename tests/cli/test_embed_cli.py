@@ -1,6 +1,8 @@
 """`qkv embed` through typer's CliRunner."""
 
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,6 +10,9 @@ import torch
 from typer.testing import CliRunner
 
 from qkv.cli.main import app
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the weights ship in a package; never the hub
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 LINES = ["first line", "", "a third, longer line with ünïcödé"]
 
@@ -56,14 +61,65 @@ def test_stdin(tmp_path, expected):
     np.testing.assert_allclose(np.load(out), expected.numpy(), atol=1e-6)
 
 
+def _one_error(result, code=1) -> str:
+    assert result.exit_code == code, result.output
+    assert "Traceback" not in result.output and result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
 def test_bad_suffix_and_over_long_line(source, tmp_path):
     runner = CliRunner()
     result = runner.invoke(app, ["embed", str(source), "--out", str(tmp_path / "v.csv")])
-    assert result.exit_code != 0 and "suffix must be one of" in result.output
+    assert "suffix must be one of" in _one_error(result, code=2)
     long = tmp_path / "long.txt"
-    long.write_text("word " * 400, encoding="utf-8")
+    long.write_text("short line\n" + "word " * 400 + "\n", encoding="utf-8")
     out = tmp_path / "v.npy"
     result = runner.invoke(app, ["embed", str(long), "--out", str(out), "--no-truncate",
                                  "--device", "cpu"])
-    assert result.exit_code != 0 and "over max_length=256" in result.output
+    assert _one_error(result) == (f"error: line 2 of {long} has 402 tokens, more than 256; "
+                                  "drop --no-truncate to cut it")
+    assert not out.exists() and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_binary_input_is_named(tmp_path):
+    binary = tmp_path / "image.png"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
+    out = tmp_path / "v.npy"
+    result = CliRunner().invoke(app, ["embed", str(binary), "--out", str(out)])
+    assert _one_error(result) == (f"error: {binary} is not UTF-8 text (byte 0x89 at offset 0); "
+                                  "give a text file, one sentence per line")
+    nul = tmp_path / "nul.bin"
+    nul.write_bytes(b"abc\x00def")
+    assert "holds NUL bytes" in _one_error(CliRunner().invoke(app, ["embed", str(nul), "-o",
+                                                                    str(out)]))
     assert not out.exists()
+
+
+def test_unwritable_output_is_named_before_any_work(source, tmp_path, monkeypatch):
+    import qkv.interop.minilm as minilm
+
+    monkeypatch.setattr(minilm, "embed", lambda *a, **k: pytest.fail("embedded before checking"))
+    runner = CliRunner()
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    out = blocker / "v.npy"
+    message = _one_error(runner.invoke(app, ["embed", str(source), "-o", str(out)]))
+    assert message == f"error: cannot write {out}: {blocker} is not a folder"
+    out = tmp_path / "ro" / "v.npy"
+    out.parent.mkdir()
+    out.parent.chmod(0o555)
+    if os.access(out.parent, os.W_OK):  # root writes anywhere: a folder nobody can write to
+        out = Path("/proc/qkv-out/v.npy")
+    message = _one_error(runner.invoke(app, ["embed", str(source), "-o", str(out)]))
+    assert message.startswith(f"error: cannot write {out}: ") and ".tmp" not in message
+    folder = tmp_path / "vectors.npy"
+    folder.mkdir()
+    message = _one_error(runner.invoke(app, ["embed", str(source), "-o", str(folder)]))
+    assert message == f"error: {folder} is a folder; name a file in it"
+
+
+def test_usage_line_names_the_file_argument():
+    result = CliRunner().invoke(app, ["embed", "--help"])
+    assert "[OPTIONS] FILE" in result.output and "{source}" not in result.output
