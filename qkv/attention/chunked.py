@@ -6,8 +6,10 @@ keeping a running max `m`, normaliser `l` and un-normalised output `acc` per row
     m' = max(m, rowmax(s));  p = exp(s - m');  l' = l·exp(m - m') + rowsum(p)
     acc' = acc·exp(m - m') + p @ v;            out = acc / l;  lse = m + log(l)
 
-Only `out` and `lse` are saved. Backward recomputes p = exp(s - lse) block by block, so the
-extra memory of forward and backward is O(B·H·BLOCK_M·BLOCK_N + n·d), never O(n²). Blocks that
+The autograd function saves q, k, v, out and, per row, m and log(l) (not folded into one lse:
+at |s| = 1e6 a float32 lse is rounded by 0.03, and every weight with it). Backward recomputes
+p = exp((s - m) - log l) block by block from bit-identical scores, so the extra memory of
+forward and backward is O(B·H·BLOCK_M·BLOCK_N + n·d), never O(n²). Blocks that
 causal, window or kv_lengths make empty are skipped, so causal does about half the work, and
 only blocks that a mask cuts through pay for building it.
 """
@@ -30,6 +32,10 @@ from qkv.attention.spec import AttentionCall
 
 BLOCK_M = 256
 BLOCK_N = 512
+# Query blocks with a row whose largest score |m| exceeds this get the exact delta of `_delta`.
+# The error of the cheap one grows like 1e-7·|m| relative to the gradients (measured on q = k
+# = v, tests/attention/test_precision.py), so below 64 it stays under 1e-5.
+LARGE_SCORE = 64.0
 
 
 def _blocks(n: int, size: int):
@@ -88,6 +94,19 @@ class _Chunked:
         keep = dropout_keep(c.dropout_seed, c.dropout_p, c.B, c.Hq, i0, i1, j0, j1, device)
         return keep.to(self.ct) / (1.0 - c.dropout_p)
 
+    def weights_and_dp(self, qb, dob, stats, i0, i1, j0, j1, full):
+        """For one block: the weights p = exp((s - m) - log_l), p after dropout, dP = dO @ V^T
+        (after dropout), the K block and tanh of softcap. Shapes (B, Hq, bm, bn)."""
+        c, bm = self.call, i1 - i0
+        s, kb, capped = self.scores(qb, i0, i1, j0, j1, full)
+        p = s.sub_(stats[0]).sub_(stats[1]).exp_()
+        drop = self.dropout_scale(i0, i1, j0, j1, qb.device)
+        vb = self.v[:, :, j0:j1].to(self.ct)
+        dp = torch.matmul(dob, vb.transpose(-1, -2)).view(c.B, c.Hq, bm, j1 - j0)
+        if drop is None:
+            return p, p, dp, kb, capped
+        return p, p * drop, dp.mul_(drop), kb, capped
+
     def grouped(self, x, rows):
         """(B, Hq, bm, n) -> (B, Hk, G*bm, n), the layout that multiplies a shared K/V head."""
         c = self.call
@@ -95,11 +114,13 @@ class _Chunked:
 
 
 def chunked_forward(q, k, v, call: AttentionCall, block_m: int, block_n: int):
-    """Returns out (B, Hq, Lq, Dv) in q's dtype and lse (B, Hq, Lq) in the compute dtype."""
+    """Returns out (B, Hq, Lq, Dv) in q's dtype, and the row max m and log-normaliser log_l
+    (B, Hq, Lq) in the compute dtype, so lse = m + log_l. Empty rows have m = -inf, log_l = 0."""
     c = call
     ch = _Chunked(q, k, v, c, block_m, block_n)
     out = torch.empty(c.B, c.Hq, c.Lq, c.Dv, dtype=q.dtype, device=q.device)
-    lse = torch.empty(c.B, c.Hq, c.Lq, dtype=ch.ct, device=q.device)
+    row_max = torch.empty(c.B, c.Hq, c.Lq, dtype=ch.ct, device=q.device)
+    log_l = torch.empty_like(row_max)
     for i0, i1 in ch.rows:
         bm = i1 - i0
         qb = ch.q_block(i0, i1)
@@ -123,13 +144,19 @@ def chunked_forward(q, k, v, call: AttentionCall, block_m: int, block_n: int):
         acc = acc.view(c.B, c.Hq, bm, c.Dv)
         empty = l == 0
         out[:, :, i0:i1] = acc.div_(torch.where(empty, 1.0, l).unsqueeze(-1))
-        lse[:, :, i0:i1] = torch.where(empty, float("-inf"), m + torch.log(l))
-    return out, lse
+        row_max[:, :, i0:i1] = m
+        log_l[:, :, i0:i1] = torch.where(empty, 1.0, l).log_()
+    return out, row_max, log_l
 
 
-def chunked_backward(q, k, v, out, lse, dout, dlse, call: AttentionCall, block_m, block_n,
-                     bias_grad: bool):
-    """Gradients (dq, dk, dv, dbias-or-None), recomputing each block's weights from lse."""
+def chunked_backward(q, k, v, out, row_max, log_l, dout, dlse, call: AttentionCall, block_m,
+                     block_n, bias_grad: bool):
+    """Gradients (dq, dk, dv, dbias-or-None), recomputing each block's weights.
+
+    The weights are p = exp((s - m) - log_l), with s recomputed by the same operations on the
+    same blocks as the forward, so s - m is exact. Folding m + log_l into one float32 lse first
+    would round it by up to |lse|·2^-24 (0.03 at |s| = 1e6) and every weight with it.
+    """
     c = call
     ch = _Chunked(q, k, v, c, block_m, block_n)
     ct = ch.ct
@@ -138,32 +165,26 @@ def chunked_backward(q, k, v, out, lse, dout, dlse, call: AttentionCall, block_m
     dv = torch.zeros(c.B, c.Hk, c.Lk, c.Dv, dtype=ct, device=q.device)
     dbias = torch.zeros(c.bias.shape, dtype=ct, device=q.device) if bias_grad else None
     dq5 = dq.view(c.B, c.Hk, c.groups, c.Lq, c.D)
-    lse_safe = lse.nan_to_num(neginf=0.0)
+    m_safe = row_max.nan_to_num(neginf=0.0)  # empty rows: all their scores are -inf anyway
+    large = (row_max.abs() > LARGE_SCORE) & row_max.isfinite()
     for i0, i1 in ch.rows:
         bm = i1 - i0
         qb = ch.q_block(i0, i1)  # scaled, so dK = dS^T @ (scale * Q)
         dob = ch.grouped(dout[:, :, i0:i1].to(ct), bm)  # (B, Hk, G*bm, Dv)
         dqb = torch.zeros(c.B, c.Hk, c.groups * bm, c.D, dtype=ct, device=q.device)
-        lse_b = lse_safe[:, :, i0:i1].unsqueeze(-1)
-        # delta_i = rowsum(dO * O) - dlse_i, so that dS = P * (dP - delta).
-        delta_b = (dout[:, :, i0:i1].to(ct) * out[:, :, i0:i1].to(ct)).sum(dim=-1, keepdim=True)
+        stats = m_safe[:, :, i0:i1].unsqueeze(-1), log_l[:, :, i0:i1].unsqueeze(-1)
+        cols = ch.live_cols(i0, i1)
+        delta_b = _delta(ch, qb, dob, out, dout, stats, i0, i1, cols, large[:, :, i0:i1])
         if dlse is not None:
             delta_b = delta_b - dlse[:, :, i0:i1].to(ct).unsqueeze(-1)
-        for j0, j1, full in ch.live_cols(i0, i1):
-            s, kb, capped = ch.scores(qb, i0, i1, j0, j1, full)
-            p = s.sub_(lse_b).exp_()  # (B, Hq, bm, bn)
-            drop = ch.dropout_scale(i0, i1, j0, j1, q.device)
-            pd = p if drop is None else p * drop
-            vb = v[:, :, j0:j1].to(ct)
+        for j0, j1, full in cols:
+            p, pd, dp, kb, capped = ch.weights_and_dp(qb, dob, stats, i0, i1, j0, j1, full)
             dv[:, :, j0:j1] += torch.matmul(ch.grouped(pd, bm).transpose(-1, -2), dob)
-            dp = torch.matmul(dob, vb.transpose(-1, -2)).view(c.B, c.Hq, bm, j1 - j0)
-            if drop is not None:
-                dp = dp * drop
             ds = dp.sub_(delta_b).mul_(p)
             if dbias is not None:
                 rows = slice(i0, i1) if dbias.shape[2] != 1 else slice(0, 1)
-                cols = slice(j0, j1) if dbias.shape[3] != 1 else slice(0, 1)
-                dbias[:, :, rows, cols] += reduce_to(ds, dbias.shape)
+                cols_b = slice(j0, j1) if dbias.shape[3] != 1 else slice(0, 1)
+                dbias[:, :, rows, cols_b] += reduce_to(ds, dbias.shape)
             if capped is not None:
                 ds = ds * (1.0 - capped * capped)
             dsg = ch.grouped(ds, bm)  # (B, Hk, G*bm, bn)
@@ -173,24 +194,45 @@ def chunked_backward(q, k, v, out, lse, dout, dlse, call: AttentionCall, block_m
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbias
 
 
+def _delta(ch, qb, dob, out, dout, stats, i0, i1, cols, large):
+    """delta = rowsum(P * dP) (B, Hq, bm, 1) of one query block, for dS = P * (dP - delta).
+
+    It equals rowsum(dO * O), one cheap product, but that rounds differently from the dP of the
+    block matmuls. Where the weights are one-hot or tied, the exact dP - delta is zero, and the
+    mismatch (about 2^-24 |dO| |V|) would reach dQ and dK multiplied by the scale: 0.1 relative
+    at scale 1e4. So a block with `large` rows sums P * dP from the same dP, in one more pass.
+    """
+    ct = ch.ct
+    if not bool(large.any()):
+        return (dout[:, :, i0:i1].to(ct) * out[:, :, i0:i1].to(ct)).sum(dim=-1, keepdim=True)
+    delta = 0.0
+    for j0, j1, full in cols:
+        p, _, dp, _, _ = ch.weights_and_dp(qb, dob, stats, i0, i1, j0, j1, full)
+        delta = delta + (p * dp).sum(dim=-1, keepdim=True)  # dP carries the dropout scale
+    return delta
+
+
 class ChunkedAttention(torch.autograd.Function):
-    """Autograd wrapper: saves q, k, v, out and lse; backward recomputes the weights."""
+    """Autograd wrapper: saves q, k, v, out and each row's m and log_l; backward recomputes
+    the weights."""
 
     @staticmethod
     def forward(ctx, q, k, v, bias, call, block_m, block_n):
-        out, lse = chunked_forward(q, k, v, call, block_m, block_n)
-        ctx.save_for_backward(q, k, v, out, lse)
+        out, row_max, log_l = chunked_forward(q, k, v, call, block_m, block_n)
+        ctx.save_for_backward(q, k, v, out, row_max, log_l)
         ctx.call, ctx.block_m, ctx.block_n = call, block_m, block_n
         ctx.bias_grad = bias is not None and bias.requires_grad
+        lse = row_max + log_l  # -inf for empty rows
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, row_max, log_l = ctx.saved_tensors
         if dout is None:
             dout = torch.zeros_like(out)
         dq, dk, dv, dbias = chunked_backward(
-            q, k, v, out, lse, dout, dlse, ctx.call, ctx.block_m, ctx.block_n, ctx.bias_grad
+            q, k, v, out, row_max, log_l, dout, dlse, ctx.call, ctx.block_m, ctx.block_n,
+            ctx.bias_grad,
         )
         if dbias is not None:
             dbias = dbias.to(ctx.call.bias.dtype)

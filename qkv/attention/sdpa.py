@@ -8,6 +8,13 @@ are given one harmless key and then zeroed, because torch would return NaN there
 
 Not expressible through torch's public function: softcap, return_lse, and qkv's
 counter-based dropout mask (torch draws its own), so those raise NotImplementedError.
+
+Precision: torch's kernels compute the backward's delta as rowsum(dO * O). Where a row's weights
+are one-hot or tied and the scores large, float32 gradients of q and k then lose about
+1e-7·|max score| relative to the gradients (2e-2 at scale 1e3 on q = k = v of D = 64), where
+plain autograd and the chunked backend stay near 1e-7 (tests/attention/test_precision.py).
+`auto` cannot see this before computing the scores, so it keeps sdpa for such calls; choose
+backend="chunked" when training with scores in the hundreds or more.
 """
 
 from __future__ import annotations
