@@ -38,6 +38,10 @@ from qkv.attention.triton.launch import (
     launch,
 )
 
+# Rows whose largest weight exceeds 1 - 1e-3 (log2 of the row sum below this) get the exact
+# delta of the dQ kernel's DELTA_PASS.
+SATURATED_LOG2_L = tl.constexpr(1.4427e-3)
+
 
 @triton.jit
 def _bwd_preprocess(O, DO, DLSE, DELTA, n_rows, head_dim_v,
@@ -165,7 +169,7 @@ def _attn_bwd_dkdv(
 
 @triton.jit
 def _attn_bwd_dq(
-    Q, K, V, DO, M, L2, DELTA, DQ, DBIAS,
+    Q, K, V, DO, M, L2, DLSE, DELTA, DQ, DBIAS,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     CU_Q, CU_K, KVLEN, QOFF,
@@ -176,11 +180,18 @@ def _attn_bwd_dq(
     IS_CAUSAL: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
     HAS_KVLEN: tl.constexpr, HAS_QOFF: tl.constexpr, IS_VARLEN: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, STORE_DBIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_DROPOUT: tl.constexpr, HAS_DLSE: tl.constexpr,
+    STORE_DBIAS: tl.constexpr, DELTA_PASS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    """dQ of one block of query rows (and dbias (B, Hq, Lq, Lk) when asked); grid (Lq/BM, B·Hq)."""
+    """dQ of one block of query rows (and dbias (B, Hq, Lq, Lk) when asked); grid (Lq/BM, B·Hq).
+
+    DELTA_PASS (run before the dK/dV kernel): instead, replace delta of the rows whose largest
+    weight is near 1 by rowsum(p ∘ dP) - dlse. There dS = p ∘ (dP - delta) cancels almost
+    exactly, and rowsum(dO ∘ O) rounds apart from the dP of the tiles by about 2^-24·|dO||V|,
+    which dQ and dK would see multiplied by the scale. Other blocks return at once.
+    """
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // Hq
@@ -204,8 +215,15 @@ def _attn_bwd_dq(
         b, h, offs_m, Hq, BIAS, stride_bias_b, stride_bias_h, stride_bias_m,
         MASK, stride_mask_b, stride_mask_h, stride_mask_m, SLOPES, HAS_BIAS, HAS_MASK, HAS_ALIBI)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    p_dp = tl.zeros([BLOCK_M], dtype=tl.float32)  # rowsum(p ∘ dP), in the delta pass
     start, mid_lo, mid_hi, hi = _key_range(m0, lq, off, kv_end, wl, wr, BLOCK_M, BLOCK_N,
                                            IS_CAUSAL, HAS_WL, HAS_WR)
+    if DELTA_PASS:
+        exact = row_ok & (m2 < float("inf")) & (l2 < SATURATED_LOG2_L)
+        hi = tl.where(tl.max(exact.to(tl.int32), 0) > 0, hi, start)  # no such row: walk nothing
+        mid_lo = tl.minimum(mid_lo, hi)
+        mid_hi = tl.minimum(mid_hi, hi)
+        delta = tl.zeros([BLOCK_M], dtype=tl.float32)  # so that the tiles' dS is p ∘ dP
     for stage in tl.static_range(3):  # leading boundary, fully visible, trailing boundary
         lo, end = _stage_bounds(stage, start, mid_lo, mid_hi, hi)
         for n0 in range(lo, end, BLOCK_N):
@@ -219,10 +237,18 @@ def _attn_bwd_dq(
                 slope2, seed, b * Hq + h, drop_thresh, drop_scale,
                 IS_CAUSAL, HAS_WL, HAS_WR, HAS_BIAS, HAS_MASK, HAS_ALIBI, HAS_SOFTCAP,
                 HAS_DROPOUT, stage != 1, PREC)
-            if STORE_DBIAS:  # dbias (B, Hq, Lq, Lk) fp32, padded layout only
-                tl.store(DBIAS + rows[:, None] * Lk + offs_n[None, :], ds,
-                         mask=row_ok[:, None] & col_ok[None, :])
-            dq = tl.dot(dsc.to(kT.dtype), tl.trans(kT), dq, input_precision=PREC)
+            if DELTA_PASS:
+                p_dp += tl.sum(ds, 1)
+            else:
+                if STORE_DBIAS:  # dbias (B, Hq, Lq, Lk) fp32, padded layout only
+                    tl.store(DBIAS + rows[:, None] * Lk + offs_n[None, :], ds,
+                             mask=row_ok[:, None] & col_ok[None, :])
+                dq = tl.dot(dsc.to(kT.dtype), tl.trans(kT), dq, input_precision=PREC)
+    if DELTA_PASS:
+        if HAS_DLSE:
+            p_dp -= tl.load(DLSE + rows, mask=row_ok, other=0.0)
+        tl.store(DELTA + rows, p_dp, mask=exact)
+        return
     tl.store(DQ + rows[:, None] * head_dim + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
              mask=row_ok[:, None] & (offs_d[None, :] < head_dim))
 
@@ -249,11 +275,14 @@ def backward(q, k, v, out, m, l2, dout, dlse, prob):
         out, dout, dlse, delta, m.numel(), c.Dv,
         HAS_DLSE=dlse is not None, BLOCK_M=bm, BLOCK_DV=prob.block_dv)
     strides = [s for t in (q, k, v) for s in bhl_strides(t, prob.varlen)]
+    dq_args = (q, k, v, dout, m, l2, dlse, delta, dq, dbias, *strides)
+    dq_grid = lambda bm_, bn_: (triton.cdiv(c.Lq, bm_), c.B * c.Hq)  # noqa: E731
+    launch(_attn_bwd_dq, dq_grid, BWD_PAIRS, prob, *dq_args, **prob.args,
+           HAS_DLSE=dlse is not None, STORE_DBIAS=False, DELTA_PASS=True)
     launch(_attn_bwd_dkdv, lambda bm_, bn_: (triton.cdiv(c.Lk, bn_), c.B * c.Hk), BWD_PAIRS, prob,
            q, k, v, dout, m, l2, delta, dk, dv, *strides, **prob.args)
-    launch(_attn_bwd_dq, lambda bm_, bn_: (triton.cdiv(c.Lq, bm_), c.B * c.Hq), BWD_PAIRS, prob,
-           q, k, v, dout, m, l2, delta, dq, dbias, *strides, **prob.args,
-           STORE_DBIAS=dbias is not None)
+    launch(_attn_bwd_dq, dq_grid, BWD_PAIRS, prob, *dq_args, **prob.args,
+           HAS_DLSE=dlse is not None, STORE_DBIAS=dbias is not None, DELTA_PASS=False)
     if dbias is not None:
         dbias = reduce_to(dbias, c.bias.shape)
     return dq, dk, dv, dbias

@@ -44,7 +44,8 @@ FWD_PAIRS = [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2),
               (128, 32, 8, 2)]
 BWD_PAIRS = [(64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2), (32, 128, 8, 2), (64, 32, 4, 2),
               (128, 64, 8, 2)]
-_KEY = ["Lq", "Lk", "BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "HAS_BIAS", "HAS_MASK", "HAS_DROPOUT"]
+_KEY = ["Lq", "Lk", "BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "HAS_BIAS", "HAS_MASK", "HAS_DROPOUT",
+        "DELTA_PASS"]  # a kernel without one of these keys ignores it
 _TUNED: dict = {}
 
 
