@@ -36,7 +36,14 @@ def _seed():
     torch.manual_seed(0)
 
 
-def left_padded(B: int, L: int, pads: list[int], vocab: int = 37):
+@pytest.fixture
+def left_padded():
+    """Factory of left-padded batches (a fixture: `from conftest import` can find another
+    directory's conftest when several test folders run together)."""
+    return _left_padded
+
+
+def _left_padded(B: int, L: int, pads: list[int], vocab: int = 37):
     """Random ids (B, L) and a left-padding mask with pads[b] padding tokens in row b."""
     idx = torch.randint(0, vocab, (B, L))
     mask = torch.ones(B, L, dtype=torch.bool)

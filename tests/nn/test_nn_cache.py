@@ -1,6 +1,5 @@
 import pytest
 import torch
-from conftest import left_padded
 
 from qkv.nn import (
     CrossAttentionCache,
@@ -24,7 +23,7 @@ def _incremental(model, idx, mask, cache, prompt=5):
 
 @pytest.mark.parametrize("positions", ["learned", "sinusoidal", "rope", "alibi"])
 @pytest.mark.parametrize("kind", ["dynamic", "static", "sliding"])
-def test_cached_logits_equal_uncached(tiny, positions, kind):
+def test_cached_logits_equal_uncached(left_padded, tiny, positions, kind):
     window = 3 if kind == "sliding" else None
     lm = DecoderLM(tiny(positions=positions, n_kv_heads=2, window=window)).eval()
     idx, mask = left_padded(3, 11, [0, 2, 4])
@@ -35,14 +34,14 @@ def test_cached_logits_equal_uncached(tiny, positions, kind):
 
 
 @pytest.mark.parametrize("cache", [DynamicCache(), SlidingWindowCache(4)])
-def test_windowed_model_with_a_larger_or_growing_cache(tiny, cache):
+def test_windowed_model_with_a_larger_or_growing_cache(left_padded, tiny, cache):
     lm = DecoderLM(tiny(positions="alibi", window=2)).eval()
     idx, mask = left_padded(2, 10, [0, 3])
     full = lm(idx, attention_mask=mask)[0]
     assert torch.allclose(_incremental(lm, idx, mask, cache)[mask], full[mask], atol=1e-5)
 
 
-def test_sliding_cache_keeps_only_the_window(tiny):
+def test_sliding_cache_keeps_only_the_window(left_padded, tiny):
     lm = DecoderLM(tiny(positions="rope", window=3)).eval()
     cache = SlidingWindowCache(3)
     idx, mask = left_padded(2, 9, [0, 5])
@@ -63,7 +62,7 @@ def test_static_cache_is_preallocated_and_bounded(tiny):
 
 
 @pytest.mark.parametrize("kind", ["dynamic", "static", "sliding"])
-def test_reorder_follows_rows(tiny, kind):
+def test_reorder_follows_rows(left_padded, tiny, kind):
     lm = DecoderLM(tiny(positions="rope", window=3)).eval()
     idx, mask = left_padded(2, 6, [0, 2])
     a, b = (make_cache(kind, max_len=8, window=3) for _ in range(2))
@@ -85,7 +84,7 @@ def test_cross_attention_cache_reorder():
     assert torch.equal(cross.get(0)[0], k[index]) and torch.equal(cross.get(0)[1], v[index])
 
 
-def test_cross_attention_cache_reuses_memory_kv(tiny):
+def test_cross_attention_cache_reuses_memory_kv(left_padded, tiny):
     ed = EncoderDecoder(EncoderDecoderConfig(encoder=tiny(), decoder=tiny(positions="rope")))
     ed.eval()
     src, src_mask = left_padded(2, 6, [0, 2])

@@ -1,7 +1,6 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import left_padded
 
 from qkv.nn import (
     IGNORE_INDEX,
@@ -18,7 +17,7 @@ POSITIONS = ["learned", "sinusoidal", "rope", "alibi", "none"]
 @pytest.mark.parametrize("positions, placement", [
     ("learned", "post"), ("sinusoidal", "pre"), ("rope", "pre"), ("alibi", "post"), ("none", "pre"),
 ])
-def test_models_agree_on_every_backend(tiny, fast_backends, positions, placement):
+def test_models_agree_on_every_backend(left_padded, tiny, fast_backends, positions, placement):
     cfg = tiny(positions=positions, norm_placement=placement, n_kv_heads=2, n_layers=1)
     idx, mask = left_padded(2, 7, [0, 3])
     lm, enc = DecoderLM(cfg).eval(), Encoder(cfg).eval()
@@ -37,7 +36,7 @@ def test_models_agree_on_every_backend(tiny, fast_backends, positions, placement
 
 
 @pytest.mark.parametrize("positions", POSITIONS)
-def test_left_padding_does_not_change_a_row(tiny, positions):
+def test_left_padding_does_not_change_a_row(left_padded, tiny, positions):
     lm = DecoderLM(tiny(positions=positions)).eval()
     idx, mask = left_padded(2, 9, [0, 4])
     padded = lm(idx, attention_mask=mask)[0][1, 4:]
@@ -79,7 +78,7 @@ def test_final_norm_follows_placement(tiny):
     assert Encoder(tiny(norm_placement="post", final_norm=True)).final_norm is not None
 
 
-def test_decoder_lm_on_every_backend(tiny, cpu_backends):
+def test_decoder_lm_on_every_backend(left_padded, tiny, cpu_backends):
     lm = DecoderLM(tiny(positions="rope", n_layers=1, n_heads=2, d_model=16)).eval()
     idx, mask = left_padded(2, 5, [0, 2])
     ref = lm(idx, attention_mask=mask, backend="reference")[0]
