@@ -140,6 +140,7 @@ def test_save_killed_at_each_operation(tmp_path, baselines, scenario, operation)
 
 
 # A resume through the training loop around a save cut short at the riskiest moments.
+@pytest.mark.filterwarnings("ignore:.*(falling back|recovered).*:UserWarning")
 @pytest.mark.parametrize("moment", ["replace-manifest.json", "replace-step-00000004",
                                     "rmtree"])
 def test_resume_after_a_replacement_cut_short(tmp_path, tiny_data, moment):
