@@ -5,6 +5,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
+from qkv.cli.demo import next_steps
 from qkv.cli.main import app
 
 runner = CliRunner()
@@ -26,6 +27,16 @@ def test_demo_quick(quick_run):
     assert "def fibonacci(n):" in output
     assert report["steps"] > 0 and report["tokens_per_s"] > 0
     assert (out / "checkpoints").is_dir() and (out / "metrics.jsonl").is_file()
+    assert output.rstrip().endswith(next_steps(str(out)))
+
+
+def test_next_steps_name_the_run_folder():
+    assert next_steps("runs/my demo").splitlines() == [
+        "next, try:",
+        "  qkv generate --checkpoint 'runs/my demo' --prompt 'def add(a, b):\\n'",
+        "  qkv eval --checkpoint 'runs/my demo'",
+        "  qkv runs 'runs/my demo'",
+    ]
 
 
 def test_generate_streams_from_the_quick_checkpoint(quick_run):
