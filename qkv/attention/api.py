@@ -77,9 +77,9 @@ def attention(
 def _check_cu_seqlens(name: str, cu: torch.Tensor, total: int, device) -> torch.Tensor:
     if not isinstance(cu, torch.Tensor) or cu.dim() != 1 or cu.numel() < 1:
         got = tuple(cu.shape) if isinstance(cu, torch.Tensor) else type(cu).__name__
-        raise ValueError(f"{name} must be a 1-D (B+1,) int32 tensor, got {got}")
+        raise ValueError(f"{name} must be a 1-D (B+1,) int32 or int64 tensor, got {got}")
     if cu.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"{name} must be int32, got {cu.dtype}")
+        raise ValueError(f"{name} must be int32 or int64, got {cu.dtype}")
     if cu.device != device:
         raise ValueError(f"{name} is on {cu.device}, q is on {device}")
     c = cu.to(torch.int64)
@@ -125,8 +125,8 @@ def attention_varlen(
     """`attention` over packed sequences: each sequence attends only within itself.
 
     q (total_q, Hq, D), k (total_k, Hk, D), v (total_k, Hk, Dv); cu_seqlens_q and cu_seqlens_k are
-    (B+1,) int32 cumulative offsets, so sequence b holds rows cu[b]:cu[b+1]. Causal and window are
-    aligned bottom-right per sequence (with that sequence's own lq and lk). Returns out
+    (B+1,) int32 or int64 cumulative offsets, so sequence b holds rows cu[b]:cu[b+1]. Causal and
+    window are aligned bottom-right per sequence (with that sequence's own lq and lk). Returns out
     (total_q, Hq, Dv), and with `return_lse` also lse (total_q, Hq).
 
     Per-pair `mask`, `bias` and `kv_lengths` have no meaning for packed rows and are not accepted.
@@ -155,7 +155,7 @@ def attention_varlen(
     )
     chosen = _registry.choose(call, qp, backend)
     if chosen.forward_varlen is not None:
-        out, lse = chosen.forward_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, call)
+        out, lse = chosen.forward_varlen(q, k, v, cq.to(torch.int32), ck.to(torch.int32), call)
     else:
         out, lse = chosen.forward(qp, kp, vp, call)
         out = out.transpose(1, 2)[seq_q, pos_q]  # (total_q, Hq, Dv)

@@ -123,8 +123,10 @@ VARLEN_ERRORS = {
                     r"cu_seqlens_q must start at 0.*got \[1, 2, 6\]"),
     "counts": (_packed() + (torch.tensor([0, 6], dtype=torch.int32), CK),
                r"same number of sequences, got 1 and 2"),
-    "float": (_packed() + (CU.float(), CK), r"cu_seqlens_q must be int32, got torch.float32"),
-    "rank": (_packed() + (CU, CK[None]), r"cu_seqlens_k must be a 1-D \(B\+1,\) int32 tensor"),
+    "float": (_packed() + (CU.float(), CK),
+              r"cu_seqlens_q must be int32 or int64, got torch.float32"),
+    "rank": (_packed() + (CU, CK[None]),
+             r"cu_seqlens_k must be a 1-D \(B\+1,\) int32 or int64 tensor"),
     "empty": (_packed() + (CU, CK[:0]), r"cu_seqlens_k must be a 1-D .*got \(0,\)"),
     "heads": ((torch.randn(6, 3, 8),) + _packed()[1:] + (CU, CK), r"multiple of k/v heads"),
 }

@@ -155,3 +155,12 @@ def test_varlen_dropout_matches_reference(backend):
     want = qkv.attention_varlen(q.double(), k.double(), v.double(), cq, ck, backend="reference",
                                 **kw)
     assert_close(out, want, TOL[best_dtype(backend)], "out")
+
+
+def test_varlen_accepts_int64_cu_seqlens(backend):
+    """int32 and int64 offsets are both accepted, with the same result."""
+    dtype = best_dtype(backend)
+    q, k, v, cq, ck = _packed(LENGTHS, 2, 2, 16, 16, dtype, seed=6)
+    want = qkv.attention_varlen(q, k, v, cq, ck, causal=True, backend=backend)
+    got = qkv.attention_varlen(q, k, v, cq.long(), ck.long(), causal=True, backend=backend)
+    assert torch.equal(got, want)
