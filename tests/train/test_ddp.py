@@ -1,6 +1,7 @@
 """Two gloo processes on the CPU train exactly like one process with their combined batch."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -73,3 +74,31 @@ def test_resume_restores_every_ranks_generators(tmp_path):
     for rank in (0, 1):
         assert np.array_equal(np.load(tmp_path / f"A-rank{rank}.npy"),
                               np.load(tmp_path / f"B-rank{rank}.npy")), rank
+
+
+def _locked_out_worker(rank: int, world_size: int, root: str) -> None:
+    from pathlib import Path
+
+    from qkv.train import RunInUseError
+
+    try:
+        train(tiny_config(Path(root) / "run", batch_size=2, max_steps=2, model=MODEL),
+              rank=rank, world_size=world_size, init_method=f"file://{root}/rendezvous")
+    except RunInUseError as e:
+        (Path(root) / f"error-rank{rank}.txt").write_text(str(e))
+
+
+@pytest.mark.slow
+def test_a_locked_run_folder_stops_every_rank_without_a_deadlock(tmp_path):
+    from qkv.train.runfolder import RunLock
+
+    (tmp_path / "run").mkdir()
+    lock = RunLock(tmp_path / "run")
+    lock.acquire()
+    try:
+        mp.spawn(_locked_out_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    finally:
+        lock.release()
+    for rank in (0, 1):
+        message = (tmp_path / f"error-rank{rank}.txt").read_text()
+        assert f"in use by another qkv run (process {os.getpid()})" in message
