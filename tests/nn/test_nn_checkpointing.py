@@ -26,7 +26,9 @@ def _grads(model, loss_fn) -> dict[str, torch.Tensor]:
 
 def _lm_loss(model):
     idx = torch.randint(0, 37, (2, 7))
-    return model(idx, idx)[1]
+    mask = torch.ones(2, 7, dtype=torch.bool)
+    mask[1, :3] = False  # left padding
+    return model(idx, idx, attention_mask=mask)[1]
 
 
 def _encoder_loss(model):
