@@ -69,7 +69,9 @@ class StepBoundaryInterrupt:
 
     def __exit__(self, *exc) -> None:
         if self.enabled:
-            signal.signal(signal.SIGINT, self._previous or signal.default_int_handler)
+            previous = self._previous  # None when it was not set from Python
+            signal.signal(signal.SIGINT, signal.default_int_handler if previous is None
+                          else previous)
 
 
 class StepLoop:
