@@ -30,10 +30,14 @@ def check_float(field: str, value: Any, *, low: float, high: float | None = None
         ok = value > low if low_open else value >= low
         if ok and high is not None:
             ok = value < high if high_open else value <= high
+    if not ok and high is None:
+        raise ValueError(f"{field} must be a number {'>' if low_open else '>='} {low:g}, "
+                         f"got {value!r}")
     if not ok:
         left = "(" if low_open else "["
-        right = ")" if high is None or high_open else "]"
-        raise ValueError(f"{field} must be a number in {left}{low}, {high}{right}, got {value!r}")
+        right = ")" if high_open else "]"
+        raise ValueError(f"{field} must be a number in {left}{low:g}, {high:g}{right}, "
+                         f"got {value!r}")
 
 
 def from_dict(cls, values: dict):

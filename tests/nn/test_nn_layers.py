@@ -46,3 +46,17 @@ def test_feed_forward_swiglu():
 def test_feed_forward_config_rejects_bad_values(kwargs, field):
     with pytest.raises(ValueError, match=field):
         FeedForwardConfig(**{"d_model": 8, "d_ff": 16, **kwargs})
+
+
+
+@pytest.mark.parametrize(("value", "kwargs", "message"), [
+    (0, {"low": 0.0, "low_open": True}, r"lr must be a number > 0, got 0$"),
+    (-1, {"low": 0.0}, r"lr must be a number >= 0, got -1$"),
+    (2, {"low": 0.0, "high": 1.0}, r"lr must be a number in \[0, 1\), got 2$"),
+    ("x", {"low": 0.0, "high": 1.0, "high_open": False}, r"in \[0, 1\], got 'x'$"),
+])
+def test_check_float_message_reads_naturally(value, kwargs, message):
+    from qkv.nn.config import check_float
+
+    with pytest.raises(ValueError, match=message):
+        check_float("lr", value, **kwargs)
