@@ -23,9 +23,8 @@ from qkv.attention.masking import (
     block_is_full,
     dropout_keep,
     kv_limit,
-    modify_scores,
+    masked_scores,
     reduce_to,
-    visible,
 )
 from qkv.attention.reference import compute_dtype
 from qkv.attention.spec import AttentionCall
@@ -79,11 +78,7 @@ class _Chunked:
         kb = self.k[:, :, j0:j1].to(self.ct)  # (B, Hk, bn, D)
         s = torch.matmul(qb, kb.transpose(-1, -2))  # (B, Hk, G*bm, bn), already scaled
         s = s.view(c.B, c.Hq, i1 - i0, j1 - j0)
-        s, capped = modify_scores(c, s, i0, i1, j0, j1)
-        if not full:
-            vis = visible(c, i0, i1, j0, j1, s.device)
-            if vis is not None:
-                s = s.masked_fill_(~vis, float("-inf"))
+        s, capped = masked_scores(c, s, i0, i1, j0, j1, full)
         return s, kb, capped
 
     def dropout_scale(self, i0, i1, j0, j1, device):

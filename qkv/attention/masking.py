@@ -114,16 +114,20 @@ def modify_scores(call: AttentionCall, s: torch.Tensor, i0: int, i1: int, j0: in
     return s, capped
 
 
-def masked_scores(call: AttentionCall, s: torch.Tensor, i0: int, i1: int, j0: int, j1: int):
+def masked_scores(call: AttentionCall, s: torch.Tensor, i0: int, i1: int, j0: int, j1: int,
+                  full: bool = False):
     """Scores of a block after every modifier, with invisible pairs set to -inf.
 
-    Returns (scores, visible_or_None, tanh_of_capped_or_None).
+    `full` says the caller knows every pair of the block is visible (see `block_is_full`), so no
+    mask is built. Outside autograd the block is overwritten in place.
+    Returns (scores, tanh_of_capped_or_None).
     """
     s, capped = modify_scores(call, s, i0, i1, j0, j1)
-    vis = visible(call, i0, i1, j0, j1, s.device)
+    vis = None if full else visible(call, i0, i1, j0, j1, s.device)
     if vis is not None:
-        s = s.masked_fill(~vis, float("-inf"))
-    return s, vis, capped
+        fill = s.masked_fill if s.requires_grad else s.masked_fill_
+        s = fill(~vis, float("-inf"))
+    return s, capped
 
 
 def reduce_to(x: torch.Tensor, shape) -> torch.Tensor:

@@ -25,7 +25,7 @@ def scores(q: torch.Tensor, k: torch.Tensor, call: AttentionCall) -> torch.Tenso
     qg = q.to(ct).reshape(B, Hk, call.groups * Lq, call.D)
     s = (qg @ k.to(ct).transpose(-1, -2)) * call.scale  # (B, Hk, G*Lq, Lk)
     s = s.reshape(B, Hq, Lq, Lk)
-    s, _, _ = masked_scores(call, s, 0, Lq, 0, Lk)
+    s, _ = masked_scores(call, s, 0, Lq, 0, Lk)
     return s
 
 
