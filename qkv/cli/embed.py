@@ -53,10 +53,8 @@ def write_vectors(out: Path, texts: list[str], vectors) -> None:
                     f.write("\n")
 
 
-def too_long_message(e: ValueError, source: str) -> str | None:
-    """The CLI's words for qkv.interop.minilm.TextTooLongError (None for other errors)."""
-    if not all(hasattr(e, a) for a in ("index", "length", "limit")):
-        return None
+def too_long_message(e, source: str) -> str:
+    """The CLI's words for qkv.interop.minilm.TextTooLongError: lines count from 1."""
     name = "stdin" if source == "-" else source
     return (f"line {e.index + 1} of {name} has {e.length} tokens, more than {e.limit}; "
             "drop --no-truncate to cut it")
@@ -88,11 +86,11 @@ def embed(
             raise FileNotFoundError(f"no such file: {source}")
         check_writable_file(out)
         from qkv.device import resolve_device
+        from qkv.interop.minilm import TextTooLongError
+        from qkv.interop.minilm import embed as embed_texts
 
         resolved = resolve_device(device)
         texts = read_lines(source)
-        from qkv.interop.minilm import embed as embed_texts
-
         console = Console(stderr=True)
         with Progress(console=console, transient=True, disable=not console.is_terminal) as bar:
             task = bar.add_task("embedding", total=len(texts))
@@ -100,11 +98,8 @@ def embed(
                 vectors = embed_texts(texts, batch_size=batch_size, backend=backend,
                                       device=resolved, truncate=truncate,
                                       progress=lambda done: bar.update(task, completed=done))
-            except ValueError as e:
-                message = too_long_message(e, source)
-                if message is None:
-                    raise
-                raise fail(message) from None
+            except TextTooLongError as e:
+                raise fail(too_long_message(e, source)) from None
         try:
             write_vectors(out, texts, vectors.cpu())
         except OSError as e:
