@@ -12,6 +12,8 @@ Both walk their blocks in the forward's three stages: boundary blocks with eleme
 visible blocks without.
 """
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -38,9 +40,10 @@ from qkv.attention.triton.launch import (
     launch,
 )
 
-# Rows whose largest weight exceeds 1 - 1e-3 (log2 of the row sum below this) get the exact
-# delta of the dQ kernel's DELTA_PASS.
-SATURATED_LOG2_L = tl.constexpr(1.4427e-3)
+# Query blocks with a row whose largest score |m| exceeds this get the exact delta of the dQ
+# kernel's DELTA_PASS (the criterion of the chunked backend). The error of the cheap one grows
+# like 1e-7·|m| relative to the gradients, so below 64 it stays under 1e-5.
+LARGE_SCORE = 64.0
 
 
 @triton.jit
@@ -176,7 +179,7 @@ def _attn_bwd_dq(
     BIAS, stride_bias_b, stride_bias_h, stride_bias_m, stride_bias_n,
     MASK, stride_mask_b, stride_mask_h, stride_mask_m, stride_mask_n,
     SLOPES, Hq, G, Lq, Lk, head_dim, head_dim_v,
-    sm_scale, softcap, wl, wr, drop_thresh, drop_scale, seed,
+    sm_scale, softcap, wl, wr, drop_thresh, drop_scale, seed, large_m2,
     IS_CAUSAL: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr,
     HAS_KVLEN: tl.constexpr, HAS_QOFF: tl.constexpr, IS_VARLEN: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_ALIBI: tl.constexpr,
@@ -188,9 +191,10 @@ def _attn_bwd_dq(
     """dQ of one block of query rows (and dbias (B, Hq, Lq, Lk) when asked); grid (Lq/BM, B·Hq).
 
     DELTA_PASS (run before the dK/dV kernel): instead, replace delta of the rows whose largest
-    weight is near 1 by rowsum(p ∘ dP) - dlse. There dS = p ∘ (dP - delta) cancels almost
-    exactly, and rowsum(dO ∘ O) rounds apart from the dP of the tiles by about 2^-24·|dO||V|,
-    which dQ and dK would see multiplied by the scale. Other blocks return at once.
+    score (log2 domain) exceeds large_m2 in size by rowsum(p ∘ dP) - dlse. Where the weights
+    are one-hot or tied, the exact dP - delta is zero, and rowsum(dO ∘ O) rounds apart from the
+    tiles' dP by about 2^-24·|dO||V|, which dQ and dK would see multiplied by the scale. Blocks
+    without such rows return at once.
     """
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -219,7 +223,7 @@ def _attn_bwd_dq(
     start, mid_lo, mid_hi, hi = _key_range(m0, lq, off, kv_end, wl, wr, BLOCK_M, BLOCK_N,
                                            IS_CAUSAL, HAS_WL, HAS_WR)
     if DELTA_PASS:
-        exact = row_ok & (m2 < float("inf")) & (l2 < SATURATED_LOG2_L)
+        exact = row_ok & (m2 < float("inf")) & (tl.abs(m2) > large_m2)
         hi = tl.where(tl.max(exact.to(tl.int32), 0) > 0, hi, start)  # no such row: walk nothing
         mid_lo = tl.minimum(mid_lo, hi)
         mid_hi = tl.minimum(mid_hi, hi)
@@ -278,11 +282,13 @@ def backward(q, k, v, out, m, l2, dout, dlse, prob):
     dq_args = (q, k, v, dout, m, l2, dlse, delta, dq, dbias, *strides)
     dq_grid = lambda bm_, bn_: (triton.cdiv(c.Lq, bm_), c.B * c.Hq)  # noqa: E731
     launch(_attn_bwd_dq, dq_grid, BWD_PAIRS, prob, *dq_args, **prob.args,
-           HAS_DLSE=dlse is not None, STORE_DBIAS=False, DELTA_PASS=True)
+           large_m2=LARGE_SCORE * math.log2(math.e), HAS_DLSE=dlse is not None,
+           STORE_DBIAS=False, DELTA_PASS=True)
     launch(_attn_bwd_dkdv, lambda bm_, bn_: (triton.cdiv(c.Lk, bn_), c.B * c.Hk), BWD_PAIRS, prob,
            q, k, v, dout, m, l2, delta, dk, dv, *strides, **prob.args)
     launch(_attn_bwd_dq, dq_grid, BWD_PAIRS, prob, *dq_args, **prob.args,
-           HAS_DLSE=dlse is not None, STORE_DBIAS=dbias is not None, DELTA_PASS=False)
+           large_m2=0.0, HAS_DLSE=dlse is not None, STORE_DBIAS=dbias is not None,
+           DELTA_PASS=False)
     if dbias is not None:
         dbias = reduce_to(dbias, c.bias.shape)
     return dq, dk, dv, dbias
