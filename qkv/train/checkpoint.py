@@ -15,7 +15,8 @@ into place, so a crash or a full disk during a save leaves the earlier checkpoin
 A complete step-N is never rewritten; an unusable one is moved aside only after its replacement
 is complete, and `recover` puts back a complete copy that a crash left under a hidden name.
 Loading checks the manifest first, so a truncated or altered file is reported by name, and
-`find_latest` falls back to the newest checkpoint that passes.
+`find_latest` falls back to the newest checkpoint that passes. Finding, checking and recovering
+checkpoint folders is qkv.train.layout's part; its names are importable from here too.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -34,27 +34,38 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from qkv.data import Tokenizer
-from qkv.io import atomic_write, atomic_write_text, fsync_dir, sha256_file
+from qkv.io import atomic_write, atomic_write_text, sha256_file
 from qkv.nn import DecoderLM, TransformerConfig
+from qkv.train.layout import (
+    FORMAT,
+    MANIFEST,
+    MODEL_CONFIG,
+    MODEL_FILE,
+    OPTIMIZER_FILE,
+    STATE_FILE,
+    STEP_DIR,
+    TOKENIZER_FILE,
+    CheckpointError,
+    checkpoints_dir,
+    find_latest,
+    fresh_name,
+    install,
+    list_checkpoints,
+    prune,
+    recover,
+    resolve,
+    step_dir,
+    usable,
+    verify,
+)
 
-FORMAT = 1
-MODEL_FILE, MODEL_CONFIG, TOKENIZER_FILE = "model.safetensors", "model.json", "tokenizer.json"
-OPTIMIZER_FILE, STATE_FILE, MANIFEST = "optimizer.safetensors", "trainer.json", "manifest.json"
-_STEP_DIR = re.compile(r"^step-(\d{8,})$")
-_LEFTOVER = re.compile(r"^\.(step-\d{8,})\.(tmp|old|del)-[0-9-]+$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used: missing, corrupt, truncated, or for another model."""
-
-
-def checkpoints_dir(run_dir: str | os.PathLike) -> Path:
-    return Path(run_dir) / "checkpoints"
-
-
-def _step_dir(run_dir, step: int) -> Path:
-    return checkpoints_dir(run_dir) / f"step-{step:08d}"
-
+__all__ = [
+    "FORMAT", "MANIFEST", "MODEL_CONFIG", "MODEL_FILE", "OPTIMIZER_FILE", "STATE_FILE",
+    "TOKENIZER_FILE", "CheckpointError", "checkpoints_dir", "describe_checkpoints",
+    "find_latest", "list_checkpoints", "load_model", "load_tensors", "load_weights",
+    "model_tensors", "prune", "read_model_config", "read_run_config", "recover", "resolve",
+    "save_checkpoint", "verify",
+]
 
 # ---------------------------------------------------------------- writing
 
@@ -92,25 +103,31 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model: DecoderLM,
     part cannot be written; the earlier checkpoints are then untouched and no partial folder
     stays.
     """
-    final = _step_dir(run_dir, step)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    recover(run_dir)
-    if _usable(final):
-        return final
-    tmp = _fresh_name(final, "tmp")
+    final = step_dir(run_dir, step)
+    tmp = None
     try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        recover(run_dir)
+        if usable(final):
+            return final
+        tmp = fresh_name(final, "tmp")
         tmp.mkdir()
         _write_files(tmp, step, model, tokenizer, optimizer, trainer_state, extra_tensors)
-        _install(tmp, final)
+        install(tmp, final)
     except (OSError, SafetensorError) as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _discard(tmp)
         raise CheckpointError(f"could not write checkpoint {final}: {e}; earlier checkpoints "
                               f"are untouched") from e
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _discard(tmp)
         raise
     prune(run_dir, keep)
     return final
+
+
+def _discard(tmp: Path | None) -> None:
+    if tmp is not None:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _write_files(folder: Path, step: int, model, tokenizer, optimizer, trainer_state,
@@ -132,75 +149,6 @@ def _write_files(folder: Path, step: int, model, tokenizer, optimizer, trainer_s
     _save_json(folder / MANIFEST, manifest)
 
 
-def _fresh_name(final: Path, kind: str) -> Path:
-    """A hidden sibling `.step-N.<kind>-<pid>[-k]` of `final` that does not exist yet."""
-    base = final.parent / f".{final.name}.{kind}-{os.getpid()}"
-    path, k = base, 0
-    while path.exists():
-        k += 1
-        path = base.with_name(f"{base.name}-{k}")
-    return path
-
-
-def _install(new: Path, final: Path) -> None:
-    """Give the complete checkpoint folder `new` the name `final`.
-
-    An unusable folder already at `final` is moved aside before and deleted after, so a crash in
-    between leaves both, and `recover` puts the complete one back.
-    """
-    fsync_dir(new)
-    old = None
-    if final.exists():
-        old = _fresh_name(final, "old")
-        os.replace(final, old)
-    os.replace(new, final)
-    fsync_dir(final.parent)
-    if old is not None:
-        shutil.rmtree(old)
-
-
-def _usable(path: Path) -> bool:
-    try:
-        verify(path)
-    except (CheckpointError, OSError):
-        return False
-    return True
-
-
-def recover(run_dir: str | os.PathLike) -> list[str]:
-    """Finish or undo saves that were cut short; return a note per checkpoint put back.
-
-    A hidden `.step-N.tmp-*` / `.step-N.old-*` folder that passes `verify` becomes step-N when
-    step-N is missing or fails its checks (the newer copy first); every other leftover (an
-    incomplete copy, a folder being pruned) is deleted. Call it while holding the run's lock.
-    """
-    folder = checkpoints_dir(run_dir)
-    if not folder.is_dir():
-        return []
-    order = {"tmp": 0, "old": 1, "del": 2}  # the newer copy first; pruned ones never
-    leftovers = sorted((m.group(1), order[m.group(2)], p.name) for p in folder.iterdir()
-                       if (m := _LEFTOVER.match(p.name)))
-    notes = []
-    for name, kind, leftover in leftovers:
-        path, final = folder / leftover, folder / name
-        if kind < 2 and path.is_dir() and not _usable(final) and _usable(path):
-            _install(path, final)
-            notes.append(f"recovered {final} from a save that was cut short")
-        elif path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
-    return notes
-
-
-def prune(run_dir: str | os.PathLike, keep: int) -> None:
-    """Delete all but the newest `keep` checkpoints of a run."""
-    for path in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
-        doomed = _fresh_name(path, "del")  # a kill mid-delete leaves no half step-N behind
-        os.replace(path, doomed)
-        shutil.rmtree(doomed, ignore_errors=True)
-
-
 def _optimizer_tensors(optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
     """Optimizer state as flat tensors "optimizer.<param>.<name>" plus JSON param groups."""
     sd = optimizer.state_dict()
@@ -211,89 +159,6 @@ def _optimizer_tensors(optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
                 value = torch.tensor(value)
             tensors[f"optimizer.{pid}.{name}"] = value
     return tensors, sd["param_groups"]
-
-
-# ---------------------------------------------------------------- finding and verifying
-
-
-def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
-    """The finished checkpoint folders of a run, oldest first."""
-    folder = checkpoints_dir(run_dir)
-    if not folder.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir()
-             if p.is_dir() and (m := _STEP_DIR.match(p.name))]
-    return [p for _, p in sorted(found)]
-
-
-def verify(path: str | os.PathLike) -> dict[str, Any]:
-    """The manifest of checkpoint folder `path` after checking every file's size and SHA-256.
-
-    Raises CheckpointError naming the folder, the file and what is wrong.
-    """
-    path = Path(path)
-    manifest_path = path / MANIFEST
-    if not manifest_path.is_file():
-        raise CheckpointError(f"checkpoint {path} is incomplete: it has no {MANIFEST}")
-    try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        files = manifest["files"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"checkpoint {path}: {MANIFEST} is corrupt ({e})") from None
-    if manifest.get("format") != FORMAT:
-        raise CheckpointError(f"checkpoint {path} has format {manifest.get('format')!r}; this "
-                              f"version of qkv reads format {FORMAT}")
-    for name, info in files.items():
-        f = path / name
-        if not f.is_file():
-            raise CheckpointError(f"checkpoint {path} is missing {name}")
-        size = f.stat().st_size
-        if size != info["bytes"]:
-            raise CheckpointError(f"checkpoint {path}: {name} is {size} bytes, the manifest "
-                                  f"says {info['bytes']} (truncated or overwritten)")
-        if sha256_file(f) != info["sha256"]:
-            raise CheckpointError(f"checkpoint {path}: {name} fails its SHA-256 check (corrupt)")
-    return manifest
-
-
-def find_latest(run_dir: str | os.PathLike,
-                warn: Callable[[str], None] | None = None) -> Path | None:
-    """The newest checkpoint of a run that passes `verify`, or None if the run has none.
-
-    Each newer checkpoint that fails is reported through `warn` along with the one used instead.
-    Raises CheckpointError if checkpoints exist but none is usable.
-    """
-    problems = []
-    for path in reversed(list_checkpoints(run_dir)):
-        try:
-            verify(path)
-        except CheckpointError as e:
-            problems.append(str(e))
-            continue
-        if problems and warn is not None:
-            for problem in problems:
-                warn(f"{problem}; falling back to {path.name}")
-        return path
-    if problems:
-        raise CheckpointError("no usable checkpoint in " + str(checkpoints_dir(run_dir)) + ":\n  "
-                              + "\n  ".join(problems))
-    return None
-
-
-def resolve(path: str | os.PathLike, warn: Callable[[str], None] | None = None) -> Path:
-    """A verified checkpoint folder from `path`: a checkpoint folder, or a run folder (its
-    newest usable checkpoint). Raises FileNotFoundError or CheckpointError."""
-    path = Path(path)
-    if (path / MANIFEST).exists() or _STEP_DIR.match(path.name):
-        verify(path)
-        return path
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint path {path} does not exist")
-    latest = find_latest(path, warn)
-    if latest is None:
-        raise FileNotFoundError(f"{path} holds no checkpoint (expected a step-* folder or a run "
-                                f"folder with checkpoints/)")
-    return latest
 
 
 # ---------------------------------------------------------------- reading
@@ -375,7 +240,7 @@ def read_run_config(path: str | os.PathLike) -> dict[str, Any]:
     none is usable.
     """
     path = Path(path)
-    if not ((path / MANIFEST).exists() or _STEP_DIR.match(path.name)):
+    if not ((path / MANIFEST).exists() or STEP_DIR.match(path.name)):
         latest = find_latest(path)
         if latest is None:
             config = path / "config.json"
@@ -405,7 +270,7 @@ def describe_checkpoints(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
             verify(path)
         except CheckpointError as e:
             problem = str(e)
-        step = int(_STEP_DIR.match(path.name).group(1))
+        step = int(STEP_DIR.match(path.name).group(1))
         state = _read_state(path)
         metrics = state.get("eval") or logged.get(step)
         if metrics is not None:
