@@ -1,23 +1,30 @@
 """The backend registry and the `auto` policy.
 
 A backend is registered with one call to `register(Backend(...))`; the conformance suite runs
-every registered backend that is usable on the CPU against the reference.
+every registered backend that is usable on the CPU against the reference. The built-in
+backends are registered by `qkv.attention` itself.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
-from qkv.attention import chunked, reference, sdpa
 from qkv.attention.spec import FLOAT_DTYPES, AttentionCall
+from qkv.device import resolve_device
 
 ForwardFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionCall], tuple]
+CallCheck = Callable[[AttentionCall, torch.Tensor], object]
+
+
+def _always(*_args) -> bool:
+    return True
+
+
+def _no_other_limit(call: AttentionCall, q: torch.Tensor) -> None:
+    return None
 
 
 @dataclass(frozen=True)
@@ -25,7 +32,11 @@ class Backend:
     """One way of computing `qkv.attention`.
 
     forward(q, k, v, call) returns (out, lse or None).
-    unsupported(call, q) names the first feature this backend lacks for the call, or None.
+    unsupported_features maps each call feature (`AttentionCall.features()`) the backend cannot
+    express to the reason; calls using one are refused with NotImplementedError naming it.
+    unsupported_fn(call, q) names any other limit (head dim, ...) for the call, or None.
+    prefers_fn(call, q) says whether `auto` should hand this backend a call it supports, or try
+    the next one in the device's order (a policy from measurements, benchmarks/RESULTS.md).
     forward_varlen, when set, takes packed tensors directly (see `attention_varlen`).
     """
 
@@ -33,9 +44,11 @@ class Backend:
     forward: ForwardFn
     device_types: tuple[str, ...] | None = None  # None: any device
     dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES
-    unsupported_fn: Callable[[AttentionCall, torch.Tensor], str | None] = lambda call, q: None
-    available_fn: Callable[[], bool] = lambda: True
-    forward_varlen: Callable | None = field(default=None)
+    unsupported_features: Mapping[str, str] = field(default_factory=dict)
+    unsupported_fn: Callable[[AttentionCall, torch.Tensor], str | None] = _no_other_limit
+    available_fn: Callable[[], bool] = _always
+    prefers_fn: Callable[[AttentionCall, torch.Tensor], bool] = _always
+    forward_varlen: Callable | None = None
 
     def usable_on(self, device: torch.device) -> bool:
         if self.device_types is not None and device.type not in self.device_types:
@@ -43,23 +56,37 @@ class Backend:
         return self.available_fn()
 
     def unsupported(self, call: AttentionCall, q: torch.Tensor) -> str | None:
+        """The first reason this backend cannot run the call, or None."""
         if not self.usable_on(q.device):
             return f"device {q.device}"
         if q.dtype not in self.dtypes:
             return f"dtype {q.dtype}"
+        lacking = sorted(call.features() & self.unsupported_features.keys())
+        if lacking:
+            return f"{lacking[0]} ({self.unsupported_features[lacking[0]]})"
         return self.unsupported_fn(call, q)
+
+    def prefers(self, call: AttentionCall, q: torch.Tensor) -> bool:
+        """Whether `auto` should use this backend for a call it supports."""
+        return bool(self.prefers_fn(call, q))
 
 
 _REGISTRY: dict[str, Backend] = {}
-# Preference of `auto` per device type, fastest first (see benchmarks/RESULTS.md).
-_AUTO_ORDER: dict[str, list[str]] = {}
+
+# `auto`'s order per device type, fastest first (benchmarks/RESULTS.md): it takes the first
+# backend that supports the call and prefers it. Registered backends missing from a device's
+# list come after it, in the order they were registered.
+AUTO_ORDER: dict[str, list[str]] = {
+    "cpu": ["sdpa", "chunked", "reference"],
+    "cuda": ["triton", "sdpa", "chunked", "reference"],
+}
 
 
 def register(backend: Backend, *, auto_rank: dict[str, int] | None = None) -> Backend:
-    """Add a backend; `auto_rank` maps device type -> position in that device's auto order."""
+    """Add a backend; `auto_rank` maps device type -> position in that device's `AUTO_ORDER`."""
     _REGISTRY[backend.name] = backend
     for device_type, rank in (auto_rank or {}).items():
-        order = _AUTO_ORDER.setdefault(device_type, [])
+        order = AUTO_ORDER.setdefault(device_type, [])
         if backend.name in order:
             order.remove(backend.name)
         order.insert(rank, backend.name)
@@ -72,38 +99,18 @@ def get(name: str) -> Backend:
     return _REGISTRY[name]
 
 
-def names() -> list[str]:
-    """Every registered backend name."""
-    return list(_REGISTRY)
+def _ordered(device: torch.device) -> list[str]:
+    order = [n for n in AUTO_ORDER.get(device.type, []) if n in _REGISTRY]
+    order += [n for n in _REGISTRY if n not in order]
+    return [n for n in order if _REGISTRY[n].usable_on(device)]
 
 
 def backends(device: torch.device | str | None = None) -> list[str]:
-    """Backends usable on `device` (default: CUDA if present, else CPU), fastest first."""
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
-    order = _AUTO_ORDER.get(device.type, [])
-    ranked = [n for n in order if _REGISTRY[n].usable_on(device)]
-    rest = [n for n, b in _REGISTRY.items() if n not in ranked and b.usable_on(device)]
-    return ranked + rest
+    """Backends usable on `device` (default "auto": CUDA if present, else CPU), fastest first.
 
-
-# Largest Lq * Lk for which `auto` lets torch SDPA take a call that needs an explicit mask on
-# the CPU. Measured (benchmarks/RESULTS.md, "auto policy"): with a materialised mask SDPA wins
-# up to about 512 x 512 (decode over any cache, padded batches of short sentences); beyond
-# that chunked wins, since it skips masked blocks and never builds the (Lq x Lk) mask.
-CPU_SDPA_MASKED_MAX_SCORES = 512 * 512
-
-
-def _sdpa_preferred(call: AttentionCall, q: torch.Tensor) -> bool:
-    """Whether `auto` should hand this call to torch SDPA rather than chunked."""
-    if q.dtype == torch.float64:  # torch runs float64 on its O(n^2) math path
-        return False
-    if q.device.type != "cpu":
-        return True
-    masked = sdpa._needs_explicit_mask(call) or call.bias is not None or (
-        call.alibi_slopes is not None)
-    return not masked or call.Lq * call.Lk <= CPU_SDPA_MASKED_MAX_SCORES or call.Lq == 1
+    Raises ValueError for an unknown device, or CUDA on a machine without it.
+    """
+    return _ordered(resolve_device(device))
 
 
 def choose(call: AttentionCall, q: torch.Tensor, backend: str) -> Backend:
@@ -117,25 +124,16 @@ def choose(call: AttentionCall, q: torch.Tensor, backend: str) -> Backend:
             raise NotImplementedError(f"backend {chosen.name!r} does not support {reason}")
         return chosen
     reasons = []
-    for name in backends(q.device):
+    fallback = None
+    for name in _ordered(q.device):
         candidate = _REGISTRY[name]
         reason = candidate.unsupported(call, q)
-        if reason is None and name == "sdpa" and not _sdpa_preferred(call, q):
-            reason = "not preferred for this call"
-        if reason is None:
+        if reason is None and candidate.prefers(call, q):
             return candidate
+        if reason is None:
+            fallback = fallback or candidate
+            reason = "not preferred for this call"
         reasons.append(f"{name}: {reason}")
+    if fallback is not None:
+        return fallback
     raise NotImplementedError("no backend supports this call: " + "; ".join(reasons))
-
-
-register(Backend("reference", reference.forward), auto_rank={"cpu": 0, "cuda": 0})
-register(Backend("chunked", chunked.forward), auto_rank={"cpu": 0, "cuda": 0})
-register(
-    Backend("sdpa", sdpa.forward, unsupported_fn=lambda call, q: sdpa.unsupported(call)),
-    auto_rank={"cpu": 0, "cuda": 0},
-)
-
-_WANT_TRITON = os.environ.get("QKV_DISABLE_TRITON") != "1"
-_HAVE_TRITON = importlib.util.find_spec("triton") is not None
-if _WANT_TRITON and _HAVE_TRITON and (Path(__file__).parent / "triton" / "__init__.py").exists():
-    from qkv.attention import triton as _triton  # noqa: F401  (registers the triton backend)

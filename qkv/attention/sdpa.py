@@ -31,12 +31,22 @@ UNSUPPORTED = {
     "dropout_p": "torch SDPA draws its own dropout mask, not qkv's reproducible one",
 }
 
+# Largest Lq * Lk for which `auto` lets torch SDPA take a call that needs an explicit mask on
+# the CPU. Measured (benchmarks/RESULTS.md, "auto policy"): with a materialised mask SDPA wins
+# up to about 512 x 512 (decode over any cache, padded batches of short sentences); beyond
+# that chunked wins, since it skips masked blocks and never builds the (Lq x Lk) mask.
+CPU_SDPA_MASKED_MAX_SCORES = 512 * 512
 
-def unsupported(call: AttentionCall) -> str | None:
-    for feature in sorted(call.features()):
-        if feature in UNSUPPORTED:
-            return f"{feature} ({UNSUPPORTED[feature]})"
-    return None
+
+def prefers(call: AttentionCall, q: torch.Tensor) -> bool:
+    """Whether `auto` should hand this call to torch SDPA rather than the next backend."""
+    if q.dtype == torch.float64:  # torch runs float64 on its O(n^2) math path
+        return False
+    if q.device.type != "cpu":
+        return True
+    masked = _needs_explicit_mask(call) or call.bias is not None or (
+        call.alibi_slopes is not None)
+    return not masked or call.Lq * call.Lk <= CPU_SDPA_MASKED_MAX_SCORES or call.Lq == 1
 
 
 def _needs_explicit_mask(call: AttentionCall) -> bool:

@@ -49,10 +49,6 @@ class AttentionCall:
         """Query heads per K/V head."""
         return self.Hq // self.Hk
 
-    @property
-    def offsets_uniform(self) -> bool:
-        return self.q_offset is None
-
     def offset_range(self) -> tuple[int, int]:
         """Smallest and largest bottom-right shift over the batch."""
         if self.q_offset is None:

@@ -31,11 +31,13 @@ SIZE_CAPS: dict[str, dict[str, int]] = {
 # Empty: the Triton interpreter runs the whole matrix in about three minutes on 2 cores.
 SLOW_BACKENDS: set[str] = set()
 
-# Features a backend may refuse with NotImplementedError because they cannot be expressed
-# through it. Any other refusal fails the test.
-LEGIT_UNSUPPORTED: dict[str, set[str]] = {
-    "sdpa": {"softcap", "return_lse", "dropout_p"},
-}
+
+
+def legit_unsupported(name: str) -> set[str]:
+    """Features a backend declares it cannot express (`Backend.unsupported_features`): it may
+    refuse them with NotImplementedError. Any other refusal fails the test."""
+    return set(registry.get(name).unsupported_features)
+
 
 # (atol, rtol) of a backend result against the float64 reference, per input dtype. The error
 # allowed is atol + rtol * max|expected|, so tensors of any magnitude compare alike.
@@ -154,7 +156,7 @@ def refused(name: str, err: NotImplementedError, kw: dict):
     """Check a backend's refusal names it and a feature it legitimately lacks, then skip."""
     msg = str(err)
     assert name in msg, f"NotImplementedError does not name the backend {name!r}: {msg}"
-    legit = LEGIT_UNSUPPORTED.get(name, set()) & call_features(kw)
+    legit = legit_unsupported(name) & call_features(kw)
     assert legit, f"backend {name!r} refused a call it should support: {msg}"
     assert any(f in msg for f in legit), f"message names none of {sorted(legit)}: {msg}"
     pytest.skip(f"{name} cannot express this call: {msg}")

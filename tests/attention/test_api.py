@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import qkv
-from qkv.attention.registry import Backend, choose, get, names, register
+from qkv.attention.registry import Backend, choose, get, register
 from qkv.attention.spec import check_call
 
 from ._support import BACKENDS, assert_close, registry
@@ -16,7 +16,7 @@ def test_backends_on_cpu():
     cpu = qkv.backends("cpu")
     assert {"reference", "chunked", "sdpa"} <= set(cpu)
     assert len(cpu) == len(set(cpu))
-    assert set(cpu) <= set(names())
+    assert set(cpu) <= set(registry._REGISTRY)
     assert qkv.backends(torch.device("cpu")) == cpu
     if not torch.cuda.is_available():
         assert qkv.backends() == cpu
@@ -25,10 +25,15 @@ def test_backends_on_cpu():
     assert cpu.index("sdpa") < cpu.index("chunked") < cpu.index("reference")
 
 
-def test_registering_a_backend_adds_it_to_the_device_list(monkeypatch):
+def _isolated_registry(monkeypatch):
+    """Registrations made by the test are undone after it."""
     monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
-    monkeypatch.setattr(registry, "_AUTO_ORDER",
-                        {k: list(v) for k, v in registry._AUTO_ORDER.items()})
+    monkeypatch.setattr(registry, "AUTO_ORDER",
+                        {k: list(v) for k, v in registry.AUTO_ORDER.items()})
+
+
+def test_registering_a_backend_adds_it_to_the_device_list(monkeypatch):
+    _isolated_registry(monkeypatch)
     register(Backend("fake", get("reference").forward, device_types=("cpu",)))
     assert "fake" in qkv.backends("cpu")
     assert "fake" not in qkv.backends("meta")
@@ -126,3 +131,53 @@ def test_auto_prefers_sdpa_for_plain_float32_on_cpu():
     assert choose(check_call(q, q, q, causal=True), q, "auto").name == "sdpa"  # Lq == Lk
     q64 = q.double()
     assert choose(check_call(q64, q64, q64), q64, "auto").name == "chunked"
+
+
+def test_auto_cpu_policy_for_masked_calls():
+    """sdpa takes masked calls up to CPU_SDPA_MASKED_MAX_SCORES scores and decoding; chunked the
+    longer ones (benchmarks/RESULTS.md, "auto policy")."""
+    def picked(lq, lk):
+        q, k = torch.empty(1, 1, lq, 8), torch.empty(1, 1, lk, 8)
+        return choose(check_call(q, k, k, kv_lengths=torch.tensor([lk])), q, "auto").name
+    assert picked(512, 512) == "sdpa"
+    assert picked(512, 513) == "chunked"
+    assert picked(1, 100_000) == "sdpa"
+
+
+def _with_fake(monkeypatch, **fields) -> Backend:
+    """Register a CPU backend "fake" ahead of every other in the CPU order, for this test only."""
+    _isolated_registry(monkeypatch)
+    return register(Backend("fake", get("reference").forward, device_types=("cpu",), **fields),
+                    auto_rank={"cpu": 0})
+
+
+def test_auto_asks_each_backend_whether_it_prefers_the_call(monkeypatch):
+    _with_fake(monkeypatch, prefers_fn=lambda call, q: call.causal)
+    q = torch.randn(1, 1, 3, 4)
+    assert choose(check_call(q, q, q, causal=True), q, "auto").name == "fake"
+    assert choose(check_call(q, q, q), q, "auto").name == "sdpa"
+    assert qkv.backends("cpu")[0] == "fake"
+
+
+def test_auto_falls_back_when_no_backend_prefers_the_call(monkeypatch):
+    monkeypatch.setattr(registry, "_REGISTRY", {"fake": Backend(
+        "fake", get("reference").forward, prefers_fn=lambda call, q: False)})
+    q = torch.randn(1, 1, 3, 4)
+    assert choose(check_call(q, q, q), q, "auto").name == "fake"
+
+
+def test_declared_unsupported_features_are_refused(monkeypatch):
+    _with_fake(monkeypatch, unsupported_features={"window": "no windows here"})
+    q = torch.randn(1, 1, 3, 4)
+    with pytest.raises(NotImplementedError, match=r"'fake' does not support window \(no windows"):
+        qkv.attention(q, q, q, window=(1, 1), backend="fake")
+    assert choose(check_call(q, q, q, window=(1, 1)), q, "auto").name != "fake"
+
+
+def test_backends_resolves_the_device():
+    assert qkv.backends("auto") == qkv.backends(None)
+    with pytest.raises(ValueError, match="device must be"):
+        qkv.backends("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            qkv.backends("cuda")

@@ -139,14 +139,25 @@ def test_varlen_errors(name):
         qkv.attention_varlen(*args)
 
 
-@pytest.mark.parametrize(("kw", "feature"), [
-    ({"softcap": 2.0}, "softcap"),
-    ({"return_lse": True}, "return_lse"),
-    ({"dropout_p": 0.1}, "dropout_p"),
+# A keyword that turns on each feature a backend may declare unsupported.
+FEATURE_KEYWORDS = {
+    "causal": {"causal": True}, "window": {"window": (2, 2)},
+    "kv_lengths": {"kv_lengths": torch.tensor([LK, 3])}, "mask": {"mask": torch.ones(LK) > 0},
+    "bias": {"bias": torch.zeros(LK)}, "alibi_slopes": {"alibi_slopes": torch.ones(HQ)},
+    "softcap": {"softcap": 2.0}, "dropout_p": {"dropout_p": 0.1},
+    "return_lse": {"return_lse": True},
+}
+
+
+@pytest.mark.parametrize(("name", "feature"), [
+    (name, feature) for name in BACKENDS for feature in sorted(get(name).unsupported_features)
+    if feature in FEATURE_KEYWORDS
 ])
-def test_explicit_backend_lacking_a_feature(kw, feature):
-    with pytest.raises(NotImplementedError, match=rf"backend 'sdpa' does not support {feature}"):
-        qkv.attention(*_qkv(), backend="sdpa", **kw)
+def test_explicit_backend_lacking_a_feature(name, feature):
+    """Each feature a backend declares unsupported is refused, naming the backend and feature."""
+    with pytest.raises(NotImplementedError,
+                       match=rf"backend {re.escape(repr(name))} does not support {feature}"):
+        qkv.attention(*_qkv(), backend=name, **FEATURE_KEYWORDS[feature])
 
 
 @pytest.mark.parametrize("name", [n for n in BACKENDS if torch.float64 not in get(n).dtypes])
