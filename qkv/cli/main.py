@@ -42,10 +42,9 @@ class UsageErrorsOnOneLine(TyperGroup):
             code = super().main(*args, standalone_mode=False, **kwargs)
         except UsageError as e:
             code = e.exit_code
-            if not e.format_message():  # no arguments: the help has been shown
-                sys.exit(code)
-            where = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
-            print(f"error: {one_line(e.format_message())}{where}", file=sys.stderr)
+            if e.format_message():  # empty when `qkv` alone has shown the help
+                where = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
+                print(f"error: {one_line(e.format_message())}{where}", file=sys.stderr)
         except ClickException as e:
             print(f"error: {one_line(e.format_message())}", file=sys.stderr)
             code = e.exit_code

@@ -51,6 +51,12 @@ def test_train_help_defaults_are_train_configs():
                 assert param.show_default == str(value), name
 
 
+def test_no_arguments_show_the_help_without_an_error_line():
+    result = runner.invoke(app, [])
+    assert result.exit_code == 2 and result.stderr == ""
+    assert "Usage" in result.stdout and "generate" in result.stdout
+
+
 def test_version():
     result = runner.invoke(app, ["--version"])
     assert result.exit_code == 0 and result.output == f"qkv {qkv.__version__}\n"
