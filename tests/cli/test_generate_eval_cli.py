@@ -2,6 +2,7 @@
 output, warnings on stderr, JSON on stdout."""
 
 import json
+import shutil
 
 import pytest
 from typer.testing import CliRunner
@@ -20,7 +21,7 @@ def run_dir(tmp_path_factory):
         "train", "--max-bytes", "120000", "--tokenizer", "byte", "--seq-len", "32",
         "--batch-size", "4", "--threads", "1", "--no-progress", "--max-steps", "2",
         "--set", "model.d_model=32", "--set", "model.n_layers=1", "--set", "model.n_heads=2",
-        "--set", "eval_batches=2", "--out-dir", str(run)])
+        "--set", "eval_batches=2", "--set", "checkpoint_interval=1", "--out-dir", str(run)])
     assert result.exit_code == 0, result.output
     return run
 
@@ -69,6 +70,21 @@ def test_eval_json_is_pure_json_on_stdout(run_dir):
     metrics = json.loads(result.stdout)
     assert metrics["split"] == "validation" and metrics["bpb"] > 0
     assert all(line.startswith("warning: ") for line in result.stderr.splitlines())
+
+
+def test_eval_json_stays_json_when_the_newest_checkpoint_is_damaged(run_dir, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    newest = sorted((run / "checkpoints").iterdir())[-1]
+    weights = next(newest.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:-8])
+    result = runner.invoke(app, ["eval", "--checkpoint", str(run), "--split", "validation",
+                                 "--max-batches", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["checkpoint"] != str(newest)
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("warning: ") and newest.name in lines[0]
+    assert "falling back to" in lines[0]
 
 
 def test_eval_table_shows_the_whole_checkpoint_path(run_dir):
