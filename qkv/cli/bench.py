@@ -52,7 +52,8 @@ def bench(
     with user_errors():
         from qkv.device import resolve_device
 
-        kind = resolve_device(device).type
+        resolved = resolve_device(device)
+        kind = resolved.type
         if kind not in ("cpu", "cuda"):
             raise typer.BadParameter(f"must be auto, cpu or cuda, got {device!r}",
                                      param_hint="--device")
@@ -64,13 +65,16 @@ def bench(
         if out is not None:
             check_writable_folder(out)
         if kind == "cuda":
-            _bench_gpu(quick, out, reps, n, backend)
+            _bench_gpu(resolved, quick, out, reps, n, backend)
         else:
             _bench_cpu(quick, out, reps, n, backend, memory)
 
 
-def _bench_gpu(quick, out, reps, n, backend) -> None:
+def _bench_gpu(device, quick, out, reps, n, backend) -> None:
     from qkv.bench import gpu  # needs triton and a GPU
+
+    if device.index is not None:  # the sweep measures on the current CUDA device
+        gpu.torch.cuda.set_device(device)
 
     results = gpu.run_gpu_sweep(out, quick=quick, seqlens=n or None, providers=backend or None,
                                 reps=reps or GPU_REPS)

@@ -83,3 +83,19 @@ def test_cli_rejects_cpu_backend_names_on_cuda(monkeypatch):
     monkeypatch.setattr(bench, "run_gpu_sweep", lambda *a, **k: pytest.fail("ran the sweep"))
     result = CliRunner().invoke(app, ["bench", "--device", "cuda", "--backend", "chunked"])
     assert result.exit_code == 2 and "'chunked'" in result.output and "qkv-triton" in result.output
+
+
+def test_cli_measures_on_the_cuda_device_it_names(monkeypatch):
+    from typer.testing import CliRunner
+
+    from qkv.cli.main import app
+
+    chosen = []
+    monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(bench.torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(bench.torch.cuda, "set_device", chosen.append)
+    monkeypatch.setattr(bench, "run_gpu_sweep", lambda *a, **k: _fake())
+    assert CliRunner().invoke(app, ["bench", "--device", "cuda:1"]).exit_code == 0
+    assert [str(d) for d in chosen] == ["cuda:1"]
+    result = CliRunner().invoke(app, ["bench", "--device", "cuda:2"])
+    assert result.exit_code == 1 and "2 CUDA device(s)" in result.stderr
