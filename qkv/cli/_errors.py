@@ -3,6 +3,7 @@
 - A user's mistake (a ValueError, a missing or unwritable file, an unusable corpus or
   checkpoint) prints `error: <message>` and exits 1.
 - Ctrl-C prints the interruption's message (or "interrupted") and exits 130.
+- A closed pipe on stdout (`qkv eval --json | head -1`) ends the command quietly.
 - A warning prints `warning: <message>` on stderr, so that stdout holds only the output.
 - A usage error from the command line parser prints `error: <message> (see 'qkv CMD --help')`
   and exits 2 (see `UsageErrorsOnOneLine` in qkv.cli.main).
@@ -14,6 +15,7 @@ theirs cannot exist otherwise, and `qkv --help` must not pay for importing torch
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import warnings
 from collections.abc import Iterator
@@ -63,10 +65,19 @@ def user_errors() -> Iterator[None]:
         except KeyboardInterrupt as e:
             print(one_line(e) or "interrupted", file=sys.stderr)
             raise typer.Exit(130) from None
+        except BrokenPipeError:  # the reader left (`qkv eval --json | head`): stop quietly
+            _silence_stdout()
+            raise typer.Exit(1) from None
         except Exception as e:
             if isinstance(e, USER_ERRORS + _library_errors()):
                 raise fail(_describe(e)) from None
             raise
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's last flush cannot fail again."""
+    with contextlib.suppress(OSError, ValueError):  # stdout is no file (a test's capture)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def _describe(e: Exception) -> str:

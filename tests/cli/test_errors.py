@@ -1,6 +1,8 @@
 """qkv.cli._errors.user_errors: one `error:` line and exit 1, Ctrl-C as 130, warnings on stderr."""
 
 import errno
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -60,3 +62,19 @@ def test_warnings_are_one_line_on_stderr(capsys):
     out, err = capsys.readouterr()
     assert out == ""
     assert err == "warning: max_new_tokens=500 is capped at 64: a prompt of 3 tokens\n"
+
+
+def test_a_closed_pipe_ends_quietly():
+    code = ("import typer\n"
+            "from qkv.cli._errors import user_errors\n"
+            "def spam():\n"
+            "    with user_errors():\n"
+            "        for _ in range(100_000):\n"
+            "            print('x' * 100, flush=True)\n"
+            "typer.run(spam)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    assert proc.stdout.read(10) == b"x" * 10
+    proc.stdout.close()
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 1 and stderr == ""
