@@ -76,3 +76,17 @@ def test_empty_missing_and_non_text_corpus(tmp_path):
     assert "image.png is not a text file" in message
     (mixed / "image.png").write_bytes("caf\u00e9".encode("latin-1"))
     assert "image.png is not UTF-8 text" in _error(_train("--corpus", str(mixed), *out))
+
+
+def test_ctrl_c_prints_the_trainers_message_and_exits_130(tmp_path, monkeypatch):
+    import qkv.train
+
+    message = (f"interrupted at step 7; checkpoint saved to {tmp_path}/checkpoints/step-00000007; "
+               f"continue with qkv train --out-dir {tmp_path} --resume")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt(message)
+
+    monkeypatch.setattr(qkv.train, "train", interrupted)
+    result = _train("--out-dir", str(tmp_path), "--no-progress")
+    assert result.exit_code == 130 and result.stdout == "" and result.stderr == message + "\n"
