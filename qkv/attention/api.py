@@ -6,7 +6,7 @@ import torch
 
 from qkv.attention import reference
 from qkv.attention import registry as _registry
-from qkv.attention.spec import AttentionCall, check_call
+from qkv.attention.spec import PER_PAIR, AttentionCall, Keywords, check_call, takes_keywords
 
 
 def _finish(out, lse, call: AttentionCall, q: torch.Tensor):
@@ -16,23 +16,8 @@ def _finish(out, lse, call: AttentionCall, q: torch.Tensor):
     return out, lse.to(lse_dtype)
 
 
-def attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    causal: bool = False,
-    window: tuple[int | None, int | None] | None = None,
-    kv_lengths: torch.Tensor | None = None,
-    mask: torch.Tensor | None = None,
-    bias: torch.Tensor | None = None,
-    alibi_slopes: torch.Tensor | None = None,
-    softcap: float | None = None,
-    scale: float | None = None,
-    dropout_p: float = 0.0,
-    return_lse: bool = False,
-    backend: str = "auto",
-):
+@takes_keywords("q", "k", "v")
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **keywords):
     """Exact scaled dot-product attention, the same on every backend.
 
     Shapes (torch SDPA's layout): q (B, Hq, Lq, D), k (B, Hk, Lk, D), v (B, Hk, Lk, Dv), with Hq a
@@ -64,12 +49,8 @@ def attention(
     argument and the shapes), and NotImplementedError when an explicitly chosen backend lacks a
     feature the call uses. `backend="auto"` picks the fastest backend that supports the call.
     """
-    call = check_call(
-        q, k, v, causal=causal, window=window, kv_lengths=kv_lengths, mask=mask, bias=bias,
-        alibi_slopes=alibi_slopes, softcap=softcap, scale=scale, dropout_p=dropout_p,
-        return_lse=return_lse,
-    )
-    chosen = _registry.choose(call, q, backend)
+    call = check_call(q, k, v, **keywords)
+    chosen = _registry.choose(call, q, keywords.get("backend", Keywords.backend))
     out, lse = chosen.forward(q, k, v, call)
     return _finish(out, lse, call, q)
 
@@ -106,22 +87,9 @@ def _pad(x: torch.Tensor, seq, pos, B: int, L: int) -> torch.Tensor:
     return padded.transpose(1, 2)
 
 
-def attention_varlen(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    cu_seqlens_k: torch.Tensor,
-    *,
-    causal: bool = False,
-    window: tuple[int | None, int | None] | None = None,
-    alibi_slopes: torch.Tensor | None = None,
-    softcap: float | None = None,
-    scale: float | None = None,
-    dropout_p: float = 0.0,
-    return_lse: bool = False,
-    backend: str = "auto",
-):
+@takes_keywords("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", exclude=PER_PAIR)
+def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, **keywords):
     """`attention` over packed sequences: each sequence attends only within itself.
 
     q (total_q, Hq, D), k (total_k, Hk, D), v (total_k, Hk, Dv); cu_seqlens_q and cu_seqlens_k are
@@ -148,12 +116,9 @@ def attention_varlen(
     seq_k, pos_k, len_k, Lk = _pad_index(ck)
     qp = _pad(q, seq_q, pos_q, B, Lq)
     kp, vp = _pad(k, seq_k, pos_k, B, Lk), _pad(v, seq_k, pos_k, B, Lk)
-    call = check_call(
-        qp, kp, vp, causal=causal, window=window, kv_lengths=len_k, alibi_slopes=alibi_slopes,
-        softcap=softcap, scale=scale, dropout_p=dropout_p, return_lse=return_lse,
-        q_offset=len_k - len_q, varlen=True,
-    )
-    chosen = _registry.choose(call, qp, backend)
+    call = check_call(qp, kp, vp, kv_lengths=len_k, q_offset=len_k - len_q, varlen=True,
+                      **keywords)
+    chosen = _registry.choose(call, qp, keywords.get("backend", Keywords.backend))
     if chosen.forward_varlen is not None:
         out, lse = chosen.forward_varlen(q, k, v, cq.to(torch.int32), ck.to(torch.int32), call)
     else:
@@ -164,17 +129,14 @@ def attention_varlen(
     return _finish(out, lse, call, q)
 
 
-def attention_weights(q: torch.Tensor, k: torch.Tensor, **kwargs) -> torch.Tensor:
+@takes_keywords("q", "k", exclude=("dropout_p", "return_lse", "backend"))
+def attention_weights(q: torch.Tensor, k: torch.Tensor, **keywords) -> torch.Tensor:
     """The attention weights softmax(s) (B, Hq, Lq, Lk), before dropout, from the reference.
 
     Takes the keywords of `attention` that shape the scores (causal, window, kv_lengths, mask,
     bias, alibi_slopes, softcap, scale). Memory is quadratic: this is for inspection.
     """
-    allowed = {"causal", "window", "kv_lengths", "mask", "bias", "alibi_slopes", "softcap", "scale"}
-    unknown = set(kwargs) - allowed
-    if unknown:
-        raise ValueError(f"attention_weights got unknown keywords {sorted(unknown)}")
     # A (B, Hk, Lk, 1) view of k stands in for v, so check_call reports k's own shape errors.
     v = k[..., :1] if isinstance(k, torch.Tensor) and k.dim() > 0 else k
-    call = check_call(q, k, v, **kwargs)
+    call = check_call(q, k, v, **keywords)
     return reference.attention_weights(q, k, call)

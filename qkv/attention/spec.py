@@ -1,17 +1,70 @@
 """The validated form of one attention call, shared by every backend.
 
-`check_call` turns the public keywords into an `AttentionCall`: shapes are checked once, masks
-are brought to four dimensions, and every backend reads the same normalised description.
+`Keywords` names the public keywords of `qkv.attention` and their defaults, once; the public
+functions take their signatures from it. `check_call` turns the keywords into an
+`AttentionCall`, one small check per argument: shapes are checked once, masks are brought to
+four dimensions, and every backend reads the same normalised description.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass(frozen=True)
+class Keywords:
+    """The keywords of `qkv.attention` and their defaults: the one place they are defined."""
+
+    causal: bool = False
+    window: tuple[int | None, int | None] | None = None
+    kv_lengths: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+    alibi_slopes: torch.Tensor | None = None
+    softcap: float | None = None
+    scale: float | None = None
+    dropout_p: float = 0.0
+    return_lse: bool = False
+    backend: str = "auto"
+
+
+KEYWORD_NAMES = tuple(f.name for f in fields(Keywords))
+PER_PAIR = ("kv_lengths", "mask", "bias")  # no meaning for packed rows (attention_varlen)
+
+
+def takes_keywords(*positional: str, exclude: tuple[str, ...] = ()):
+    """Decorator for fn(*positional, **keywords) taking the keywords of `Keywords` but `exclude`.
+
+    help(), inspect.signature and IDEs that read it show every keyword with its default and
+    type; an unknown keyword raises TypeError as for an explicit signature.
+    """
+    allowed = [f for f in fields(Keywords) if f.name not in exclude]
+    params = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                annotation="torch.Tensor") for n in positional]
+    params += [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default,
+                                 annotation=f.type) for f in allowed]
+    names = frozenset(positional) | {f.name for f in allowed}
+
+    def decorate(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **keywords):
+            unknown = keywords.keys() - names
+            if unknown:
+                raise TypeError(
+                    f"{fn.__name__}() got an unexpected keyword argument {min(unknown)!r}")
+            return fn(*args, **keywords)
+
+        wrapper.__signature__ = inspect.Signature(params)
+        return wrapper
+
+    return decorate
 
 
 @dataclass(frozen=True)
@@ -81,61 +134,13 @@ def _shape(t: torch.Tensor) -> str:
     return str(tuple(t.shape))
 
 
-def _as_4d(name: str, t: torch.Tensor, target: tuple[int, int, int, int]) -> torch.Tensor:
-    """View `t` with four dimensions and check that it broadcasts to `target`."""
-    if t.dim() > 4:
-        raise ValueError(f"{name} must have at most 4 dimensions, got shape {_shape(t)}")
-    t4 = t.reshape((1,) * (4 - t.dim()) + tuple(t.shape)) if t.dim() < 4 else t
-    for got, want in zip(t4.shape, target, strict=True):
-        if got not in (1, want):
-            raise ValueError(
-                f"{name} of shape {_shape(t)} does not broadcast to (B, Hq, Lq, Lk) = {target}"
-            )
-    return t4
-
-
-def _check_device(name: str, t: torch.Tensor, q: torch.Tensor) -> None:
+def _on_device(name: str, t: torch.Tensor, q: torch.Tensor) -> None:
     if t.device != q.device:
         raise ValueError(f"{name} is on {t.device}, q is on {q.device}")
 
 
-def _window(window) -> tuple[int | None, int | None] | None:
-    if window is None:
-        return None
-    if not isinstance(window, (tuple, list)) or len(window) != 2:
-        raise ValueError(f"window must be a pair (left, right), got {window!r}")
-    out = []
-    for side, w in zip(("left", "right"), window, strict=True):
-        if w is None:
-            out.append(None)
-            continue
-        if isinstance(w, bool) or not isinstance(w, int) or w < 0:
-            raise ValueError(f"window {side} must be a non-negative int or None, got {w!r}")
-        out.append(int(w))
-    if out == [None, None]:
-        return None
-    return (out[0], out[1])
-
-
-def check_call(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    causal: bool = False,
-    window=None,
-    kv_lengths: torch.Tensor | None = None,
-    mask: torch.Tensor | None = None,
-    bias: torch.Tensor | None = None,
-    alibi_slopes: torch.Tensor | None = None,
-    softcap: float | None = None,
-    scale: float | None = None,
-    dropout_p: float = 0.0,
-    return_lse: bool = False,
-    q_offset: torch.Tensor | None = None,
-    varlen: bool = False,
-) -> AttentionCall:
-    """Validate the arguments of `qkv.attention`; raise ValueError naming what is wrong."""
+def _check_qkv(q, k, v) -> None:
+    """Each of q, k, v a 4-D float tensor; one dtype and one device for all three."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -151,7 +156,11 @@ def check_call(
         raise ValueError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    B, Hq, Lq, D = q.shape
+
+
+def _check_shapes(q, k, v) -> None:
+    """q (B, Hq, Lq, D), k (B, Hk, Lk, D), v (B, Hk, Lk, Dv), Hq a multiple of Hk."""
+    B, Hq, _, D = q.shape
     Bk, Hk, Lk, Dk = k.shape
     Bv, Hv, Lv, Dv = v.shape
     if Bk != B or Bv != B:
@@ -170,73 +179,133 @@ def check_call(
     if D == 0 or Dv == 0:
         raise ValueError(f"head dims must be positive: q {_shape(q)}, v {_shape(v)}")
 
-    if scale is None:
-        scale = 1.0 / math.sqrt(D)
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise ValueError(f"scale must be a finite number, got {scale!r}")
-    if softcap is not None and (
-        isinstance(softcap, bool)
-        or not isinstance(softcap, (int, float))
-        or not math.isfinite(softcap)
-        or softcap <= 0
-    ):
-        raise ValueError(f"softcap must be a positive finite number or None, got {softcap!r}")
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not (
-        0.0 <= dropout_p < 1.0
-    ):
-        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
-    if not isinstance(causal, bool):
-        raise ValueError(f"causal must be a bool, got {causal!r}")
-    if not isinstance(return_lse, bool):
-        raise ValueError(f"return_lse must be a bool, got {return_lse!r}")
 
+def _is_number(x) -> bool:
+    return not isinstance(x, bool) and isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def _check_bool(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be a bool, got {value!r}")
+    return value
+
+
+def _scale(scale, D: int) -> float:
+    if scale is None:
+        return 1.0 / math.sqrt(D)
+    if not _is_number(scale):
+        raise ValueError(f"scale must be a finite number, got {scale!r}")
+    return float(scale)
+
+
+def _softcap(softcap) -> float | None:
+    if softcap is None:
+        return None
+    if not _is_number(softcap) or softcap <= 0:
+        raise ValueError(f"softcap must be a positive finite number or None, got {softcap!r}")
+    return float(softcap)
+
+
+def _dropout_p(p) -> float:
+    if not _is_number(p) or not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout_p must be a float in [0, 1), got {p!r}")
+    return float(p)
+
+
+def _window(window) -> tuple[int | None, int | None] | None:
+    if window is None:
+        return None
+    if not isinstance(window, (tuple, list)) or len(window) != 2:
+        raise ValueError(f"window must be a pair (left, right), got {window!r}")
+    for side, w in zip(("left", "right"), window, strict=True):
+        if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < 0):
+            raise ValueError(f"window {side} must be a non-negative int or None, got {w!r}")
+    left, right = window
+    return None if left is None and right is None else (left, right)
+
+
+def _kv_lengths(kv_lengths, B: int, Lk: int, q: torch.Tensor) -> torch.Tensor | None:
+    """(B,) integers in [0, Lk], as int64."""
+    if kv_lengths is None:
+        return None
+    if not isinstance(kv_lengths, torch.Tensor) or kv_lengths.shape != (B,):
+        got = _shape(kv_lengths) if isinstance(kv_lengths, torch.Tensor) else repr(kv_lengths)
+        raise ValueError(f"kv_lengths must be a ({B},) integer tensor, got {got}")
+    if kv_lengths.dtype.is_floating_point or kv_lengths.dtype == torch.bool:
+        raise ValueError(f"kv_lengths must be an integer tensor, got {kv_lengths.dtype}")
+    _on_device("kv_lengths", kv_lengths, q)
+    if B and (int(kv_lengths.min()) < 0 or int(kv_lengths.max()) > Lk):
+        raise ValueError(f"kv_lengths must lie in [0, Lk={Lk}], got {kv_lengths.tolist()}")
+    return kv_lengths.to(torch.int64)
+
+
+def _broadcastable(name: str, t, kind: str, target: tuple[int, int, int, int],
+                   q: torch.Tensor) -> torch.Tensor | None:
+    """A mask ("bool") or bias ("float") tensor on q's device that broadcasts to `target`
+    (B, Hq, Lq, Lk), viewed with four dimensions."""
+    if t is None:
+        return None
+    wanted = {"bool": "a bool tensor (True = may attend)", "float": "a floating-point tensor"}
+    ok = isinstance(t, torch.Tensor) and (
+        t.dtype == torch.bool if kind == "bool" else t.dtype.is_floating_point)
+    if not ok:
+        got = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"{name} must be {wanted[kind]}, got {got}")
+    _on_device(name, t, q)
+    if t.dim() > 4:
+        raise ValueError(f"{name} must have at most 4 dimensions, got shape {_shape(t)}")
+    t4 = t.reshape((1,) * (4 - t.dim()) + tuple(t.shape))
+    for got, want in zip(t4.shape, target, strict=True):
+        if got not in (1, want):
+            raise ValueError(
+                f"{name} of shape {_shape(t)} does not broadcast to (B, Hq, Lq, Lk) = {target}"
+            )
+    return t4
+
+
+def _alibi_slopes(slopes, B: int, Hq: int, q: torch.Tensor) -> torch.Tensor | None:
+    """(Hq,) or (B, Hq) floats, as (B, Hq)."""
+    if slopes is None:
+        return None
+    if not isinstance(slopes, torch.Tensor) or not slopes.dtype.is_floating_point:
+        got = slopes.dtype if isinstance(slopes, torch.Tensor) else type(slopes).__name__
+        raise ValueError(
+            f"alibi_slopes must be a floating-point tensor of shape (Hq,) or (B, Hq), got {got}"
+        )
+    if slopes.shape == (Hq,):
+        slopes = slopes.unsqueeze(0).expand(B, Hq)
+    elif slopes.shape != (B, Hq):
+        raise ValueError(
+            f"alibi_slopes must have shape (Hq,)=({Hq},) or (B, Hq)=({B}, {Hq}), "
+            f"got {_shape(slopes)}"
+        )
+    _on_device("alibi_slopes", slopes, q)
+    return slopes
+
+
+def check_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+               q_offset: torch.Tensor | None = None, varlen: bool = False,
+               **keywords) -> AttentionCall:
+    """Validate q, k, v and the keywords of `qkv.attention` (`Keywords`; `backend` is not
+    looked at); raise ValueError naming what is wrong."""
+    kw = Keywords(**keywords)
+    _check_qkv(q, k, v)
+    _check_shapes(q, k, v)
+    B, Hq, Lq, D = q.shape
+    Hk, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
     target = (B, Hq, Lq, Lk)
-    if kv_lengths is not None:
-        if not isinstance(kv_lengths, torch.Tensor) or kv_lengths.shape != (B,):
-            got = _shape(kv_lengths) if isinstance(kv_lengths, torch.Tensor) else repr(kv_lengths)
-            raise ValueError(f"kv_lengths must be a ({B},) integer tensor, got {got}")
-        if kv_lengths.dtype.is_floating_point or kv_lengths.dtype == torch.bool:
-            raise ValueError(f"kv_lengths must be an integer tensor, got {kv_lengths.dtype}")
-        _check_device("kv_lengths", kv_lengths, q)
-        if B and (int(kv_lengths.min()) < 0 or int(kv_lengths.max()) > Lk):
-            raise ValueError(
-                f"kv_lengths must lie in [0, Lk={Lk}], got {kv_lengths.tolist()}"
-            )
-        kv_lengths = kv_lengths.to(torch.int64)
-    if mask is not None:
-        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-            got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
-            raise ValueError(f"mask must be a bool tensor (True = may attend), got {got}")
-        _check_device("mask", mask, q)
-        mask = _as_4d("mask", mask, target)
-    if bias is not None:
-        if not isinstance(bias, torch.Tensor) or not bias.dtype.is_floating_point:
-            got = bias.dtype if isinstance(bias, torch.Tensor) else type(bias).__name__
-            raise ValueError(f"bias must be a floating-point tensor, got {got}")
-        _check_device("bias", bias, q)
-        bias = _as_4d("bias", bias, target)
-    if alibi_slopes is not None:
-        if not isinstance(alibi_slopes, torch.Tensor) or not alibi_slopes.dtype.is_floating_point:
-            got = (alibi_slopes.dtype if isinstance(alibi_slopes, torch.Tensor)
-                   else type(alibi_slopes).__name__)
-            raise ValueError(
-                f"alibi_slopes must be a floating-point tensor of shape (Hq,) or (B, Hq), got {got}"
-            )
-        if alibi_slopes.shape == (Hq,):
-            alibi_slopes = alibi_slopes.unsqueeze(0).expand(B, Hq)
-        elif alibi_slopes.shape != (B, Hq):
-            raise ValueError(
-                f"alibi_slopes must have shape (Hq,)=({Hq},) or (B, Hq)=({B}, {Hq}), "
-                f"got {_shape(alibi_slopes)}"
-            )
-        _check_device("alibi_slopes", alibi_slopes, q)
+    checked = dict(
+        scale=_scale(kw.scale, D), softcap=_softcap(kw.softcap),
+        dropout_p=_dropout_p(kw.dropout_p), causal=_check_bool("causal", kw.causal),
+        return_lse=_check_bool("return_lse", kw.return_lse), window=_window(kw.window),
+        kv_lengths=_kv_lengths(kw.kv_lengths, B, Lk, q),
+        mask=_broadcastable("mask", kw.mask, "bool", target, q),
+        bias=_broadcastable("bias", kw.bias, "float", target, q),
+        alibi_slopes=_alibi_slopes(kw.alibi_slopes, B, Hq, q),
+    )
     seed = None
-    if dropout_p > 0:
+    if checked["dropout_p"] > 0:
         # Drawn from torch's default generator: the same torch.manual_seed gives the same mask.
         seed = int(torch.randint(0, 2**31 - 1, (), dtype=torch.int64))
-    return AttentionCall(
-        B=B, Hq=Hq, Hk=Hk, Lq=Lq, Lk=Lk, D=D, Dv=Dv, scale=float(scale), causal=causal,
-        window=_window(window), kv_lengths=kv_lengths, q_offset=q_offset, mask=mask, bias=bias,
-        alibi_slopes=alibi_slopes, softcap=None if softcap is None else float(softcap),
-        dropout_p=float(dropout_p), dropout_seed=seed, return_lse=return_lse, varlen=varlen,
-    )
+    return AttentionCall(B=B, Hq=Hq, Hk=Hk, Lq=Lq, Lk=Lk, D=D, Dv=Dv, q_offset=q_offset,
+                         dropout_seed=seed, varlen=varlen, **checked)

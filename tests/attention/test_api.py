@@ -181,3 +181,41 @@ def test_backends_resolves_the_device():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             qkv.backends("cuda")
+
+
+def test_public_signatures_show_every_keyword_once_defined():
+    """attention, attention_varlen and attention_weights take their keywords from spec.Keywords,
+    and help() shows each with its default."""
+    import inspect
+    from dataclasses import fields
+
+    from qkv.attention.spec import PER_PAIR, Keywords
+
+    want = {f.name: f.default for f in fields(Keywords)}
+
+    def keywords(fn):
+        params = inspect.signature(fn).parameters.values()
+        return {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
+
+    assert keywords(qkv.attention) == want
+    assert keywords(qkv.attention_varlen) == {n: d for n, d in want.items() if n not in PER_PAIR}
+    assert set(keywords(qkv.attention_weights)) == set(want) - {"dropout_p", "return_lse",
+                                                              "backend"}
+    assert "window: 'tuple[int | None, int | None] | None' = None" in str(
+        inspect.signature(qkv.attention))
+    assert "Exact scaled dot-product attention" in qkv.attention.__doc__
+
+
+def test_unknown_keywords_raise_type_error():
+    q = torch.randn(1, 1, 3, 4)
+    with pytest.raises(TypeError, match=r"attention\(\) got an unexpected keyword .*'casual'"):
+        qkv.attention(q, q, q, casual=True)
+    packed, cu = torch.randn(3, 1, 4), torch.tensor([0, 3])
+    with pytest.raises(TypeError, match=r"attention_varlen\(\) got an unexpected .*'mask'"):
+        qkv.attention_varlen(packed, packed, packed, cu, cu, mask=torch.ones(3, 3) > 0)
+    # Positional parameters may still be given by name.
+    out = qkv.attention_varlen(packed, packed, packed, cu_seqlens_q=cu, cu_seqlens_k=cu)
+    torch.testing.assert_close(out, qkv.attention(q=packed.transpose(0, 1)[None],
+                                                  k=packed.transpose(0, 1)[None],
+                                                  v=packed.transpose(0, 1)[None])[0]
+                               .transpose(0, 1))
