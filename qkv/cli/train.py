@@ -8,14 +8,33 @@ from typing import Annotated, Any
 import typer
 
 
-def build_config(config: Path | None, flags: dict[str, Any], assignments: list[str]):
-    """TrainConfig from the TOML file, then the `--set` assignments, then the explicit flags."""
+def build_config(config: Path | None, flags: dict[str, Any], assignments: list[str], *,
+                 resume: bool = False):
+    """TrainConfig from the TOML file, then the `--set` assignments, then the explicit flags.
+
+    With `resume`, the settings the run folder was trained with come first, so that
+    `qkv train --out-dir RUN --resume --max-steps N` needs none of the original flags.
+    """
     from qkv.train.config import TrainConfig, load_toml, merge, parse_assignments
 
     values = load_toml(config) if config is not None else {}
     values = merge(values, parse_assignments(assignments))
     values = merge(values, {k: v for k, v in flags.items() if v is not None})
+    if resume:
+        out_dir = values.get("out_dir", TrainConfig.out_dir)
+        values = {**merge(_saved_settings(out_dir), values), "out_dir": out_dir}
     return TrainConfig.from_dict(values)
+
+
+def _saved_settings(out_dir: str) -> dict[str, Any]:
+    """The settings a run folder was trained with; {} if it holds no usable record of them."""
+    from qkv.train import CheckpointError
+    from qkv.train.checkpoint import read_run_config
+
+    try:
+        return read_run_config(out_dir)
+    except (FileNotFoundError, CheckpointError):
+        return {}
 
 
 def _setting(help: str, default: str, *names: str):
@@ -79,7 +98,7 @@ def train(
             from qkv.device import resolve_device
 
             resolve_device(device)
-        cfg = build_config(config, flags, set_ or [])
+        cfg = build_config(config, flags, set_ or [], resume=resume)
         result = run_training(cfg, resume=resume, overwrite=overwrite)
     if result.rank == 0 and result.eval is not None:
         typer.echo(f"done: step {result.step}, validation {result.eval['bpb']:.3f} bits/byte, "

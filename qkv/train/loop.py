@@ -23,7 +23,7 @@ from qkv.io import atomic_write_text
 from qkv.nn import DecoderLM
 from qkv.train import checkpoint as ckpt
 from qkv.train import distributed, resume, runfolder
-from qkv.train.config import TrainConfig
+from qkv.train.config import TrainConfig, check_fits
 from qkv.train.data import BatchStream, TrainData, prepare_data
 from qkv.train.metrics import MetricsLog
 from qkv.train.rng import seed_everything
@@ -126,6 +126,7 @@ class Trainer:
 
     def run(self, *, resume: bool = False, overwrite: bool = False,
             data: TrainData | None = None) -> TrainResult:
+        check_fits(self.config, self.device)  # before the run folder or any data is touched
         with runfolder.claim(self.run_dir, self.dist):
             return self._run(resume, overwrite, data)
 

@@ -45,6 +45,19 @@ def test_config_file_and_flags(tmp_path):
     message = _error(wider)
     assert "model.d_model" in message and "32" in message and "64" in message
 
+    # Resuming needs only the folder: the run's own settings are the starting point.
+    further = _train("--out-dir", str(run), "--resume", "--max-steps", "3", "--no-progress")
+    assert further.exit_code == 0, further.output
+    assert "done: step 3" in further.output
+
+
+def test_impossible_model_is_refused_before_any_file(tmp_path):
+    run = tmp_path / "run"
+    message = _error(_train("--out-dir", str(run), "--tokenizer", "byte",
+                            "--set", "model.d_model=100000", "--set", "model.n_layers=100"))
+    assert "parameters need" in message and "make it smaller" in message
+    assert not run.exists()
+
 
 def test_unknown_config_key_in_file(tmp_path):
     config = tmp_path / "run.toml"
