@@ -24,6 +24,8 @@ def runs_command(
     with user_errors():
         from qkv.train.checkpoint import describe_checkpoints
 
+        if run_dir.exists() and not run_dir.is_dir():
+            raise NotADirectoryError(f"{run_dir} is a file, not a run folder")
         if not run_dir.is_dir():
             raise FileNotFoundError(f"run folder {run_dir} does not exist")
         rows = describe_checkpoints(run_dir)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,7 +118,10 @@ class TrainConfig:
         check_float("grad_clip", self.grad_clip, low=0.0, low_open=True, optional=True)
         check_float("time_limit", self.time_limit, low=0.0, low_open=True, optional=True)
         check_choice("precision", self.precision, PRECISIONS)
-        check_choice("device", self.device, DEVICES)
+        if not isinstance(self.device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?",
+                                                                  self.device):
+            raise ValueError(f"device must be one of {list(DEVICES)} or 'cuda:N', "
+                             f"got {self.device!r}")
         for name in ("activation_checkpointing", "progress"):
             check_choice(name, getattr(self, name), (True, False))
         if not isinstance(self.out_dir, str) or not self.out_dir:

@@ -38,3 +38,11 @@ def test_missing_and_empty_run_folders(tmp_path):
     assert missing.exit_code == 1 and "does not exist" in missing.output
     empty = runner.invoke(app, ["runs", str(tmp_path)])
     assert empty.exit_code == 0 and "holds no checkpoint" in empty.output
+
+
+def test_a_file_is_not_a_run_folder(tmp_path):
+    file = tmp_path / "notes.txt"
+    file.write_text("x")
+    result = runner.invoke(app, ["runs", str(file)])
+    assert result.exit_code == 1
+    assert "is a file, not a run folder" in result.output

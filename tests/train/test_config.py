@@ -53,3 +53,12 @@ def test_schedule_warmup_then_cosine_to_the_floor():
     assert lrs[12] == pytest.approx(0.1) and lrs[15] == pytest.approx(0.1)
     assert all(a >= b for a, b in zip(lrs[4:], lrs[5:], strict=False))
     assert lr_at(0, lr=1.0, min_lr=0.0, warmup_steps=0, max_steps=3) == pytest.approx(1.0)
+
+
+def test_device_accepts_a_cuda_index_and_names_bad_values():
+    from qkv.train.config import TrainConfig
+
+    assert TrainConfig(device="cuda:1").device == "cuda:1"
+    for bad in ("gpu", "cuda:", "cuda:x", 0):
+        with pytest.raises(ValueError, match="device must be one of"):
+            TrainConfig(device=bad)
