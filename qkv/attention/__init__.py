@@ -4,9 +4,10 @@ import importlib.util
 import os
 
 from qkv.attention import chunked, reference, sdpa
-from qkv.attention.api import attention, attention_varlen, attention_weights
+from qkv.attention.api import attention, attention_weights
 from qkv.attention.flops import attention_flops
 from qkv.attention.registry import Backend, backends, register
+from qkv.attention.varlen import attention_varlen
 
 register(Backend("reference", reference.forward))
 register(Backend("chunked", chunked.forward))

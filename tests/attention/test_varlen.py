@@ -164,3 +164,29 @@ def test_varlen_accepts_int64_cu_seqlens(backend):
     want = qkv.attention_varlen(q, k, v, cq, ck, causal=True, backend=backend)
     got = qkv.attention_varlen(q, k, v, cq.long(), ck.long(), causal=True, backend=backend)
     assert torch.equal(got, want)
+
+
+# Consecutive sequences of equal (lq, lk): inference runs each such run as one call.
+RUN_LENGTHS = [(5, 5), (5, 5), (5, 5), (3, 7), (3, 7), (0, 0), (0, 0), (4, 2), (9, 9), (0, 3)]
+
+
+@pytest.mark.parametrize("lengths", [LENGTHS, RUN_LENGTHS], ids=["distinct", "runs"])
+@pytest.mark.parametrize("name", [n for n in KEYWORDS if n != "dropout"])
+def test_varlen_inference_equals_each_sequence(backend, name, lengths):
+    """Without gradients the packed rows go through `attention` one run of equal lengths at a
+    time; results (and lse) equal each sequence on its own."""
+    dtype = best_dtype(backend)
+    Hq = 4
+    q, k, v, cq, ck = _packed(lengths, Hq, 2, 16, 24, dtype, seed=7)
+    kw = _keywords(name, len(lengths), Hq)
+    with torch.no_grad():
+        want_out, want_lse = _per_sequence(q.double(), k.double(), v.double(), cq, ck, kw)
+        try:
+            out = qkv.attention_varlen(q, k, v, cq, ck, backend=backend, **kw)
+            assert_close(out, want_out, TOL[dtype], "out")
+            out, lse = qkv.attention_varlen(q, k, v, cq, ck, return_lse=True, backend=backend,
+                                            **kw)
+        except NotImplementedError as err:
+            refused(backend, err, kw | {"return_lse": True})
+        assert_close(out, want_out, TOL[dtype], "out with lse")
+        assert_close(lse, want_lse, TOL[dtype], "lse")

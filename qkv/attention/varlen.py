@@ -1,0 +1,134 @@
+"""`attention_varlen`: attention over packed sequences, natively or through `attention`.
+
+A backend with `forward_varlen` takes the packed rows as they are. For the others, inference
+(no gradient, no dropout) runs one `attention` call per run of consecutive sequences with equal
+lengths, on free views of the packed rows; training pads the batch once to (B, H, L, D) and
+masks the padding. Measured on the CPU with chunked and sdpa, 32 sentences of 8..64 tokens (or
+of 20..27, sorted), H=12, D=64, float32: runs are 1.1-2.9x faster than padding without
+gradients, padding 1.25-1.8x faster with them (autograd pays per call).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qkv.attention import registry as _registry
+from qkv.attention.api import attention, finish
+from qkv.attention.spec import PER_PAIR, Keywords, check_call, takes_keywords
+
+
+def _check_cu_seqlens(name: str, cu: torch.Tensor, total: int, device) -> torch.Tensor:
+    if not isinstance(cu, torch.Tensor) or cu.dim() != 1 or cu.numel() < 1:
+        got = tuple(cu.shape) if isinstance(cu, torch.Tensor) else type(cu).__name__
+        raise ValueError(f"{name} must be a 1-D (B+1,) int32 or int64 tensor, got {got}")
+    if cu.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{name} must be int32 or int64, got {cu.dtype}")
+    if cu.device != device:
+        raise ValueError(f"{name} is on {cu.device}, q is on {device}")
+    c = cu.to(torch.int64)
+    if int(c[0]) != 0 or int(c[-1]) != total or bool((c[1:] < c[:-1]).any()):
+        raise ValueError(
+            f"{name} must start at 0, never decrease and end at the packed length {total}, "
+            f"got {cu.tolist()}"
+        )
+    return c
+
+
+def _pad_index(cu: torch.Tensor):
+    """For packed rows: (sequence index, position inside the sequence)."""
+    lengths = cu[1:] - cu[:-1]
+    seq = torch.repeat_interleave(torch.arange(lengths.numel(), device=cu.device), lengths)
+    pos = torch.arange(int(cu[-1]), device=cu.device) - cu[:-1][seq]
+    return seq, pos
+
+
+def _pad(x: torch.Tensor, seq, pos, B: int, L: int) -> torch.Tensor:
+    """(total, H, D) packed -> (B, H, L, D) zero-padded."""
+    padded = x.new_zeros(B, L, x.shape[1], x.shape[2])
+    padded = padded.index_put((seq, pos), x)
+    return padded.transpose(1, 2)
+
+
+def _padded(q, k, v, cq, ck, call, chosen, B: int, Lq: int, Lk: int):
+    """One call on the zero-padded batch; (out (total_q, Hq, Dv), lse (total_q, Hq) or None)."""
+    seq_q, pos_q = _pad_index(cq)
+    seq_k, pos_k = _pad_index(ck)
+    qp = _pad(q, seq_q, pos_q, B, Lq)
+    out, lse = chosen.forward(qp, _pad(k, seq_k, pos_k, B, Lk), _pad(v, seq_k, pos_k, B, Lk), call)
+    out = out.transpose(1, 2)[seq_q, pos_q]
+    return out, None if lse is None else lse.transpose(1, 2)[seq_q, pos_q]
+
+
+def _run_view(x: torch.Tensor, start: int, n: int, length: int) -> torch.Tensor:
+    """Packed rows of n sequences of one length from `start` -> (n, H, length, D), a view."""
+    return x[start:start + n * length].view(n, length, *x.shape[1:]).transpose(1, 2)
+
+
+def _runs(q, k, v, cq: list[int], ck: list[int], keywords: dict):
+    """One `attention` call per run of consecutive sequences of equal (lq, lk), on views."""
+    outs, lses, b, B = [], [], 0, len(cq) - 1
+    alibi = keywords.get("alibi_slopes")
+    while b < B:
+        lq, lk = cq[b + 1] - cq[b], ck[b + 1] - ck[b]
+        e = b + 1
+        while e < B and (cq[e + 1] - cq[e], ck[e + 1] - ck[e]) == (lq, lk):
+            e += 1
+        n = e - b
+        kw = dict(keywords)
+        if alibi is not None and alibi.dim() == 2:
+            kw["alibi_slopes"] = alibi[b:e]
+        res = attention(_run_view(q, cq[b], n, lq), _run_view(k, ck[b], n, lk),
+                        _run_view(v, ck[b], n, lk), **kw)
+        out, lse = res if kw.get("return_lse") else (res, None)
+        outs.append(out.transpose(1, 2).reshape(n * lq, q.shape[1], v.shape[2]))
+        if lse is not None:
+            lses.append(lse.transpose(1, 2).reshape(n * lq, q.shape[1]))
+        b = e
+    out = torch.cat(outs) if outs else q.new_zeros(0, q.shape[1], v.shape[2])
+    return out, torch.cat(lses) if lses else None
+
+
+def _stand_in(x: torch.Tensor, B: int, L: int) -> torch.Tensor:
+    """A (B, H, L, D) tensor of x's dtype and device that owns no memory, for checking."""
+    return x.new_zeros(()).expand(B, x.shape[1], L, x.shape[2])
+
+
+@takes_keywords("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", exclude=PER_PAIR)
+def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, **keywords):
+    """`attention` over packed sequences: each sequence attends only within itself.
+
+    q (total_q, Hq, D), k (total_k, Hk, D), v (total_k, Hk, Dv); cu_seqlens_q and cu_seqlens_k are
+    (B+1,) int32 or int64 cumulative offsets, so sequence b holds rows cu[b]:cu[b+1]. Causal and
+    window are aligned bottom-right per sequence (with that sequence's own lq and lk). Returns out
+    (total_q, Hq, Dv), and with `return_lse` also lse (total_q, Hq).
+
+    Per-pair `mask`, `bias` and `kv_lengths` have no meaning for packed rows and are not accepted.
+    Dropout draws the mask of the padded batch (b, h, i, j) with i, j positions inside sequence b.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 3:
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name} must be 3-D (total, H, D) for attention_varlen, got {got}")
+    cq = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device)
+    ck = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device)
+    if cq.numel() != ck.numel():
+        raise ValueError(
+            f"cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, got "
+            f"{cq.numel() - 1} and {ck.numel() - 1}"
+        )
+    B = cq.numel() - 1
+    len_q, len_k = cq.diff(), ck.diff()
+    Lq, Lk = (int(n.max()) if B else 0 for n in (len_q, len_k))
+    qs = _stand_in(q, B, Lq)
+    call = check_call(qs, _stand_in(k, B, Lk), _stand_in(v, B, Lk), kv_lengths=len_k,
+                      q_offset=len_k - len_q, varlen=True, **keywords)
+    chosen = _registry.choose(call, qs, keywords.get("backend", Keywords.backend))
+    if chosen.forward_varlen is not None:
+        out, lse = chosen.forward_varlen(q, k, v, cq.to(torch.int32), ck.to(torch.int32), call)
+    elif call.needs_dropout or (torch.is_grad_enabled() and (
+            q.requires_grad or k.requires_grad or v.requires_grad)):
+        out, lse = _padded(q, k, v, cq, ck, call, chosen, B, Lq, Lk)
+    else:
+        out, lse = _runs(q, k, v, cq.tolist(), ck.tolist(), keywords)
+    return finish(out, lse, call, q)
