@@ -6,10 +6,12 @@ keeping a running max `m`, normaliser `l` and un-normalised output `acc` per row
     m' = max(m, rowmax(s));  p = exp(s - m');  l' = l·exp(m - m') + rowsum(p)
     acc' = acc·exp(m - m') + p @ v;            out = acc / l;  lse = m + log(l)
 
-The autograd function saves q, k, v, out and, per row, m and log(l) (not folded into one lse:
-at |s| = 1e6 a float32 lse is rounded by 0.03, and every weight with it). Backward recomputes
-p = exp((s - m) - log l) block by block from bit-identical scores, so the extra memory of
-forward and backward is O(B·H·BLOCK_M·BLOCK_N + n·d), never O(n²). Blocks that
+The autograd function saves q, k, v, out and, per row, m and log(l) (kept apart: at |s| = 1e6
+a float32 lse = m + log(l) is rounded by 0.03, and every weight with it). Backward recomputes
+the weights block by block from bit-identical scores, as exp(s - lse), or, in a query block
+with scores past LARGE_SCORE, as exp((s - m) - log l) with delta = rowsum(P * dP) taken in one
+more pass (see `_delta`). The extra memory of forward and backward is
+O(B·H·BLOCK_M·BLOCK_N + n·d), never O(n²). Blocks that
 causal, window or kv_lengths make empty are skipped, so causal does about half the work, and
 only blocks that a mask cuts through pay for building it.
 """
@@ -31,9 +33,10 @@ from qkv.attention.spec import AttentionCall
 
 BLOCK_M = 256
 BLOCK_N = 512
-# Query blocks with a row whose largest score |m| exceeds this get the exact delta of `_delta`.
-# The error of the cheap one grows like 1e-7·|m| relative to the gradients (measured on q = k
-# = v, tests/attention/test_precision.py), so below 64 it stays under 1e-5.
+# Query blocks with a row whose largest score |m| exceeds this rebuild the weights from m and
+# log_l apart and take the exact delta of `_delta`. The error of the cheap path (one folded
+# lse, delta = rowsum(dO * O)) grows like 1e-7·|m| relative to the gradients (measured on
+# q = k = v, tests/attention/test_precision.py), so below 64 it stays under 1e-5.
 LARGE_SCORE = 64.0
 
 
@@ -91,10 +94,14 @@ class _Chunked:
 
     def weights_and_dp(self, qb, dob, stats, i0, i1, j0, j1, full):
         """For one block: the weights p = exp((s - m) - log_l), p after dropout, dP = dO @ V^T
-        (after dropout), the K block and tanh of softcap. Shapes (B, Hq, bm, bn)."""
+        (after dropout), the K block and tanh of softcap. Shapes (B, Hq, bm, bn).
+
+        `stats` is (m, log_l), or (m + log_l, None) where the scores are small enough that
+        folding them loses nothing that matters (see LARGE_SCORE)."""
         c, bm = self.call, i1 - i0
         s, kb, capped = self.scores(qb, i0, i1, j0, j1, full)
-        p = s.sub_(stats[0]).sub_(stats[1]).exp_()
+        p = s.sub_(stats[0]) if stats[1] is None else s.sub_(stats[0]).sub_(stats[1])
+        p = p.exp_()
         drop = self.dropout_scale(i0, i1, j0, j1, qb.device)
         vb = self.v[:, :, j0:j1].to(self.ct)
         dp = torch.matmul(dob, vb.transpose(-1, -2)).view(c.B, c.Hq, bm, j1 - j0)
@@ -167,9 +174,11 @@ def chunked_backward(q, k, v, out, row_max, log_l, dout, dlse, call: AttentionCa
         qb = ch.q_block(i0, i1)  # scaled, so dK = dS^T @ (scale * Q)
         dob = ch.grouped(dout[:, :, i0:i1].to(ct), bm)  # (B, Hk, G*bm, Dv)
         dqb = torch.zeros(c.B, c.Hk, c.groups * bm, c.D, dtype=ct, device=q.device)
-        stats = m_safe[:, :, i0:i1].unsqueeze(-1), log_l[:, :, i0:i1].unsqueeze(-1)
+        m_b, log_l_b = m_safe[:, :, i0:i1].unsqueeze(-1), log_l[:, :, i0:i1].unsqueeze(-1)
+        exact = bool(large[:, :, i0:i1].any())
+        stats = (m_b, log_l_b) if exact else (m_b + log_l_b, None)
         cols = ch.live_cols(i0, i1)
-        delta_b = _delta(ch, qb, dob, out, dout, stats, i0, i1, cols, large[:, :, i0:i1])
+        delta_b = _delta(ch, qb, dob, out, dout, stats, i0, i1, cols, exact)
         if dlse is not None:
             delta_b = delta_b - dlse[:, :, i0:i1].to(ct).unsqueeze(-1)
         for j0, j1, full in cols:
@@ -189,16 +198,17 @@ def chunked_backward(q, k, v, out, row_max, log_l, dout, dlse, call: AttentionCa
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbias
 
 
-def _delta(ch, qb, dob, out, dout, stats, i0, i1, cols, large):
+def _delta(ch, qb, dob, out, dout, stats, i0, i1, cols, exact: bool):
     """delta = rowsum(P * dP) (B, Hq, bm, 1) of one query block, for dS = P * (dP - delta).
 
     It equals rowsum(dO * O), one cheap product, but that rounds differently from the dP of the
     block matmuls. Where the weights are one-hot or tied, the exact dP - delta is zero, and the
     mismatch (about 2^-24 |dO| |V|) would reach dQ and dK multiplied by the scale: 0.1 relative
-    at scale 1e4. So a block with `large` rows sums P * dP from the same dP, in one more pass.
+    at scale 1e4. So an `exact` block (one with large scores) sums P * dP from the same dP, in
+    one more pass.
     """
     ct = ch.ct
-    if not bool(large.any()):
+    if not exact:
         return (dout[:, :, i0:i1].to(ct) * out[:, :, i0:i1].to(ct)).sum(dim=-1, keepdim=True)
     delta = 0.0
     for j0, j1, full in cols:
