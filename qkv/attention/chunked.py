@@ -155,9 +155,11 @@ def chunked_backward(q, k, v, out, row_max, log_l, dout, dlse, call: AttentionCa
                      block_n, bias_grad: bool):
     """Gradients (dq, dk, dv, dbias-or-None), recomputing each block's weights.
 
-    The weights are p = exp((s - m) - log_l), with s recomputed by the same operations on the
-    same blocks as the forward, so s - m is exact. Folding m + log_l into one float32 lse first
-    would round it by up to |lse|·2^-24 (0.03 at |s| = 1e6) and every weight with it.
+    s is recomputed by the same operations on the same blocks as the forward. In a query block
+    with scores past LARGE_SCORE the weights are p = exp((s - m) - log_l), where s - m is exact;
+    folding m + log_l into one float32 lse would round it by up to |lse|·2^-24 (0.03 at
+    |s| = 1e6) and every weight with it. Elsewhere that rounding is negligible and one
+    subtraction of the folded lse saves a pass over each block.
     """
     c = call
     ch = _Chunked(q, k, v, c, block_m, block_n)
