@@ -35,7 +35,6 @@ class Keywords:
     backend: str = "auto"
 
 
-KEYWORD_NAMES = tuple(f.name for f in fields(Keywords))
 PER_PAIR = ("kv_lengths", "mask", "bias")  # no meaning for packed rows (attention_varlen)
 
 
