@@ -3,7 +3,7 @@
 torch SDPA needs an explicit (Lq x Lk) mask for anything but plain or square-causal attention;
 chunked skips masked blocks and never builds the mask. This prints the time of each backend on
 the kinds of call the library makes (decode over a cache, padded batches, long masked
-sequences), which set `CPU_SDPA_MASKED_MAX_SCORES` in qkv/attention/registry.py.
+sequences), which set `CPU_SDPA_MASKED_MAX_SCORES` in qkv/attention/sdpa.py.
 
     python benchmarks/auto_policy_cpu.py
 """
