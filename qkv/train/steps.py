@@ -144,7 +144,7 @@ class StepLoop:
         """Save at `step` if the state is whole (single process, between steps) and say where
         the run can continue from."""
         where = f"interrupted at step {step}"
-        how = f"continue with: qkv train ... --out-dir {self.t.run_dir} --resume"
+        how = f"continue with: qkv train --out-dir {self.t.run_dir} --resume"
         if at_boundary and not self.t.dist.enabled:
             try:
                 path = self.save(step, tokens_seen, train_seconds)

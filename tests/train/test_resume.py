@@ -93,7 +93,7 @@ def test_ctrl_c_saves_a_checkpoint_and_says_how_to_continue(tmp_path):
     step = int(saved.name.removeprefix("step-"))
     assert err.strip().splitlines()[-1] == (
         f"interrupted at step {step}; checkpoint saved to {saved}; continue with: qkv train "
-        f"... --out-dir {run} --resume")
+        f"--out-dir {run} --resume")
     assert "Traceback" not in err
     verify(saved)
     assert max(_train_losses(run)) == step  # the log ends where the checkpoint is

@@ -181,7 +181,7 @@ def test_ctrl_c_saves_at_the_current_step_and_resumes_exactly(tmp_path, tiny_dat
         _run(run, tiny_data, max_steps=6)
     saved = run / "checkpoints" / "step-00000003"
     assert str(e.value) == (f"interrupted at step 3; checkpoint saved to {saved}; continue "
-                            f"with: qkv train ... --out-dir {run} --resume")
+                            f"with: qkv train --out-dir {run} --resume")
     assert signal.getsignal(signal.SIGINT) is handler  # Ctrl-C works as before again
     monkeypatch.setattr(StepLoop, "train_step", real_step)
     resumed = _run(run, tiny_data, resume=True, max_steps=6)
