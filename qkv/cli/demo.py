@@ -2,20 +2,34 @@
 
 from __future__ import annotations
 
+import os
 import shlex
+import shutil
+import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
 
 
-def next_steps(out: str) -> str:
+def qkv_command() -> str:
+    """How the user's shell reaches this qkv: `qkv` when that is on PATH, else the script's
+    path beside this interpreter (`.venv/bin/qkv` after `make demo`)."""
+    script = Path(sys.executable).parent / "qkv"
+    found = shutil.which("qkv")
+    if not script.exists() or (found and Path(found).resolve() == script.resolve()):
+        return "qkv"
+    return shlex.quote(os.path.relpath(script))
+
+
+def next_steps(out: str, qkv: str = "qkv") -> str:
     """The commands to try on the demo's run folder, one per line."""
     run = shlex.quote(out)
     return "\n".join([
         "next, try:",
-        f"  qkv generate --checkpoint {run} --prompt 'def add(a, b):\\n'",
-        f"  qkv eval --checkpoint {run}",
-        f"  qkv runs {run}",
+        f"  {qkv} generate --checkpoint {run} --prompt 'def add(a, b):\\n'",
+        f"  {qkv} eval --checkpoint {run}",
+        f"  {qkv} runs {run}",
     ])
 
 
@@ -39,7 +53,7 @@ def demo(
 
         run_demo(quick=quick, out_dir=out, prompt=prompt.replace("\\n", "\n"),
                  max_new_tokens=max_new_tokens)
-    typer.echo(next_steps(out))
+    typer.echo(next_steps(out, qkv_command()))
 
 
 def register(app: typer.Typer) -> None:

@@ -5,7 +5,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from qkv.cli.demo import next_steps
+from qkv.cli.demo import next_steps, qkv_command
 from qkv.cli.main import app
 
 runner = CliRunner()
@@ -27,7 +27,7 @@ def test_demo_quick(quick_run):
     assert "def fibonacci(n):" in output
     assert report["steps"] > 0 and report["tokens_per_s"] > 0
     assert (out / "checkpoints").is_dir() and (out / "metrics.jsonl").is_file()
-    assert output.rstrip().endswith(next_steps(str(out)))
+    assert output.rstrip().endswith(next_steps(str(out), qkv_command()))
 
 
 def test_next_steps_name_the_run_folder():
@@ -37,6 +37,22 @@ def test_next_steps_name_the_run_folder():
         "  qkv eval --checkpoint 'runs/my demo'",
         "  qkv runs 'runs/my demo'",
     ]
+    assert next_steps("r", ".venv/bin/qkv").splitlines()[2] == "  .venv/bin/qkv eval --checkpoint r"
+
+
+def test_next_steps_use_a_command_the_shell_can_reach(monkeypatch, tmp_path):
+    import sys
+
+    bin_dir = tmp_path / "venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    (bin_dir / "qkv").write_text("#!/bin/sh\n")
+    monkeypatch.setattr(sys, "executable", str(bin_dir / "python"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")  # the venv not activated, as under `make demo`
+    assert qkv_command() == "venv/bin/qkv"
+    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
+    (bin_dir / "qkv").chmod(0o755)
+    assert qkv_command() == "qkv"
 
 
 def test_generate_streams_from_the_quick_checkpoint(quick_run):
