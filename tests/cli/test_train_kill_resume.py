@@ -1,4 +1,5 @@
-"""Kill a training run with SIGKILL, resume it, and get the losses of a run never stopped."""
+"""`qkv train` as a process: kill it with SIGKILL and resume it to the losses of a run never
+stopped; interrupt it with Ctrl-C and get a checkpoint and the command to continue."""
 
 import json
 import os
@@ -10,7 +11,10 @@ import time
 import pytest
 
 from qkv.train import list_checkpoints, train, verify
+from tests.train import conftest
 from tests.train.conftest import TINY, tiny_config
+
+tiny_data = conftest.tiny_data  # the shared fixture
 
 STEPS = 40
 
