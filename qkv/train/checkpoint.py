@@ -42,6 +42,7 @@ from qkv.train.layout import (
     MODEL_CONFIG,
     MODEL_FILE,
     OPTIMIZER_FILE,
+    RUN_CONFIG,
     STATE_FILE,
     STEP_DIR,
     TOKENIZER_FILE,
@@ -223,12 +224,19 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu",
 # ---------------------------------------------------------------- describing runs
 
 
-def _read_state(path: Path) -> dict[str, Any]:
-    """A checkpoint's trainer.json, or {} if it has none or it cannot be read."""
+def read_trainer_state(path: str | os.PathLike, *, strict: bool = True) -> dict[str, Any]:
+    """A checkpoint's trainer.json. A weights-only checkpoint, or one whose file cannot be read,
+    raises CheckpointError (it cannot resume training), or gives {} when not `strict`."""
+    path = Path(path)
     try:
         return json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
+    except FileNotFoundError:
+        problem = f"checkpoint {path} holds weights only; it cannot resume training"
+    except (OSError, ValueError) as e:
+        problem = f"checkpoint {path}: cannot read {STATE_FILE} ({e})"
+    if strict:
+        raise CheckpointError(problem)
+    return {}
 
 
 def read_run_config(path: str | os.PathLike) -> dict[str, Any]:
@@ -243,12 +251,12 @@ def read_run_config(path: str | os.PathLike) -> dict[str, Any]:
     if not ((path / MANIFEST).exists() or STEP_DIR.match(path.name)):
         latest = find_latest(path)
         if latest is None:
-            config = path / "config.json"
+            config = path / RUN_CONFIG
             if not config.is_file():
                 raise FileNotFoundError(f"{path} holds no checkpoint and no config.json")
             return json.loads(config.read_text(encoding="utf-8"))
         path = latest
-    return dict(_read_state(path).get("config") or {})
+    return dict(read_trainer_state(path, strict=False).get("config") or {})
 
 
 def describe_checkpoints(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
@@ -271,7 +279,7 @@ def describe_checkpoints(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
         except CheckpointError as e:
             problem = str(e)
         step = int(STEP_DIR.match(path.name).group(1))
-        state = _read_state(path)
+        state = read_trainer_state(path, strict=False)
         metrics = state.get("eval") or logged.get(step)
         if metrics is not None:
             metrics = {k: v for k, v in metrics.items() if k not in ("kind", "split", "step")}

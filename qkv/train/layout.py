@@ -22,6 +22,7 @@ from qkv.io import fsync_dir, sha256_file
 FORMAT = 1
 MODEL_FILE, MODEL_CONFIG, TOKENIZER_FILE = "model.safetensors", "model.json", "tokenizer.json"
 OPTIMIZER_FILE, STATE_FILE, MANIFEST = "optimizer.safetensors", "trainer.json", "manifest.json"
+RUN_CONFIG = "config.json"  # a run folder's settings, beside its tokenizer.json and checkpoints/
 STEP_DIR = re.compile(r"^step-(\d{8,})$")
 _LEFTOVER = re.compile(r"^\.(step-\d{8,})\.(tmp|old|del)-[0-9-]+$")
 

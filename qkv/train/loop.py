@@ -112,7 +112,7 @@ class Trainer:
         if resume_from is not None:
             tokenizer = Tokenizer.load(resume_from / ckpt.TOKENIZER_FILE)
         elif self.dist.enabled:  # rank 0 trains the tokenizer; the others read it
-            shared = self.run_dir / "tokenizer.json"
+            shared = self.run_dir / ckpt.TOKENIZER_FILE
             if self.dist.is_main:
                 prepared = prepare_data(self.config)
                 prepared.tokenizer.save(shared)
@@ -135,7 +135,7 @@ class Trainer:
         resume_from = self._start(resume_run, overwrite)
         changes, saved = {}, None
         if resume_from is not None:
-            saved = resume.read_trainer_state(resume_from)
+            saved = ckpt.read_trainer_state(resume_from)
             changes = resume.check_settings(saved.get("config"), c, resume_from)
             if int(saved["step"]) >= c.max_steps:
                 return self._complete(resume_from, int(saved["step"]))
@@ -154,8 +154,8 @@ class Trainer:
             step, tokens_seen = self._restore(resume_from, model, optimizer, scaler, stream)
             self._log_resume(step, changes)
         if self.dist.is_main:
-            data.tokenizer.save(self.run_dir / "tokenizer.json")
-            atomic_write_text(self.run_dir / "config.json",
+            data.tokenizer.save(self.run_dir / ckpt.TOKENIZER_FILE)
+            atomic_write_text(self.run_dir / ckpt.RUN_CONFIG,
                               json.dumps(c.to_dict(), indent=1) + "\n")
         self.say(f"data: {data.describe()}")
         self.say(f"model: DecoderLM, {model.num_params():,} parameters, vocab "

@@ -4,14 +4,13 @@ that the settings still describe the same run, and each rank's random number gen
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from qkv.train import distributed
-from qkv.train.checkpoint import STATE_FILE, CheckpointError, load_tensors
+from qkv.train.checkpoint import CheckpointError, load_tensors, read_trainer_state
 from qkv.train.config import TrainConfig
 from qkv.train.rng import rank_prefix, rng_state, seed_everything, set_rng_state
 
@@ -21,18 +20,6 @@ RUN_DEFINING = ("corpus", "suffixes", "text_key", "split", "split_fractions", "m
                 "max_files", "tokenizer", "vocab_size", "seq_len", "model", "seed", "batch_size",
                 "grad_accum")
 _NOT_LOGGED = ("out_dir", "progress")
-
-
-def read_trainer_state(path: str | Path) -> dict[str, Any]:
-    """A checkpoint's trainer.json. Raises CheckpointError for a weights-only checkpoint."""
-    path = Path(path)
-    try:
-        return json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {path} holds weights only; it cannot resume "
-                              f"training") from None
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"checkpoint {path}: cannot read {STATE_FILE} ({e})") from None
 
 
 def _model_fields(values: dict[str, Any]) -> dict[str, Any]:
