@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 import qkv
-from qkv.nn.config import check_choice, check_float, check_int
+from qkv.nn.config import check_choice, check_float, check_int, check_unpadded
 from qkv.nn.positions import (
     ROPE_SCALINGS,
     ExactBuffers,
@@ -228,10 +228,7 @@ def _key_mask(key_padding_mask, B: int, Lk: int) -> torch.Tensor | None:
 
 def _check_packed(cross, context, kv_lengths, key_padding_mask, cache, context_cu_seqlens):
     """Packed rows take no padding and no cache; packed cross-attention a packed context."""
-    given = [name for name, value in (("kv_lengths", kv_lengths), ("cache", cache),
-                                      ("key_padding_mask", key_padding_mask)) if value is not None]
-    if given:
-        raise ValueError(f"packed rows (cu_seqlens) have no padding and no cache; got {given}")
+    check_unpadded(kv_lengths=kv_lengths, cache=cache, key_padding_mask=key_padding_mask)
     if not cross:
         if context_cu_seqlens is not None:
             raise ValueError("context_cu_seqlens is for cross-attention")

@@ -40,6 +40,13 @@ def check_float(field: str, value: Any, *, low: float, high: float | None = None
                          f"got {value!r}")
 
 
+def check_unpadded(**arguments: Any) -> None:
+    """Packed rows (cu_seqlens) take no padding and no cache: ValueError naming any given."""
+    given = sorted(name for name, value in arguments.items() if value is not None)
+    if given:
+        raise ValueError(f"packed rows (cu_seqlens) have no padding and no cache; got {given}")
+
+
 def from_dict(cls, values: dict):
     """Build the dataclass `cls` from a dict, raising ValueError on keys it does not have."""
     names = {f.name for f in dataclasses.fields(cls)}

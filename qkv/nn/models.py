@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from qkv.nn.config import check_choice, from_dict
+from qkv.nn.config import check_choice, check_unpadded, from_dict
 from qkv.nn.positions import (
     LearnedPositions,
     SinusoidalPositions,
@@ -78,9 +78,7 @@ def _padding(attention_mask, lengths, B: int, L: int, device):
 def _packed_positions(idx, cu_seqlens, vocab_size: int, **unused) -> torch.Tensor:
     """Check packed token ids (T,) and return their positions (T,); `unused` are the padding and
     cache arguments, which packed rows do not take."""
-    given = sorted(name for name, value in unused.items() if value is not None)
-    if given:
-        raise ValueError(f"packed rows (cu_seqlens) have no padding and no cache; got {given}")
+    check_unpadded(**unused)
     _check_ids("idx", idx, vocab_size, packed=True)
     return positions_from_cu_seqlens(cu_seqlens, idx.shape[0])
 
