@@ -1,12 +1,14 @@
 """GPU attention sweep: qkv's triton backend beside torch SDPA's flash, cuDNN and efficient
 kernels, in one process (FlashAttention's sweep, plus decode bandwidth).
 
-    PYTHONPATH=. python3 benchmarks/attention_gpu.py --out OUT [--quick]
+    PYTHONPATH=. python3 benchmarks/attention_gpu.py --out OUT [--quick] [--n N] [--reps R]
 
-Same as `qkv bench --device cuda`; the logic lives in qkv/bench/gpu.py.
+This is `qkv bench --device cuda` with the same options; the sweep lives in qkv/bench/gpu.py.
 """
 
-from qkv.bench.gpu import main
+import sys
+
+from qkv.cli.main import app
 
 if __name__ == "__main__":
-    main()
+    app(["bench", "--device", "cuda", *sys.argv[1:]], prog_name="attention_gpu.py")

@@ -16,9 +16,7 @@ measuring needs CUDA; the writers run anywhere (see tests/bench/test_bench_gpu.p
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import platform
 import statistics
 import time
@@ -260,22 +258,3 @@ def run_gpu_sweep(out_dir=None, quick: bool = False, seqlens=None, providers=Non
     if out_dir is not None:
         write_all(results, out_dir, env)
     return results
-
-
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/out"))
-    parser.add_argument("--quick", action="store_true", help="two sequence lengths, two caches")
-    parser.add_argument("--n", type=int, action="append", help="training sequence length "
-                        "(repeatable); default: the sweep's")
-    parser.add_argument("--backend", action="append", choices=PROVIDERS,
-                        help="provider (repeatable); default: all")
-    parser.add_argument("--reps", type=int, default=GPU_REPS, help="do_bench medians per point")
-    args = parser.parse_args(argv)
-    results = run_gpu_sweep(args.out, quick=args.quick, seqlens=args.n, providers=args.backend,
-                            reps=args.reps)
-    print(markdown_table(results))
-
-
-if __name__ == "__main__":
-    main()

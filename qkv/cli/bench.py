@@ -71,10 +71,12 @@ def bench(
 
 
 def _bench_gpu(device, quick, out, reps, n, backend) -> None:
+    import torch
+
     from qkv.bench import gpu  # needs triton and a GPU
 
     if device.index is not None:  # the sweep measures on the current CUDA device
-        gpu.torch.cuda.set_device(device)
+        torch.cuda.set_device(device)
 
     results = gpu.run_gpu_sweep(out, quick=quick, seqlens=n or None, providers=backend or None,
                                 reps=reps or GPU_REPS)

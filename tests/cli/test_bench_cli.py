@@ -2,8 +2,13 @@
 reaching the GPU sweep (faked; no GPU needed)."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from qkv.bench import cpu
@@ -85,3 +90,15 @@ def test_cli_measures_on_the_cuda_device_it_names(monkeypatch):
     result = CliRunner().invoke(app, ["bench", "--device", "cuda:2"])
     assert result.exit_code == 1 and "2 CUDA device(s)" in result.stderr
 
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_gpu_script_is_the_cuda_bench_command():
+    root = Path(__file__).resolve().parents[2]
+    result = subprocess.run([sys.executable, "benchmarks/attention_gpu.py", "--quick"], cwd=root,
+                            capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(root)})
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "error: device 'cuda' was asked for, but CUDA is not available on this machine; "
+        "use --device cpu (or auto)"]
