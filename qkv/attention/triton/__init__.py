@@ -42,8 +42,7 @@ BACKEND = register(
         unsupported_fn=unsupported,
         available_fn=_available,
         forward_varlen=attention_varlen,
-    ),
-    auto_rank={"cuda": 0},
+    )
 )
 
 __all__ = ["BACKEND", "unsupported"]

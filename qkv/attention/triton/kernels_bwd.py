@@ -21,15 +21,16 @@ import triton.language as tl
 from qkv.attention.masking import reduce_to
 from qkv.attention.triton.kernels_common import (
     _base,
+    _block,
     _dropout_keep,
     _head_rows,
     _key_range,
     _load_kT,
     _load_rows,
+    _program,
     _query_range,
     _rows,
     _scores,
-    _seq_info,
     _stage_bounds,
 )
 from qkv.attention.triton.launch import (
@@ -118,18 +119,12 @@ def _attn_bwd_dkdv(
     PREC: tl.constexpr,
 ):
     """dK, dV of one key block of one K/V head, over its query heads; grid (Lk/BN, B·Hk)."""
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
     Hk = Hq // G
-    b = pid_bh // Hk
-    hk = pid_bh % Hk
-    q_start, lq, k_start, lk, off, kv_end = _seq_info(b, CU_Q, CU_K, KVLEN, QOFF, Lq, Lk,
-                                                       IS_VARLEN, HAS_KVLEN, HAS_QOFF)
-    n0 = pid_n * BLOCK_N
-    if n0 >= lk:
+    b, hk, q_start, lq, k_start, lk, off, kv_end = _program(
+        Hk, CU_Q, CU_K, KVLEN, QOFF, Lq, Lk, IS_VARLEN, HAS_KVLEN, HAS_QOFF)
+    n0, offs_n, col_ok = _block(lk, BLOCK_N)
+    if n0 >= lk:  # a block past the end of this sequence
         return
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    col_ok = offs_n < lk
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     kT = _load_kT(_base(K, b, hk, k_start, stride_kb, stride_kh, stride_kn), offs_n, stride_kn,
@@ -196,20 +191,14 @@ def _attn_bwd_dq(
     tiles' dP by about 2^-24·|dO||V|, which dQ and dK would see multiplied by the scale. Blocks
     without such rows return at once.
     """
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // Hq
-    h = pid_bh % Hq
-    q_start, lq, k_start, lk, off, kv_end = _seq_info(b, CU_Q, CU_K, KVLEN, QOFF, Lq, Lk,
-                                                       IS_VARLEN, HAS_KVLEN, HAS_QOFF)
-    m0 = pid_m * BLOCK_M
-    if m0 >= lq:
+    b, h, q_start, lq, k_start, lk, off, kv_end = _program(
+        Hq, CU_Q, CU_K, KVLEN, QOFF, Lq, Lk, IS_VARLEN, HAS_KVLEN, HAS_QOFF)
+    m0, offs_m, row_ok = _block(lq, BLOCK_M)
+    if m0 >= lq:  # a block past the end of this sequence
         return
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    row_ok = offs_m < lq
+    rows = _rows(b, h, q_start, offs_m, Hq, Lq, IS_VARLEN)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    rows = _rows(b, h, q_start, offs_m, Hq, Lq, IS_VARLEN)
     q, do, m2, l2, delta = _query_side(
         _base(Q, b, h, q_start, stride_qb, stride_qh, stride_qm), stride_qm, DO, M, L2, DELTA,
         rows, offs_m, row_ok, head_dim, head_dim_v, BLOCK_D, BLOCK_DV)

@@ -15,6 +15,8 @@ import triton
 import triton.language as tl
 
 LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): natural-log scores to the log2 domain
+# Under every int32 query position i + off, so comparing ip with it only widens vis to (BM, BN).
+BELOW_ANY_POSITION = tl.constexpr(-2147483647)
 
 
 @triton.jit
@@ -43,13 +45,27 @@ def _seq_shift(b, lq, lk, KVLEN, QOFF, HAS_KVLEN: tl.constexpr, HAS_QOFF: tl.con
 
 
 @triton.jit
-def _seq_info(b, CU_Q, CU_K, KVLEN, QOFF, Lq, Lk,
-              IS_VARLEN: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_QOFF: tl.constexpr):
-    """(q_start, lq, k_start, lk, off, kv_end) of batch row b, padded or packed."""
+def _program(heads, CU_Q, CU_K, KVLEN, QOFF, Lq, Lk,
+             IS_VARLEN: tl.constexpr, HAS_KVLEN: tl.constexpr, HAS_QOFF: tl.constexpr):
+    """(b, h, q_start, lq, k_start, lk, off, kv_end) of this program, whose grid axis 1 runs
+    over B·heads: its batch row b and head h, where b's queries and keys start and how many
+    there are (`_seq_bounds`), and b's shift and visible keys (`_seq_shift`)."""
+    pid_bh = tl.program_id(1)
+    b = pid_bh // heads
+    h = pid_bh % heads
     q_start, lq = _seq_bounds(b, CU_Q, Lq, IS_VARLEN)
     k_start, lk = _seq_bounds(b, CU_K, Lk, IS_VARLEN)
     off, kv_end = _seq_shift(b, lq, lk, KVLEN, QOFF, HAS_KVLEN, HAS_QOFF)
-    return q_start, lq, k_start, lk, off, kv_end
+    return b, h, q_start, lq, k_start, lk, off, kv_end
+
+
+@triton.jit
+def _block(length, BLOCK: tl.constexpr):
+    """(first, offs, ok) of this program's block along grid axis 0: its first position, the
+    BLOCK positions from there, and which of them are < length."""
+    first = tl.program_id(0) * BLOCK
+    offs = first + tl.arange(0, BLOCK)
+    return first, offs, offs < length
 
 
 @triton.jit
@@ -211,7 +227,7 @@ def _scores(q, kT, offs_m, offs_n, row_ok, col_ok, off, kv_end, sm_scale, softca
     if MASKED:
         ip = (offs_m + off)[:, None]
         j = offs_n[None, :]
-        vis = (j < kv_end) & (ip > -2147483647)
+        vis = (j < kv_end) & (ip > BELOW_ANY_POSITION)
         if IS_CAUSAL:
             vis = vis & (j <= ip)
         if HAS_WL:

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from qkv.attention.triton.kernels_common import _seq_shift, _slopes2
+from qkv.attention.triton.kernels_common import _program, _slopes2
 from qkv.attention.triton.kernels_fwd import _fwd_range
 from qkv.attention.triton.launch import INTERPRET_BLOCK, interpreting, pow2
 
@@ -35,11 +35,9 @@ def _attn_decode_split(
 ):
     """Partial (out, m, l) of keys [split·chunk, (split+1)·chunk); grid (splits, B·Hk)."""
     pid_s = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    Hk = Hq // G
-    b = pid_bh // Hk
-    hk = pid_bh % Hk
-    off, kv_end = _seq_shift(b, Lq, Lk, KVLEN, QOFF, HAS_KVLEN, HAS_QOFF)
+    # Padded tensors only: every sequence starts at 0 and is Lq, Lk long.
+    b, hk, _, _, _, _, off, kv_end = _program(
+        Hq // G, None, None, KVLEN, QOFF, Lq, Lk, False, HAS_KVLEN, HAS_QOFF)
     rows = tl.arange(0, BLOCK_M)  # row r is query i = r % Lq of head hk·G + r // Lq
     row_ok = rows < G * Lq
     i = rows % Lq

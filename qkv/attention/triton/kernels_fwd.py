@@ -16,14 +16,15 @@ import triton.language as tl
 
 from qkv.attention.triton.kernels_common import (
     _base,
+    _block,
     _dropout_keep,
     _head_rows,
     _key_range,
     _load_kT,
     _load_rows,
+    _program,
     _rows,
     _scores,
-    _seq_info,
     _stage_bounds,
 )
 
@@ -98,17 +99,11 @@ def _attn_fwd(
 ):
     """out, m and log2 l (dense rows, see `_rows`) of one block of query rows of one head;
     grid (Lq/BM, B·Hq)."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // Hq
-    h = pid_bh % Hq
-    q_start, lq, k_start, lk, off, kv_end = _seq_info(b, CU_Q, CU_K, KVLEN, QOFF, Lq, Lk,
-                                                       IS_VARLEN, HAS_KVLEN, HAS_QOFF)
-    m0 = pid_m * BLOCK_M
-    if m0 >= lq:
+    b, h, q_start, lq, k_start, lk, off, kv_end = _program(
+        Hq, CU_Q, CU_K, KVLEN, QOFF, Lq, Lk, IS_VARLEN, HAS_KVLEN, HAS_QOFF)
+    m0, offs_m, row_ok = _block(lq, BLOCK_M)
+    if m0 >= lq:  # a block past the end of this sequence
         return
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    row_ok = offs_m < lq
     q = _load_rows(_base(Q, b, h, q_start, stride_qb, stride_qh, stride_qm), offs_m, stride_qm,
                    tl.arange(0, BLOCK_D), row_ok, head_dim)  # (BM, D)
     k_base = _base(K, b, h // G, k_start, stride_kb, stride_kh, stride_kn)
