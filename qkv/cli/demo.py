@@ -40,6 +40,9 @@ def demo(
     prompt: Annotated[str, typer.Option(help="code to complete; \\n is read as a newline")]
         = "def fibonacci(n):\\n",
     max_new_tokens: Annotated[int, typer.Option(min=1, help="tokens to generate")] = 80,
+    overwrite: Annotated[bool, typer.Option(
+        help="replace a training run in --out (an earlier demo's run is replaced anyway)")]
+        = False,
 ) -> None:
     """Train a small code model on the Python standard library and complete a prompt.
 
@@ -52,7 +55,7 @@ def demo(
         from qkv.train.demo import run_demo
 
         run_demo(quick=quick, out_dir=out, prompt=prompt.replace("\\n", "\n"),
-                 max_new_tokens=max_new_tokens)
+                 max_new_tokens=max_new_tokens, overwrite=overwrite)
     typer.echo(next_steps(out, qkv_command()))
 
 

@@ -14,14 +14,16 @@ from rich.table import Table
 from qkv.data import BigramModel
 from qkv.generate import complete
 from qkv.io import atomic_write_text
-from qkv.train.checkpoint import load_model
+from qkv.train.checkpoint import CheckpointError, list_checkpoints, load_model, read_run_config
 from qkv.train.config import TrainConfig
 from qkv.train.data import build_tokenizer, load_corpus, prepare_data
 from qkv.train.evaluate import evaluate
 from qkv.train.loop import train
-from qkv.train.runfolder import check_writable
+from qkv.train.resume import RUN_DEFINING, setting_changes
+from qkv.train.runfolder import RunLock, check_writable, discard
 
 DEFAULT_PROMPT = "def fibonacci(n):\n"
+REPORT = "demo.json"
 
 # Sized to finish in about 4 minutes on 2 CPU cores, with a time limit on training as a guard for
 # slower or busier machines (the model passes the bigram within its first ~150 steps).
@@ -70,17 +72,60 @@ def demo_config(*, quick: bool = False, out_dir: str = "runs/demo",
     return TrainConfig.from_dict({**(QUICK if quick else DEMO), "out_dir": out_dir, **overrides})
 
 
+def is_demo_run(out_dir: str | Path) -> bool:
+    """Whether the run in `out_dir` is a demo's: its saved settings that define a run (corpus,
+    tokenizer, model, data order, ...) are those of DEMO or QUICK."""
+    try:
+        saved = read_run_config(out_dir)
+    except (OSError, ValueError, CheckpointError):
+        return False
+    for quick in (False, True):
+        changes = setting_changes(saved, demo_config(quick=quick, out_dir=str(out_dir)))
+        if not any(key.split(".")[0] in RUN_DEFINING for key in changes):
+            return True
+    return False
+
+
+def check_out_dir(out_dir: str | Path, overwrite: bool) -> None:
+    """Refuse an out_dir that a run is using, or that holds the checkpoints of a run that is
+    not an earlier demo's (unless `overwrite`)."""
+    lock = RunLock(out_dir)
+    lock.acquire()  # RunInUseError now rather than after the corpus and tokenizer
+    lock.release()
+    if list_checkpoints(out_dir) and not overwrite and not is_demo_run(out_dir):
+        raise FileExistsError(f"{out_dir} holds a training run's checkpoints; pick another "
+                              f"--out, or pass --overwrite to replace that run")
+
+
 def run_demo(*, quick: bool = False, out_dir: str = "runs/demo", prompt: str = DEFAULT_PROMPT,
-             max_new_tokens: int = 80, console: Console | None = None,
+             max_new_tokens: int = 80, console: Console | None = None, overwrite: bool = False,
              **overrides: Any) -> dict[str, Any]:
     """Run the demo, print what happens, write OUT/demo.json, and return the report.
 
-    An out_dir that cannot be written is refused before any work (PermissionError or OSError
-    naming the folder); the report is written atomically (qkv.io).
+    An out_dir that cannot be written, is in use, or holds checkpoints of a run other than an
+    earlier demo (unless `overwrite`) is refused before any work (PermissionError, OSError,
+    FileExistsError naming the folder and `--out`). A demo that fails before its first
+    checkpoint leaves no folder it made. The report is written atomically (qkv.io).
     """
-    console = console or Console()
+    created = False
+    try:
+        created = check_writable(out_dir)
+        check_out_dir(out_dir, overwrite)
+        return _run_demo(quick, out_dir, prompt, max_new_tokens, console or Console(),
+                         overrides)
+    except BaseException as e:
+        if created:
+            discard(out_dir, extra=(REPORT,))
+        if isinstance(e, OSError) and "another out_dir" in str(e):  # the demo's flag is --out
+            error = type(e)(str(e).replace("another out_dir", "another --out"))
+            error.errno = e.errno
+            raise error from e
+        raise
+
+
+def _run_demo(quick: bool, out_dir: str, prompt: str, max_new_tokens: int, console: Console,
+              overrides: dict[str, Any]) -> dict[str, Any]:
     start = time.perf_counter()
-    check_writable(out_dir)
     if "threads" not in overrides:
         overrides["threads"] = fastest_thread_count()
     config = demo_config(quick=quick, out_dir=out_dir, **overrides)
@@ -141,6 +186,6 @@ def run_demo(*, quick: bool = False, out_dir: str = "runs/demo", prompt: str = D
         "wall_seconds": time.perf_counter() - start, "checkpoint": str(folder),
         "prompt": prompt, "completion": text,
     }
-    atomic_write_text(Path(out_dir) / "demo.json", json.dumps(report, indent=1) + "\n")
-    console.print(f"done in {report['wall_seconds']:.0f} s; report: {Path(out_dir) / 'demo.json'}")
+    atomic_write_text(Path(out_dir) / REPORT, json.dumps(report, indent=1) + "\n")
+    console.print(f"done in {report['wall_seconds']:.0f} s; report: {Path(out_dir) / REPORT}")
     return report

@@ -88,3 +88,20 @@ def test_generate_errors(tmp_path, quick_run):
     assert missing.exit_code == 1 and "does not exist" in missing.output
     empty = runner.invoke(app, ["generate", "--checkpoint", str(out), "--prompt", ""])
     assert empty.exit_code == 1 and "--prompt is empty" in empty.output
+
+
+def test_demo_refuses_a_training_runs_folder_but_not_its_own(tmp_path, quick_run):
+    from qkv.train import train
+    from qkv.train.demo import check_out_dir, is_demo_run
+    from tests.train.conftest import tiny_config
+
+    out, _ = quick_run
+    assert is_demo_run(out)
+    check_out_dir(out, overwrite=False)  # `make demo` again on its own runs/demo
+    run = tmp_path / "r"
+    first = train(tiny_config(run, max_steps=1))
+    result = runner.invoke(app, ["demo", "--quick", "--out", str(run)])
+    assert result.exit_code == 1 and result.stdout == ""
+    assert result.stderr == (f"error: {run} holds a training run's checkpoints; pick another "
+                             f"--out, or pass --overwrite to replace that run\n")
+    assert first.checkpoint.is_dir()
