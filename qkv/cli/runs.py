@@ -35,20 +35,36 @@ def runs_command(
     if not rows:
         typer.echo(f"{run_dir} holds no checkpoint")
         return
-    table = Table(title=f"checkpoints of {run_dir}")
-    table.add_column("step", justify="right", no_wrap=True)
-    table.add_column("path", overflow="fold")  # a path is never cut short
-    for column in ("val loss", "val ppl", "val bits/byte", "tokens"):
-        table.add_column(column, justify="right", no_wrap=True)
-    table.add_column("status", overflow="fold")
+    cells = []
     for row in rows:
         metrics = row["eval"] or {}
         status = ("used by --resume and eval" if row["latest"] else
                   "usable" if row["usable"] else f"unusable: {row['problem']}")
-        table.add_row(str(row["step"]), row["path"], _number(metrics.get("loss"), ".4f"),
+        cells.append([str(row["step"]), row["path"], _number(metrics.get("loss"), ".4f"),
                       _number(metrics.get("ppl"), ".2f"), _number(metrics.get("bpb"), ".3f"),
-                      _number(row["tokens_seen"], ",d"), status)
-    Console().print(table)
+                      _number(row["tokens_seen"], ",d"), status])
+    headers = ["step", "path", "loss", "ppl", "bpb", "tokens", "status"]
+    console = Console()
+    table = Table(title=f"checkpoints of {run_dir} (validation loss, ppl, bits per byte)")
+    widths = [max(len(h), *(len(line[i]) for line in cells)) for i, h in enumerate(headers)]
+    # the path is served first: as wide as it needs, up to what the other columns leave with
+    # the status folded to its longest word; the status gets the rest
+    room = console.width - (sum(widths) - widths[1] - widths[-1]) - 3 * len(headers) - 1
+    path_width = min(widths[1], max(12, room - _STATUS_WIDTH))
+    status_width = max(_STATUS_WIDTH, min(widths[-1], room - path_width))
+    for header in headers:
+        if header == "path":
+            table.add_column(header, overflow="fold", width=path_width)
+        elif header == "status":
+            table.add_column(header, overflow="fold", width=status_width)
+        else:
+            table.add_column(header, justify="right", no_wrap=True)
+    for line in cells:
+        table.add_row(*line)
+    console.print(table)
+
+
+_STATUS_WIDTH = 8  # "--resume", the longest word of a status
 
 
 def _number(value, spec: str) -> str:

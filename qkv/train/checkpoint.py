@@ -101,8 +101,8 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model: DecoderLM,
     A complete checkpoint of that step is never rewritten: it is returned as it is. One that
     fails its checks is replaced, and only after the new one has its name. Raises
     CheckpointError (with the OSError or SafetensorError as its cause, e.g. a full disk) if any
-    part cannot be written; the earlier checkpoints are then untouched and no partial folder
-    stays.
+    part cannot be written, saying whether earlier checkpoints exist (they are untouched) and
+    how to resume; no partial folder stays.
     """
     final = step_dir(run_dir, step)
     tmp = None
@@ -117,13 +117,24 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model: DecoderLM,
         install(tmp, final)
     except (OSError, SafetensorError) as e:
         _discard(tmp)
-        raise CheckpointError(f"could not write checkpoint {final}: {e}; earlier checkpoints "
-                              f"are untouched") from e
+        raise CheckpointError(_write_failure(run_dir, final, e)) from e
     except BaseException:
         _discard(tmp)
         raise
     prune(run_dir, keep)
     return final
+
+
+def _write_failure(run_dir: str | os.PathLike, final: Path, error: Exception) -> str:
+    """Why checkpoint `final` could not be written, what is left, and what to do."""
+    try:
+        earlier = [p for p in list_checkpoints(run_dir) if p != final]
+    except OSError:
+        earlier = []
+    kept = (f"the earlier checkpoints are untouched (newest: {earlier[-1].name}); " if earlier
+            else "no earlier checkpoint exists; ")
+    return (f"could not write checkpoint {final}: {error}; {kept}free space (or fix the "
+            f"folder's permissions), then qkv train --out-dir {run_dir} --resume")
 
 
 def _discard(tmp: Path | None) -> None:

@@ -27,7 +27,7 @@ from qkv.train.config import TrainConfig, check_fits
 from qkv.train.data import BatchStream, TrainData, prepare_data
 from qkv.train.metrics import MetricsLog
 from qkv.train.rng import seed_everything
-from qkv.train.steps import StepLoop, TrainResult
+from qkv.train.steps import StepLoop, TrainResult, interrupted_message
 
 __all__ = ["TrainResult", "Trainer", "autocast_context", "make_optimizer", "train"]
 
@@ -90,7 +90,12 @@ class Trainer:
         distributed.barrier(self.dist)  # every rank looks after the recovery
         existing = ckpt.list_checkpoints(self.run_dir)
         if resume_run:
-            found = ckpt.find_latest(self.run_dir, warn=self.warn)
+            try:
+                found = ckpt.find_latest(self.run_dir, warn=self.warn)
+            except ckpt.CheckpointError as e:
+                first, _, rest = str(e).partition(":\n")
+                raise ckpt.CheckpointError(f"{first}; start over with --overwrite instead of "
+                                           f"--resume, or pick another out_dir:\n{rest}") from None
             if found is None:
                 self.say(f"no checkpoint in {self.run_dir}; starting from scratch")
                 self.metrics.reset()
@@ -126,9 +131,19 @@ class Trainer:
 
     def run(self, *, resume: bool = False, overwrite: bool = False,
             data: TrainData | None = None) -> TrainResult:
+        if resume and overwrite:
+            raise ValueError("--resume and --overwrite cannot be used together: resume the run "
+                             "in its folder (--resume), or start it over (--overwrite)")
         check_fits(self.config, self.device)  # before the run folder or any data is touched
-        with runfolder.claim(self.run_dir, self.dist):
-            return self._run(resume, overwrite, data)
+        try:
+            with runfolder.claim(self.run_dir, self.dist):
+                return self._run(resume, overwrite, data)
+        except KeyboardInterrupt as e:
+            if e.args:  # the step loop's message already says where the run stands
+                raise
+            latest = ckpt.list_checkpoints(self.run_dir)
+            raise KeyboardInterrupt(interrupted_message(
+                "interrupted", self.run_dir, latest[-1] if latest else None)) from None
 
     def _run(self, resume_run: bool, overwrite: bool, data: TrainData | None) -> TrainResult:
         c = self.config
@@ -149,9 +164,10 @@ class Trainer:
         stream = BatchStream(data.windows("train", c.seq_len), c.batch_size,
                              rank=self.dist.rank, world_size=self.dist.world_size, seed=c.seed)
         seed_everything(c.seed + self.dist.rank)
-        step, tokens_seen = 0, 0
+        step, tokens_seen, train_seconds = 0, 0, 0.0
         if resume_from is not None:
-            step, tokens_seen = self._restore(resume_from, model, optimizer, scaler, stream)
+            step, tokens_seen, train_seconds = self._restore(resume_from, model, optimizer,
+                                                             scaler, stream)
             self._log_resume(step, changes)
         if self.dist.is_main:
             data.tokenizer.save(self.run_dir / ckpt.TOKENIZER_FILE)
@@ -167,7 +183,7 @@ class Trainer:
             ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
         loop = StepLoop(self, model, ddp, optimizer, scaler, stream, data,
                         autocast_context(self.device, c.precision), resume_from)
-        result = loop.run(step, tokens_seen)
+        result = loop.run(step, tokens_seen, train_seconds)
         result.resumed_from = step if resume_from is not None else None
         result.rank = self.dist.rank
         return result
@@ -191,7 +207,9 @@ class Trainer:
             self.record({"kind": "resume", "step": step,
                          "changed": {k: [old, new] for k, (old, new) in changes.items()}})
 
-    def _restore(self, path: Path, model, optimizer, scaler, stream) -> tuple[int, int]:
+    def _restore(self, path: Path, model, optimizer, scaler, stream
+                 ) -> tuple[int, int, float]:
+        """Load checkpoint `path`; (step, tokens_seen, train_seconds) it had reached."""
         ckpt.load_weights(model, path)
         state, extra = resume.load_training_state(path, optimizer)
         stream.load_state(state["data"])
@@ -202,7 +220,8 @@ class Trainer:
             self.warn(f"the checkpoint was written by {state.get('world_size')} process(es), this "
                       f"run has {self.dist.world_size}; the data order differs from there on")
         self.say(f"resumed from {path} (step {state['step']})")
-        return int(state["step"]), int(state.get("tokens_seen", 0))
+        return (int(state["step"]), int(state.get("tokens_seen", 0)),
+                float(state.get("train_seconds", 0.0)))
 
 
 def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
@@ -215,7 +234,8 @@ def train(config: TrainConfig, *, resume: bool = False, overwrite: bool = False,
     The settings that define the run (qkv.train.resume.RUN_DEFINING) must match the
     checkpoint's; others may change and are logged. A run already at max_steps is left as it is
     (result.already_complete). With no checkpoint yet, the run starts afresh with a new log.
-    overwrite: start afresh even if out_dir holds checkpoints (otherwise FileExistsError).
+    overwrite: start afresh even if out_dir holds checkpoints (otherwise FileExistsError); not
+    together with resume (ValueError).
     data: already prepared data (corpus, tokenizer, token streams); built from config if None.
     rank / world_size / init_method: join a DDP group by hand (else torchrun's environment).
     Raises FileNotFoundError / qkv.data.CorpusError for an unusable corpus, CheckpointError

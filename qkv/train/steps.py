@@ -47,6 +47,15 @@ class TrainResult:
     rank: int = 0  # this process's rank; 0 is the one that logs and saves
 
 
+def interrupted_message(where: str, run_dir: Path, checkpoint: Path | None) -> str:
+    """What a Ctrl-C message says after `where`: the run's last checkpoint (or that there is
+    none yet) and the command that continues it."""
+    how = f"qkv train --out-dir {run_dir} --resume"
+    if checkpoint is not None:
+        return f"{where}; the last checkpoint is {checkpoint}; continue with: {how}"
+    return f"{where}; no checkpoint exists yet, so {how} starts the run from scratch"
+
+
 class StepBoundaryInterrupt:
     """While active, the first Ctrl-C only sets `requested`, so the step in progress ends
     cleanly; a second one interrupts at once. Inactive off the main thread and when `enabled`
@@ -144,22 +153,24 @@ class StepLoop:
         """Save at `step` if the state is whole (single process, between steps) and say where
         the run can continue from."""
         where = f"interrupted at step {step}"
-        how = f"continue with: qkv train --out-dir {self.t.run_dir} --resume"
         if at_boundary and not self.t.dist.enabled:
             try:
                 path = self.save(step, tokens_seen, train_seconds)
-                return f"{where}; checkpoint saved to {path}; {how}"
+                return (f"{where}; checkpoint saved to {path}; continue with: qkv train "
+                        f"--out-dir {self.t.run_dir} --resume")
             except ckpt.CheckpointError as e:
                 where = f"{where}; {e}"
-        if self.last_checkpoint is not None:
-            return f"{where}; the last checkpoint is {self.last_checkpoint}; {how}"
-        return f"{where}; no checkpoint was written yet, so a rerun starts from scratch"
+            except KeyboardInterrupt:  # a second Ctrl-C during the save
+                where = f"{where} while saving step {step}"
+        return interrupted_message(where, self.t.run_dir, self.last_checkpoint)
 
-    def run(self, step: int, tokens_seen: int) -> TrainResult:
+    def run(self, step: int, tokens_seen: int, train_seconds: float = 0.0) -> TrainResult:
+        """Train from `step` (with `tokens_seen` tokens and `train_seconds` s of training
+        behind it, carried over on resume) to max_steps, the time limit, or Ctrl-C."""
         c, t = self.c, self.t
         result = TrainResult(t.run_dir, step, self.last_checkpoint)
         tokens_per_step = c.batch_size * c.grad_accum * t.dist.world_size * c.seq_len
-        train_seconds, session_seconds, session_steps = 0.0, 0.0, 0
+        session_seconds, session_steps = 0.0, 0
         progress = Progress(
             TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
             TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]} tok/s"),
@@ -210,10 +221,15 @@ class StepLoop:
         if result.stopped_early:
             t.say(f"time limit of {c.time_limit:.0f} s reached at step {step} of {c.max_steps}")
         result.step = step
-        result.eval = self.evaluate(step)
-        result.checkpoint = self.save(step, tokens_seen, train_seconds) or result.checkpoint
-        if result.checkpoint is not None:
-            t.say(f"checkpoint: {result.checkpoint}")
+        try:  # the final state is saved before the final evaluation, which Ctrl-C may cut
+            result.checkpoint = self.save(step, tokens_seen, train_seconds) or result.checkpoint
+            if result.checkpoint is not None:
+                t.say(f"checkpoint: {result.checkpoint}")
+            result.eval = self.evaluate(step)
+        except KeyboardInterrupt:
+            where = f"interrupted after step {step}, in the final save or evaluation"
+            raise KeyboardInterrupt(interrupted_message(where, t.run_dir,
+                                                        self.last_checkpoint)) from None
         result.train_seconds = train_seconds
         if session_seconds:
             result.tokens_per_s = session_steps * tokens_per_step / session_seconds

@@ -19,7 +19,10 @@ def test_lists_checkpoints_with_full_paths_and_the_one_in_use(tmp_path, tiny_dat
     train(config, data=tiny_data)
     result = runner.invoke(app, ["runs", str(run)])
     assert result.exit_code == 0, result.output
-    cells = [line.split("│") for line in result.output.splitlines() if line.startswith("│")]
+    lines = result.output.splitlines()
+    assert max(len(line) for line in lines) <= 80  # rich's width when not on a terminal
+    cells = [line.split("│") for line in lines if line.startswith("│")]
+    assert min(len(cell[2]) for cell in cells) >= 20  # the path column comes first
     paths = "".join(cell[2].strip() for cell in cells)  # folded over lines, never cut short
     assert paths == str(run / "checkpoints" / "step-00000002") + str(run / "checkpoints" /
                                                                     "step-00000004")

@@ -103,3 +103,16 @@ def test_ctrl_c_prints_the_trainers_message_and_exits_130(tmp_path, monkeypatch)
     monkeypatch.setattr(qkv.train, "train", interrupted)
     result = _train("--out-dir", str(tmp_path), "--no-progress")
     assert result.exit_code == 130 and result.stdout == "" and result.stderr == message + "\n"
+
+
+def test_a_file_as_out_dir_and_resume_with_overwrite(tmp_path):
+    file = tmp_path / "afile"
+    file.write_text("x")
+    message = _error(_train("--out-dir", str(file), *TINY_FLAGS))
+    assert message == (f"error: cannot write to the run folder {file}: {file} is a file, not a "
+                       f"folder; pick another out_dir")
+    both = _train("--out-dir", str(tmp_path / "run"), "--resume", "--overwrite", *TINY_FLAGS)
+    assert both.exit_code == 1 and "Traceback" not in both.output
+    assert both.stderr == ("error: --resume and --overwrite cannot be used together: resume the "
+                           "run in its folder (--resume), or start it over (--overwrite)\n")
+    assert not (tmp_path / "run").exists()
