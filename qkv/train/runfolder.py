@@ -88,6 +88,9 @@ class RunLock:
             raise RunInUseError(f"run folder {self.path.parent} is in use by another qkv run "
                                 f"(process {holder}); wait for it to finish or stop it, or pick "
                                 f"another out_dir") from None
+        if not _still_named(fd, self.path):  # its last holder removed it: lock the new one
+            os.close(fd)
+            return self.acquire(wait_for_pid=wait_for_pid)
         pid = f"{os.getpid()}\n".encode("ascii")
         os.pwrite(fd, pid, 0)  # written whole, then the rest of an older PID cut off
         os.ftruncate(fd, len(pid))
@@ -97,6 +100,17 @@ class RunLock:
         if self.fd is not None:
             os.close(self.fd)  # closing the last descriptor drops the flock
             self.fd = None
+
+
+def _still_named(fd: int, path: Path) -> bool:
+    """Whether the open lock file is still the one at `path` (a failed run that made the folder
+    deletes the file while it holds the lock)."""
+    try:
+        named = os.stat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)
 
 
 def _read_pid(fd: int, wait: float) -> str:

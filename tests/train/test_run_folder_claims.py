@@ -86,6 +86,31 @@ def test_the_holders_pid_is_read_once_it_is_written(tmp_path):
         os.close(fd)
 
 
+def test_a_lock_file_removed_while_waiting_for_it_is_not_held(tmp_path, monkeypatch):
+    """The failed run that made the folder deletes its lock file while holding it; a run that
+    opened the old file locks the one now in the folder instead."""
+    run = tmp_path / "run"
+    run.mkdir()
+    real_flock, calls = fcntl.flock, []
+
+    def removed_meanwhile(fd, operation):
+        calls.append(fd)
+        if len(calls) == 1:
+            (run / runfolder.LOCK_FILE).unlink()
+            (run / runfolder.LOCK_FILE).write_text("")
+        return real_flock(fd, operation)
+
+    monkeypatch.setattr(runfolder.fcntl, "flock", removed_meanwhile)
+    lock = runfolder.RunLock(run)
+    lock.acquire()
+    try:
+        assert len(calls) == 2
+        assert os.fstat(lock.fd).st_ino == os.stat(run / runfolder.LOCK_FILE).st_ino
+        assert (run / runfolder.LOCK_FILE).read_text() == f"{os.getpid()}\n"
+    finally:
+        lock.release()
+
+
 def test_a_failed_run_keeps_a_new_folder_that_holds_anything_else(tmp_path):
     run = tmp_path / "run"
     with pytest.raises(OSError, match="disk full"), runfolder.claim(run, SINGLE):
