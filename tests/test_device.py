@@ -15,7 +15,8 @@ def test_cpu_and_torch_device_pass_through():
     assert resolve_device(torch.device("cpu")) == torch.device("cpu")
 
 
-@pytest.mark.parametrize("bad", ["gpu", "cuda:x", "", 3.5])
+@pytest.mark.parametrize("bad", ["gpu", "cuda:x", "", 3.5, "mps", "xpu", "meta", "xpu:0",
+                                 torch.device("meta")])
 def test_unknown_device_names_the_argument(bad):
     with pytest.raises(ValueError, match="device must be"):
         resolve_device(bad)
