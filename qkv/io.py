@@ -10,6 +10,7 @@ import contextlib
 import errno
 import hashlib
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -44,6 +45,30 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+# How writer libraries that raise no OSError word a full disk: Rust's io::Error (tokenizers,
+# safetensors) and numpy's short write ("115200 requested and 2016 written").
+_DISK_FULL = re.compile(r"no space left|os error 28|\d+ requested and \d+ written", re.IGNORECASE)
+
+
+@contextlib.contextmanager
+def write_errors(path: str | os.PathLike,
+                 kinds: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
+    """Turn a failed write of `path` into an OSError that names `path` (not a temporary file).
+
+    Catches OSError and the writer library's own `kinds`. The new error keeps the errno it had;
+    one whose text says the disk is full gets errno ENOSPC; any other keeps its text.
+    """
+    try:
+        yield
+    except (OSError, *kinds) as e:
+        number = e.errno if isinstance(e, OSError) else None
+        if number is None and _DISK_FULL.search(str(e)):
+            number = errno.ENOSPC
+        if number is None:
+            raise OSError(f"cannot write {path}: {e}") from e
+        raise OSError(number, os.strerror(number), str(path)) from e
 
 
 def sha256_file(path: str | os.PathLike) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import sys
 from pathlib import Path
@@ -32,11 +33,14 @@ def read_lines(source: str) -> list[str]:
 
 
 def write_vectors(out: Path, texts: list[str], vectors) -> None:
-    """Write (N, dim) vectors atomically, in the format that out's suffix names."""
-    from qkv.io import atomic_path
+    """Write (N, dim) vectors atomically, in the format that out's suffix names. A failed write
+    leaves no file and raises OSError naming `out` (errno ENOSPC for a full disk)."""
+    from safetensors import SafetensorError
+
+    from qkv.io import atomic_path, write_errors
 
     suffix = out.suffix.lower()
-    with atomic_path(out) as tmp:
+    with write_errors(out, (SafetensorError,)), atomic_path(out) as tmp:
         if suffix == ".npy":
             import numpy as np
 
@@ -51,6 +55,14 @@ def write_vectors(out: Path, texts: list[str], vectors) -> None:
                 for text, row in zip(texts, vectors.tolist(), strict=True):
                     f.write(json.dumps({"text": text, "embedding": row}, ensure_ascii=False))
                     f.write("\n")
+
+
+def write_failure(out: Path, e: OSError) -> str:
+    """The CLI's words for a failed write of `out`: a full disk says what to do."""
+    if e.errno == errno.ENOSPC:
+        return (f"cannot write {out}: the disk is full (no space left on device); free some "
+                "space or give -o a file on another disk")
+    return f"cannot write {out}: {e.strerror}" if e.strerror else str(e)
 
 
 def too_long_message(e, source: str) -> str:
@@ -78,10 +90,15 @@ def embed(
 
     from qkv.cli._errors import user_errors
 
+    if out.is_dir():
+        raise typer.BadParameter(f"{out} is a folder; give a file name, such as "
+                                 f"{out / 'vectors.npy'}", param_hint="--out")
     if out.suffix.lower() not in FORMATS:
         raise typer.BadParameter(f"suffix must be one of {list(FORMATS)}, got {out.name!r}",
                                  param_hint="--out")
     with user_errors():
+        if source != "-" and Path(source).is_dir():
+            raise ValueError(f"{source} is a folder; give a text file, one sentence per line")
         if source != "-" and not Path(source).is_file():
             raise FileNotFoundError(f"no such file: {source}")
         check_writable_file(out)
@@ -103,8 +120,9 @@ def embed(
         try:
             write_vectors(out, texts, vectors.cpu())
         except OSError as e:
-            raise fail(f"cannot write {out}: {e.strerror or e}") from None
-    console.print(f"wrote {len(texts)} vectors of {vectors.shape[1]} floats to {out}")
+            raise fail(write_failure(out, e)) from None
+    noun = "vector" if len(texts) == 1 else "vectors"
+    console.print(f"wrote {len(texts)} {noun} of {vectors.shape[1]} floats to {out}")
 
 
 def register(app: typer.Typer) -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from qkv.io import atomic_write
+from qkv.io import atomic_write, write_errors
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -86,11 +86,13 @@ class Tokenizer:
     def save(self, path: str | os.PathLike) -> None:
         """Write tokenizer.json to `path` (a file, or a directory to hold tokenizer.json), through
         qkv.io.atomic_write: a reader never sees half a file, and a failed write leaves the old
-        file as it was."""
+        file as it was. A failed write raises OSError naming the file (errno ENOSPC for a full
+        disk); the `tokenizers` library itself raises a plain Exception."""
         path = Path(path)
         if path.is_dir():
             path = path / "tokenizer.json"
-        atomic_write(path, lambda tmp: self.hf.save(str(tmp)))
+        with write_errors(path, (Exception,)):  # only the library's save runs inside
+            atomic_write(path, lambda tmp: self.hf.save(str(tmp)))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Tokenizer:

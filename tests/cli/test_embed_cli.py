@@ -116,10 +116,69 @@ def test_unwritable_output_is_named_before_any_work(source, tmp_path, monkeypatc
     assert message.startswith(f"error: cannot write {out}: ") and ".tmp" not in message
     folder = tmp_path / "vectors.npy"
     folder.mkdir()
-    message = _one_error(runner.invoke(app, ["embed", str(source), "-o", str(folder)]))
-    assert message == f"error: {folder} is a folder; name a file in it"
+    message = _one_error(runner.invoke(app, ["embed", str(source), "-o", str(folder)]), code=2)
+    assert f"{folder} is a folder; give a file name, such as {folder / 'vectors.npy'}" in message
 
 
 def test_usage_line_names_the_file_argument():
     result = CliRunner().invoke(app, ["embed", "--help"])
     assert "[OPTIONS] FILE" in result.output and "{source}" not in result.output
+
+
+@pytest.mark.parametrize("name, module, writer, failure", [
+    ("v.npy", np, "save", OSError("115200 requested and 2016 written")),
+    ("v.safetensors", "safetensors.torch", "save_file", "safetensors"),
+    ("v.jsonl", None, None, OSError(28, "No space left on device")),
+])
+def test_a_full_disk_is_one_error_line_and_leaves_no_file(source, tmp_path, monkeypatch, name,
+                                                          module, writer, failure):
+    import builtins
+
+    import safetensors.torch
+
+    if failure == "safetensors":  # what safetensors raises when a write fails
+        failure = safetensors.SafetensorError("Error while serializing: IoError(Os { code: 28, "
+                                              "kind: StorageFull, message: \"No space left on "
+                                              "device\" })")
+    if module is None:  # .jsonl goes through open(): a file whose writes fail
+        real_open = builtins.open
+
+        class Full:
+            def __init__(self, f):
+                self.f = f
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                self.f.close()
+
+            def write(self, text):
+                raise failure
+
+        monkeypatch.setattr(builtins, "open", lambda path, mode="r", *a, **k: Full(
+            real_open(path, mode, *a, **k)) if mode == "w" else real_open(path, mode, *a, **k))
+    else:
+        def full(*args, **kwargs):
+            raise failure
+
+        monkeypatch.setattr(safetensors.torch if module != np else np, writer, full)
+    import qkv.interop.minilm as minilm
+
+    monkeypatch.setattr(minilm, "embed", lambda texts, **k: torch.zeros(len(texts), 384))
+    out = tmp_path / name
+    message = _one_error(CliRunner().invoke(app, ["embed", str(source), "-o", str(out)]))
+    assert message == (f"error: cannot write {out}: the disk is full (no space left on device); "
+                       "free some space or give -o a file on another disk")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt"]
+
+
+def test_one_line_is_one_vector(tmp_path, monkeypatch):
+    import qkv.interop.minilm as minilm
+
+    monkeypatch.setattr(minilm, "embed", lambda texts, **k: torch.zeros(len(texts), 384))
+    source = tmp_path / "one.txt"
+    source.write_text("just one line\n", encoding="utf-8")
+    result = CliRunner().invoke(app, ["embed", str(source), "-o", str(tmp_path / "v.npy")])
+    assert result.exit_code == 0, result.output
+    assert "wrote 1 vector of 384 floats" in result.stderr

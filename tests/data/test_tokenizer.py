@@ -1,5 +1,6 @@
 """Tokenizers: byte fallback and byte-level BPE; exact round trips, specials, save/load."""
 
+import errno
 from pathlib import Path
 
 import pytest
@@ -125,3 +126,25 @@ def test_save_is_atomic_and_durable(tmp_path, monkeypatch):
     monkeypatch.setattr(qkv.io, "fsync_dir", synced.append)
     tok.save(target)
     assert Tokenizer.load(target).vocab_size == 258 and synced == [tmp_path]
+
+
+@pytest.mark.parametrize("failure, number, words", [
+    (Exception("No space left on device (os error 28)"), errno.ENOSPC, "No space left"),
+    (OSError(errno.ENOSPC, "No space left on device"), errno.ENOSPC, "No space left"),
+    (Exception("Permission denied (os error 13)"), None, "Permission denied (os error 13)"),
+])
+def test_a_failed_save_is_an_os_error_naming_the_file(tmp_path, monkeypatch, failure, number,
+                                                      words):
+    tok = byte_tokenizer()
+
+    def broken(path):
+        Path(path).write_text("half")
+        raise failure  # the tokenizers library raises a plain Exception, not an OSError
+
+    monkeypatch.setattr(tok.hf, "save", broken, raising=False)
+    with pytest.raises(OSError) as e:
+        tok.save(tmp_path)
+    target = tmp_path / "tokenizer.json"
+    assert e.value.errno == number and words in str(e.value)
+    assert str(target) in str(e.value) and ".tmp" not in str(e.value)
+    assert list(tmp_path.iterdir()) == []
