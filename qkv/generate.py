@@ -28,6 +28,11 @@ if TYPE_CHECKING:
 _ABSOLUTE_POSITIONS = ("learned", "sinusoidal")
 
 
+def _tokens(n: int) -> str:
+    """ "1 token", "2 tokens": a count of tokens for a message."""
+    return f"{n} token" if n == 1 else f"{n} tokens"
+
+
 @dataclass
 class GenerationConfig:
     """Settings of one generation call."""
@@ -108,8 +113,8 @@ class _Session:
             longest = self.tokens.shape[1] if self.mask is None else int(self.mask.sum(1).max())
             if longest + cfg.max_new_tokens > config.max_len:
                 raise ValueError(
-                    f"prompt of {longest} tokens plus max_new_tokens={cfg.max_new_tokens} exceeds "
-                    f"the model's max_len={config.max_len} ({config.positions} positions)"
+                    f"prompt of {_tokens(longest)} plus max_new_tokens={cfg.max_new_tokens} "
+                    f"exceeds the model's max_len={config.max_len} ({config.positions} positions)"
                 )
         self.prefix = self.tokens
         self.cache = None
@@ -343,7 +348,7 @@ def complete(model: DecoderLM, tokenizer: Tokenizer, prompt: str, *, max_new_tok
         fits = max(1, limit - len(ids))
         if max_new_tokens > fits:
             warnings.warn(f"max_new_tokens={max_new_tokens} is capped at {fits}: a prompt of "
-                          f"{len(ids)} tokens leaves only {fits} of the model's max_len={limit} "
+                          f"{_tokens(len(ids))} leaves only {fits} of the model's max_len={limit} "
                           f"positions", UserWarning, stacklevel=2)
             max_new_tokens = fits
     device = next(model.parameters()).device

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -25,6 +26,12 @@ def sampling(temperature: float, top_k: int | None, top_p: float | None) -> dict
             "top_p": top_p}
 
 
+def _check_temperature(temperature: float) -> float:
+    if not math.isfinite(temperature) or temperature < 0:
+        raise typer.BadParameter(f"must be a number >= 0 (not NaN or infinity), got {temperature}")
+    return temperature
+
+
 def _check_top_p(top_p: float | None) -> float | None:
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise typer.BadParameter(f"must be above 0 and at most 1, got {top_p}")
@@ -40,7 +47,7 @@ def generate(
         min=1, help="tokens to generate at most (capped, with a warning, at the model's "
                     "max_len)")] = 200,
     temperature: Annotated[float, typer.Option(
-        min=0.0, help="sampling temperature; 0 is greedy decoding")] = 0.8,
+        callback=_check_temperature, help="sampling temperature; 0 is greedy decoding")] = 0.8,
     top_k: Annotated[int | None, typer.Option(
         min=1, show_default=str(TOP_K), help="sample among the k likeliest tokens")] = None,
     top_p: Annotated[float | None, typer.Option(
@@ -67,6 +74,11 @@ def generate(
         prompt = prompt.replace("\\n", "\n").replace("\\t", "\t")
     if not prompt:
         raise fail("--prompt is empty: give the text to complete")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError:  # bytes that are not UTF-8 reach argv as lone surrogates
+        raise fail("--prompt is not UTF-8 text: give the prompt as UTF-8 (check the "
+                   "terminal's or the shell's encoding)") from None
 
     def show(piece: str) -> None:
         sys.stdout.write(piece)

@@ -47,6 +47,7 @@ def test_default_is_sampling_and_temperature_0_is_greedy(run_dir):
     (["--top-p", "0"], "must be above 0 and at most 1"),
     (["--top-p", "1.5"], "must be above 0 and at most 1"),
     (["--cache", "paged"], "must be dynamic, static or none"),
+    (["--temperature", "nan"], "must be a number >= 0 (not NaN or infinity), got nan"),
 ])
 def test_bad_options_are_refused_before_any_output(run_dir, args, words):
     result = _generate(run_dir, *args)
@@ -94,3 +95,20 @@ def test_eval_table_shows_the_whole_checkpoint_path(run_dir):
     assert "…" not in result.stdout
     folded = "".join(line.strip("│ ").split("│")[0].strip() for line in result.stdout.splitlines())
     assert run_dir.name in folded
+
+
+def test_a_one_token_prompt_is_one_token_in_the_warning(run_dir):
+    result = runner.invoke(app, ["generate", "--checkpoint", str(run_dir), "--prompt", "x",
+                                 "--max-new-tokens", "500", "--temperature", "0"])
+    assert result.exit_code == 0, result.output
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and "a prompt of 1 token leaves only 31 of" in lines[0], lines
+
+
+def test_a_prompt_that_is_not_utf8_is_refused_before_loading(run_dir):
+    for raw in ([], ["--raw"]):
+        result = runner.invoke(app, ["generate", "--checkpoint", str(run_dir), "--prompt",
+                                     "def \udcff\udcfe", *raw])
+        assert result.exit_code == 1 and result.stdout == ""
+        assert result.stderr.startswith("error: --prompt is not UTF-8 text")
+        assert result.stderr.count("\n") == 1
