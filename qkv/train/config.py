@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import tomllib
@@ -20,6 +21,9 @@ from qkv.nn.config import check_choice, check_float, check_int, from_dict
 PRECISIONS = ("fp32", "bf16", "fp16")
 TOKENIZERS = ("bpe", "byte")
 DEVICES = ("auto", "cpu", "cuda")
+
+_MODEL_NOT_A_TABLE = ("model must be a table of TransformerConfig fields (a [model] table in "
+                      "the TOML file, or --set model.KEY=VALUE), got {}")
 
 # The default small DecoderLM: about 1M parameters with a 2048-token vocabulary.
 DEFAULT_MODEL = {"d_model": 128, "n_layers": 4, "n_heads": 4, "positions": "learned"}
@@ -79,9 +83,10 @@ class TrainConfig:
         if not isinstance(self.corpus, str) or not self.corpus:
             raise ValueError(f"corpus must be a non-empty string, got {self.corpus!r}")
         if self.suffixes is not None:
-            if isinstance(self.suffixes, str) or not all(isinstance(s, str)
-                                                          for s in self.suffixes):
-                raise ValueError(f"suffixes must be a list of strings, got {self.suffixes!r}")
+            if not isinstance(self.suffixes, (list, tuple)) or not all(isinstance(s, str)
+                                                                       for s in self.suffixes):
+                raise ValueError(f"suffixes must be a list of strings such as [\".py\"], got "
+                                 f"{self.suffixes!r}")
             self.suffixes = tuple(self.suffixes)
         if not isinstance(self.text_key, str) or not self.text_key:
             raise ValueError(f"text_key must be a non-empty string, got {self.text_key!r}")
@@ -93,8 +98,7 @@ class TrainConfig:
         check_int("vocab_size", self.vocab_size, minimum=258)
         check_int("seq_len", self.seq_len, minimum=2)
         if not isinstance(self.model, dict):
-            raise ValueError(f"model must be a table of TransformerConfig fields, got "
-                             f"{type(self.model).__name__}")
+            raise ValueError(_MODEL_NOT_A_TABLE.format(type(self.model).__name__))
         if "vocab_size" in self.model:
             raise ValueError("model.vocab_size comes from the tokenizer; set vocab_size instead")
         model = self.model_config(vocab_size=self.vocab_size)  # validates the model table
@@ -123,7 +127,8 @@ class TrainConfig:
             raise ValueError(f"device must be one of {list(DEVICES)} or 'cuda:N', "
                              f"got {self.device!r}")
         for name in ("activation_checkpointing", "progress"):
-            check_choice(name, getattr(self, name), (True, False))
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if not isinstance(self.out_dir, str) or not self.out_dir:
             raise ValueError(f"out_dir must be a non-empty path, got {self.out_dir!r}")
 
@@ -221,7 +226,8 @@ def _check_split_fractions(value: Any) -> tuple[float, float, float]:
     """`value` as a (train, validation, test) tuple; ValueError unless it is three numbers >= 0
     that sum to 1, with train and validation > 0."""
     numbers = (isinstance(value, (list, tuple)) and len(value) == 3
-               and all(isinstance(f, (int, float)) and not isinstance(f, bool) for f in value))
+               and all(isinstance(f, (int, float)) and not isinstance(f, bool)
+                       and math.isfinite(f) for f in value))
     if (not numbers or min(value) < 0 or abs(sum(value) - 1) > 1e-9 or value[0] <= 0
             or value[1] <= 0):
         raise ValueError(f"split_fractions must be three numbers [train, validation, test] "
@@ -232,6 +238,8 @@ def _check_split_fractions(value: Any) -> tuple[float, float, float]:
 def load_toml(path: str | Path) -> dict[str, Any]:
     """The table in a TOML file; FileNotFoundError or ValueError (naming the file) if unusable."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"config file {path} is a folder, not a file; give a TOML file")
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
     try:
@@ -241,10 +249,15 @@ def load_toml(path: str | Path) -> dict[str, Any]:
 
 
 def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """`base` updated by `overrides`; the `model` tables are merged key by key."""
+    """`base` updated by `overrides`; the `model` tables are merged key by key. A `model` that
+    is not a table raises ValueError."""
     merged = {**base, **overrides}
     if "model" in base or "model" in overrides:
-        merged["model"] = {**base.get("model", {}), **overrides.get("model", {})}
+        tables = (base.get("model", {}), overrides.get("model", {}))
+        for table in tables:
+            if not isinstance(table, dict):
+                raise ValueError(_MODEL_NOT_A_TABLE.format(type(table).__name__))
+        merged["model"] = {**tables[0], **tables[1]}
     return merged
 
 

@@ -15,9 +15,16 @@ NO_CUDA = "CUDA is not available on this machine"
 BAD_DEVICE = "device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got 'tpu'"
 UNWRITABLE = "/proc/qkv-no-such-folder"  # nobody, root included, can create files here
 
+NOT_UTF8 = "\udcff\udcfe"  # how Python hands over argv bytes 0xff 0xfe, which are not UTF-8
+
+
+def bad_device(name: str) -> str:
+    return f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got '{name}'"
+
+
 # (argv, exit code, words the error line holds). In argv, {tmp} is the test's folder; it holds
-# a text file "in.txt", a binary file "image.png", a file "blocker", "bad.toml" (not TOML) and
-# "unknown.toml" (an unknown key).
+# a text file "in.txt", a binary file "image.png", a file "blocker", "bad.toml" (not TOML),
+# "unknown.toml" (an unknown key) and "model.toml" (model = 3).
 CASES = [
     # train
     (["train", "--config", "{tmp}/missing.toml"], 1, "does not exist"),
@@ -32,6 +39,11 @@ CASES = [
     (["train", "--corpus", "{tmp}/nope", "--out-dir", "{tmp}/run"], 1, "does not exist"),
     (["train", "--out-dir", "{tmp}/blocker/run"], 1, "blocker/run"),
     (["train", "--bogus"], 2, "No such option: --bogus"),
+    (["train", "--config", "{tmp}"], 1, "is a folder, not a file"),
+    (["train", "--config", "{tmp}/model.toml"], 1, "model must be a table"),
+    (["train", "--set", "model=3"], 1, "model must be a table"),
+    (["train", "--set", "suffixes=5"], 1, "suffixes must be a list of strings"),
+    (["train", "--set", "progress=1"], 1, "progress must be true or false"),
     # eval
     (["eval", "--checkpoint", "{tmp}/nothing"], 1, "does not exist"),
     (["eval", "--checkpoint", "{tmp}"], 1, "holds no checkpoint"),
@@ -40,6 +52,8 @@ CASES = [
     (["eval", "--checkpoint", "{tmp}", "--device", "cuda"], 1, NO_CUDA),
     (["eval", "--checkpoint", "{tmp}", "--batch-size", "0"], 2, "--batch-size"),
     (["eval"], 2, "Missing option '--checkpoint'"),
+    *[(["eval", "--checkpoint", "{tmp}", "--device", name], 1, bad_device(name))
+      for name in ("xpu", "mps", "meta")],
     # generate
     (["generate", "--checkpoint", "{tmp}/nothing", "--prompt", "x"], 1, "does not exist"),
     (["generate", "--checkpoint", "{tmp}", "--prompt", ""], 1, "--prompt is empty"),
@@ -52,6 +66,13 @@ CASES = [
      "'--max-new-tokens': Input should be a valid integer"),
     (["generate", "--checkpoint", "{tmp}", "--prompt", "x", "--temperature", "0", "--top-k",
       "5"], 2, "--top-k"),
+    *[(["generate", "--checkpoint", "{tmp}", "--prompt", "x", "--device", name], 1,
+       bad_device(name)) for name in ("xpu", "mps", "meta")],
+    (["generate", "--checkpoint", "{tmp}", "--prompt", NOT_UTF8], 1, "--prompt is not UTF-8"),
+    (["generate", "--checkpoint", "{tmp}", "--prompt", "a" + NOT_UTF8, "--raw"], 1,
+     "--prompt is not UTF-8"),
+    *[(["generate", "--checkpoint", "{tmp}", "--prompt", "x", "--temperature", value], 2,
+       "must be a number >= 0 (not NaN or infinity)") for value in ("nan", "inf")],
     # embed
     (["embed", "{tmp}/missing.txt", "-o", "{tmp}/v.npy"], 1, "no such file"),
     (["embed", "{tmp}/image.png", "-o", "{tmp}/v.npy"], 1, "is not UTF-8 text"),
@@ -62,6 +83,10 @@ CASES = [
     (["embed", "{tmp}/in.txt", "-o", "{tmp}/v.npy", "--device", "tpu"], 1, BAD_DEVICE),
     (["embed", "{tmp}/in.txt", "-o", "{tmp}/v.npy", "--batch-size", "0"], 2, "--batch-size"),
     (["embed", "-o", "{tmp}/v.npy"], 2, "Missing argument 'FILE'"),
+    *[(["embed", "{tmp}/in.txt", "-o", "{tmp}/v.npy", "--device", name], 1, bad_device(name))
+      for name in ("xpu", "mps", "meta")],
+    (["embed", "{tmp}", "-o", "{tmp}/v.npy"], 1, "{tmp} is a folder; give a text file"),
+    (["embed", "{tmp}/in.txt", "-o", "{tmp}"], 2, "{tmp} is a folder; give a file name"),
     # bench
     (["bench", "--device", "tpu"], 1, BAD_DEVICE),
     (["bench", "--device", "cuda"], 1, NO_CUDA),
@@ -89,6 +114,7 @@ def folder(tmp_path):
     (tmp_path / "blocker").write_text("a file where a folder should be\n")
     (tmp_path / "bad.toml").write_text("max_steps = = 3\n")
     (tmp_path / "unknown.toml").write_text("learning_rate = 0.001\n")
+    (tmp_path / "model.toml").write_text("model = 3\n")
     return tmp_path
 
 
@@ -124,3 +150,20 @@ def test_bad_input_as_a_process(argv, code, words, folder):
     proc = subprocess.run([sys.executable, "-m", "qkv", *_argv(argv, folder)],
                           capture_output=True, text=True, timeout=120, env=env)
     _check(proc.returncode, proc.stdout, proc.stderr, code, words, folder)
+
+
+def test_a_full_disk_while_saving_the_tokenizer_is_one_error_line(folder, monkeypatch):
+    import qkv.data.tokenizer
+
+    def full(path, write):  # what the tokenizers library raises: a plain Exception
+        raise Exception("No space left on device (os error 28)")
+
+    monkeypatch.setattr(qkv.data.tokenizer, "atomic_write", full)
+    run = folder / "run"
+    result = runner.invoke(app, [
+        "train", "--max-bytes", "20000", "--tokenizer", "byte", "--seq-len", "16",
+        "--batch-size", "2", "--threads", "1", "--no-progress", "--max-steps", "1",
+        "--set", "model.d_model=16", "--set", "model.n_layers=1", "--set", "model.n_heads=2",
+        "--out-dir", str(run)])
+    _check(result.exit_code, result.stdout, result.stderr, 1,
+           f"{run / 'tokenizer.json'}: no space left on device", folder)

@@ -62,3 +62,35 @@ def test_device_accepts_a_cuda_index_and_names_bad_values():
     for bad in ("gpu", "cuda:", "cuda:x", 0):
         with pytest.raises(ValueError, match="device must be one of"):
             TrainConfig(device=bad)
+
+
+@pytest.mark.parametrize("values, words", [
+    ({"suffixes": 5}, "suffixes must be a list of strings"),
+    ({"suffixes": {".py": 1}}, "suffixes must be a list of strings"),
+    ({"model": 3}, "model must be a table"),
+    ({"model": [1]}, "model must be a table"),
+    ({"progress": 1}, "progress must be true or false"),
+    ({"activation_checkpointing": "yes"}, "activation_checkpointing must be true or false"),
+    ({"split_fractions": [float("nan"), 0.5, 0.5]}, "split_fractions must be three numbers"),
+])
+def test_a_value_of_the_wrong_type_is_a_value_error_naming_the_key(values, words):
+    with pytest.raises(ValueError, match=words):
+        TrainConfig.from_dict(values)
+
+
+@pytest.mark.parametrize("base, overrides", [({"model": 3}, {}), ({}, {"model": 3}),
+                                             ({"model": {"d_model": 8}}, {"model": "big"})])
+def test_merging_a_model_that_is_not_a_table_names_it(base, overrides):
+    with pytest.raises(ValueError, match=r"model must be a table .*--set model.KEY=VALUE"):
+        merge(base, overrides)
+
+
+def test_every_field_refuses_values_of_the_wrong_type_by_name():
+    import dataclasses
+
+    for field in dataclasses.fields(TrainConfig):
+        for value in (5, "x", [1], {"a": 1}, 1.5, [["a"]]):
+            try:
+                TrainConfig.from_dict({field.name: value})
+            except ValueError as e:
+                assert field.name in str(e)
