@@ -15,6 +15,7 @@ theirs cannot exist otherwise, and `qkv --help` must not pay for importing torch
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import sys
 import warnings
@@ -84,5 +85,6 @@ def _describe(e: Exception) -> str:
     """An OSError as `path: reason` (no errno); anything else as its message."""
     if isinstance(e, OSError) and e.strerror:
         where = f"{e.filename}: " if e.filename else ""
-        return f"{where}{e.strerror[0].lower()}{e.strerror[1:]}"
+        advice = "; free some space and run the command again" if e.errno == errno.ENOSPC else ""
+        return f"{where}{e.strerror[0].lower()}{e.strerror[1:]}{advice}"
     return str(e) or type(e).__name__

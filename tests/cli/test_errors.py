@@ -28,7 +28,8 @@ def _exit_code(error: BaseException, capsys) -> tuple[int, str, str]:
     (PermissionError(errno.EACCES, "Permission denied", "/ro/out.npy"),
      "error: /ro/out.npy: permission denied"),
     (OSError(errno.ENOSPC, "No space left on device", "runs/x/model.safetensors"),
-     "error: runs/x/model.safetensors: no space left on device"),
+     "error: runs/x/model.safetensors: no space left on device; free some space and run the "
+     "command again"),
 ])
 def test_user_mistakes_are_one_error_line(error, line, capsys):
     code, out, err = _exit_code(error, capsys)
