@@ -9,11 +9,12 @@ import typer
 
 
 def runs_command(
-    run_dir: Annotated[Path, typer.Argument(help="a run folder (the --out-dir of qkv train)")],
+    run_dir: Annotated[Path, typer.Argument(help="a run folder (the --out-dir of qkv train)",
+                                            metavar="RUN_DIR")],
     json_out: Annotated[bool, typer.Option("--json", help="print the rows as JSON")] = False,
 ) -> None:
     """List a run's checkpoints: step, path, validation metrics, and the one that --resume
-    and `qkv eval RUN_DIR` use."""
+    and `qkv eval --checkpoint RUN_DIR` use."""
     import json
 
     from rich.console import Console
@@ -68,7 +69,12 @@ _STATUS_WIDTH = 8  # "--resume", the longest word of a status
 
 
 def _number(value, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
+    """`value` formatted, or "-" when it is missing or not a number (a corrupt record)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return "-"
+    if spec.endswith("d") and not isinstance(value, int):
+        return "-"
+    return format(value, spec)
 
 
 def register(app: typer.Typer) -> None:

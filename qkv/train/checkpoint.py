@@ -236,11 +236,16 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu",
 
 
 def read_trainer_state(path: str | os.PathLike, *, strict: bool = True) -> dict[str, Any]:
-    """A checkpoint's trainer.json. A weights-only checkpoint, or one whose file cannot be read,
-    raises CheckpointError (it cannot resume training), or gives {} when not `strict`."""
+    """A checkpoint's trainer.json. A weights-only checkpoint, or one whose file cannot be read
+    or is not a JSON object, raises CheckpointError (it cannot resume training), or gives {}
+    when not `strict`."""
     path = Path(path)
     try:
-        return json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+        state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+        if isinstance(state, dict):
+            return state
+        problem = (f"checkpoint {path}: {STATE_FILE} holds a JSON {type(state).__name__}, "
+                   f"not an object")
     except FileNotFoundError:
         problem = f"checkpoint {path} holds weights only; it cannot resume training"
     except (OSError, ValueError) as e:
@@ -291,9 +296,13 @@ def describe_checkpoints(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
             problem = str(e)
         step = int(STEP_DIR.match(path.name).group(1))
         state = read_trainer_state(path, strict=False)
-        metrics = state.get("eval") or logged.get(step)
-        if metrics is not None:
+        metrics = state.get("eval")
+        if not isinstance(metrics, dict) or not metrics:
+            metrics = logged.get(step)
+        if isinstance(metrics, dict):
             metrics = {k: v for k, v in metrics.items() if k not in ("kind", "split", "step")}
+        else:
+            metrics = None
         rows.append({"step": step, "path": str(path), "usable": problem is None,
                      "problem": problem, "latest": False, "eval": metrics,
                      "tokens_seen": state.get("tokens_seen"),

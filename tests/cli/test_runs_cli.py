@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from qkv.cli.main import app
@@ -49,3 +50,28 @@ def test_a_file_is_not_a_run_folder(tmp_path):
     result = runner.invoke(app, ["runs", str(file)])
     assert result.exit_code == 1
     assert "is a file, not a run folder" in result.output
+
+
+CORRUPT_STATES = ['null', '"str"', '[1, 2]', '{"eval": 5}', '{"eval": [1]}',
+                  '{"eval": {"loss": "a"}, "tokens_seen": "many"}']
+
+
+@pytest.mark.parametrize("state", CORRUPT_STATES)
+def test_a_trainer_json_that_is_json_but_not_a_state_is_a_row_with_its_problem(tmp_path, state):
+    step = tmp_path / "checkpoints" / "step-00000040"
+    step.mkdir(parents=True)
+    (step / "trainer.json").write_text(state)
+    (tmp_path / "metrics.jsonl").write_text('{"kind": "eval", "step": 40, "loss": "a"}\n')
+    result = runner.invoke(app, ["runs", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "Traceback" not in result.output and "unusable" in result.output
+    row = [line for line in result.output.splitlines() if line.startswith("│ ")][0]
+    assert row.split("│")[3].strip() == "-"  # the loss, not a number
+    rows = json.loads(runner.invoke(app, ["runs", str(tmp_path), "--json"]).output)
+    assert [(r["step"], r["usable"]) for r in rows] == [(40, False)]
+
+
+def test_runs_help_names_the_eval_option_and_run_dir(tmp_path):
+    result = runner.invoke(app, ["runs", "--help"])
+    assert "qkv eval --checkpoint RUN_DIR" in " ".join(result.output.split())
+    assert "RUN_DIR" in result.output and "run_dir" not in result.output.replace("RUN_DIR", "")

@@ -201,3 +201,11 @@ def result_config(result):
     import json
 
     return json.loads((result.run_dir / "config.json").read_text())
+
+
+@pytest.mark.parametrize("state", ["null", '"str"', "[1, 2]", "3"])
+def test_read_trainer_state_refuses_json_that_is_not_an_object(tmp_path, state):
+    (tmp_path / "trainer.json").write_text(state)
+    with pytest.raises(CheckpointError, match="not an object"):
+        ckpt.read_trainer_state(tmp_path)
+    assert ckpt.read_trainer_state(tmp_path, strict=False) == {}
