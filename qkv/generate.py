@@ -178,7 +178,18 @@ def _pick(logits: torch.Tensor, cfg: GenerationConfig, generator) -> torch.Tenso
     """The next token (B,) from logits (B, V): argmax, or a sample after temperature/top-k/top-p."""
     if not cfg.do_sample:
         return logits.argmax(dim=-1)
-    logits = logits.float() / cfg.temperature
+    # float64 keeps tiny temperatures finite; a row that still overflows (+inf or NaN after
+    # scaling) is as sharp as a distribution gets, so it takes its argmax
+    scaled = logits.double() / cfg.temperature
+    overflow = (scaled == float("inf")).any(dim=-1) | scaled.isnan().any(dim=-1)
+    if bool(overflow.any()):
+        sampled = _sample(scaled.masked_fill(overflow[:, None], 0.0), cfg, generator)
+        return torch.where(overflow, logits.argmax(dim=-1), sampled)
+    return _sample(scaled, cfg, generator)
+
+
+def _sample(logits: torch.Tensor, cfg: GenerationConfig, generator) -> torch.Tensor:
+    """A token (B,) drawn from temperature-scaled logits (B, V) after top-k/top-p."""
     if cfg.top_k is not None and cfg.top_k < logits.shape[-1]:
         kth = logits.topk(cfg.top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

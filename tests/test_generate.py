@@ -264,3 +264,12 @@ def test_complete_warns_when_max_new_tokens_is_capped():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         complete(model, tokenizer, "abcdef", max_new_tokens=10, stop_at_eos=False)
+
+
+@pytest.mark.parametrize("temperature", [1e-40, 1e-320])
+def test_a_tiny_temperature_samples_like_greedy(lm, temperature):
+    idx, mask = _prompt()
+    greedy = generate(lm, idx, attention_mask=mask, max_new_tokens=5)
+    sampled = generate(lm, idx, attention_mask=mask, max_new_tokens=5, do_sample=True,
+                       temperature=temperature, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(sampled, greedy)
