@@ -65,6 +65,7 @@ class Trainer:
             torch.set_num_threads(config.threads)
         self.run_dir = Path(config.out_dir)
         self.metrics = MetricsLog(self.run_dir, enabled=dist.is_main)
+        self._replace_old_run = False
 
     def say(self, message: str) -> None:
         """Tell the user (rank 0 only) through the console."""
@@ -104,11 +105,19 @@ class Trainer:
             raise FileExistsError(f"{self.run_dir} already holds checkpoints; resume the run "
                                   f"(--resume), or start over (--overwrite), or pick another "
                                   f"out_dir")
+        self._replace_old_run = True  # removed once the new run's data and model are built
+        return None
+
+    def _remove_old_run(self) -> None:
+        """Delete the run this one replaces (--overwrite or a fresh start), only now that the
+        new run's data, tokenizer and model exist: a failure or Ctrl-C before leaves it intact."""
+        if not self._replace_old_run:
+            return
         distributed.barrier(self.dist)  # every rank has looked before rank 0 deletes
         if self.dist.is_main:
             shutil.rmtree(ckpt.checkpoints_dir(self.run_dir), ignore_errors=True)
             self.metrics.reset()
-        return None
+        self._replace_old_run = False
 
     def _data(self, data: TrainData | None, resume_from: Path | None) -> TrainData:
         if data is not None:
@@ -142,6 +151,9 @@ class Trainer:
             if e.args:  # the step loop's message already says where the run stands
                 raise
             latest = ckpt.list_checkpoints(self.run_dir)
+            if self._replace_old_run and latest:
+                raise KeyboardInterrupt(f"interrupted before the new run began; the run in "
+                                        f"{self.run_dir} is unchanged") from None
             raise KeyboardInterrupt(interrupted_message(
                 "interrupted", self.run_dir, latest[-1] if latest else None)) from None
 
@@ -161,6 +173,7 @@ class Trainer:
             model.set_activation_checkpointing(True)
         optimizer = make_optimizer(model, c)
         scaler = torch.amp.GradScaler("cuda", enabled=c.precision == "fp16")
+        self._remove_old_run()
         stream = BatchStream(data.windows("train", c.seq_len), c.batch_size,
                              rank=self.dist.rank, world_size=self.dist.world_size, seed=c.seed)
         seed_everything(c.seed + self.dist.rank)

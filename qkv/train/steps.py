@@ -4,6 +4,7 @@ progress bar, and Ctrl-C, which ends the run at a step boundary with a checkpoin
 from __future__ import annotations
 
 import math
+import shlex
 import signal
 import threading
 import time
@@ -50,7 +51,7 @@ class TrainResult:
 def interrupted_message(where: str, run_dir: Path, checkpoint: Path | None) -> str:
     """What a Ctrl-C message says after `where`: the run's last checkpoint (or that there is
     none yet) and the command that continues it."""
-    how = f"qkv train --out-dir {run_dir} --resume"
+    how = f"qkv train --out-dir {shlex.quote(str(run_dir))} --resume"
     if checkpoint is not None:
         return f"{where}; the last checkpoint is {checkpoint}; continue with: {how}"
     return f"{where}; no checkpoint exists yet, so {how} starts the run from scratch"

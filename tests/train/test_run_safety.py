@@ -250,3 +250,31 @@ def test_atomic_writes_follow_the_umask_whatever_the_writer_does(tmp_path):
         os.umask(old)
     for name in ("weights.bin", "report.json"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o640, name
+
+
+@pytest.mark.parametrize("failure", [FileNotFoundError("corpus /nonexistent not found"),
+                                     KeyboardInterrupt()])
+def test_overwrite_keeps_the_old_run_until_the_new_one_is_built(tmp_path, tiny_data,
+                                                                monkeypatch, failure):
+    run = tmp_path / "ow"
+    _run(run, tiny_data, max_steps=3, checkpoint_interval=3)
+    checkpoints, log = list_checkpoints(run), (run / "metrics.jsonl").read_bytes()
+    assert checkpoints
+
+    def fail(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr("qkv.train.loop.prepare_data", fail)
+    with pytest.raises(type(failure)) as caught:
+        train(tiny_config(run, max_steps=3), overwrite=True)
+    assert list_checkpoints(run) == checkpoints
+    assert all(path.is_dir() for path in checkpoints)
+    assert (run / "metrics.jsonl").read_bytes() == log
+    if isinstance(failure, KeyboardInterrupt):
+        assert "unchanged" in str(caught.value)
+
+
+def test_interrupted_message_quotes_the_run_folder(tmp_path):
+    from qkv.train.steps import interrupted_message
+    message = interrupted_message("interrupted", tmp_path / "sp ace", None)
+    assert f"qkv train --out-dir '{tmp_path / 'sp ace'}' --resume" in message
