@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -11,7 +12,7 @@ from typing import Annotated
 import typer
 
 from qkv.cli._errors import fail
-from qkv.cli._files import check_writable_file
+from qkv.cli._files import check_writable_file, is_dir
 
 FORMATS = (".npy", ".safetensors", ".jsonl")
 
@@ -65,6 +66,19 @@ def write_failure(out: Path, e: OSError) -> str:
     return f"cannot write {out}: {e.strerror}" if e.strerror else str(e)
 
 
+def check_not_the_input(source: str, out: Path) -> None:
+    """Refuse an output that is the input file itself (also through a symlink or hard link):
+    writing it would replace the text with its vectors."""
+    if source == "-" or not out.exists():
+        return
+    try:
+        same = os.path.samefile(source, out)
+    except OSError:
+        return
+    if same:
+        raise ValueError(f"-o {out} is the input file {source}; give another output file")
+
+
 def too_long_message(e, source: str) -> str:
     """The CLI's words for qkv.interop.minilm.TextTooLongError: lines count from 1."""
     name = "stdin" if source == "-" else source
@@ -90,7 +104,7 @@ def embed(
 
     from qkv.cli._errors import user_errors
 
-    if out.is_dir():
+    if is_dir(out):
         raise typer.BadParameter(f"{out} is a folder; give a file name, such as "
                                  f"{out / 'vectors.npy'}", param_hint="--out")
     if out.suffix.lower() not in FORMATS:
@@ -102,6 +116,7 @@ def embed(
         if source != "-" and not Path(source).is_file():
             raise FileNotFoundError(f"no such file: {source}")
         check_writable_file(out)
+        check_not_the_input(source, out)
         from qkv.device import resolve_device
         from qkv.interop.minilm import TextTooLongError
         from qkv.interop.minilm import embed as embed_texts

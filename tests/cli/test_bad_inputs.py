@@ -24,7 +24,8 @@ def bad_device(name: str) -> str:
 
 # (argv, exit code, words the error line holds). In argv, {tmp} is the test's folder; it holds
 # a text file "in.txt", a binary file "image.png", a file "blocker", "bad.toml" (not TOML),
-# "unknown.toml" (an unknown key) and "model.toml" (model = 3).
+# "unknown.toml" (an unknown key), "model.toml" (model = 3), "notes.jsonl" with a symlink
+# "notes-link.jsonl" to it, and broken symlinks "dangling" (to a missing path) and "loop".
 CASES = [
     # train
     (["train", "--config", "{tmp}/missing.toml"], 1, "does not exist"),
@@ -87,6 +88,15 @@ CASES = [
       for name in ("xpu", "mps", "meta")],
     (["embed", "{tmp}", "-o", "{tmp}/v.npy"], 1, "{tmp} is a folder; give a text file"),
     (["embed", "{tmp}/in.txt", "-o", "{tmp}"], 2, "{tmp} is a folder; give a file name"),
+    (["embed", "{tmp}/in.txt", "-o", "{tmp}/" + "a" * 300 + ".npy"], 1,
+     "the file name is too long"),
+    (["embed", "{tmp}/notes.jsonl", "-o", "{tmp}/notes.jsonl"], 1,
+     "-o {tmp}/notes.jsonl is the input file"),
+    (["embed", "{tmp}/notes.jsonl", "-o", "{tmp}/notes-link.jsonl"], 1, "is the input file"),
+    (["embed", "{tmp}/in.txt", "-o", "{tmp}/dangling/v.npy"], 1,
+     "{tmp}/dangling is a broken symlink (it points to"),
+    (["embed", "{tmp}/in.txt", "-o", "{tmp}/loop/v.npy"], 1,
+     "{tmp}/loop is a broken symlink (it loops"),
     # bench
     (["bench", "--device", "tpu"], 1, BAD_DEVICE),
     (["bench", "--device", "cuda"], 1, NO_CUDA),
@@ -95,6 +105,8 @@ CASES = [
     (["bench", "--device", "cpu", "--reps", "0"], 2, "--reps"),
     (["bench", "--device", "cpu", "--out", "{tmp}/blocker"], 1, "is not a folder"),
     (["bench", "--device", "cpu", "--out", UNWRITABLE], 1, "cannot write"),
+    (["bench", "--device", "cpu", "--out", "{tmp}/dangling"], 1,
+     "{tmp}/dangling is a broken symlink"),
     # demo
     (["demo", "--max-new-tokens", "0"], 2, "--max-new-tokens"),
     (["demo", "--quick", "--out", "{tmp}/blocker/run"], 1, "blocker/run"),
@@ -115,6 +127,10 @@ def folder(tmp_path):
     (tmp_path / "bad.toml").write_text("max_steps = = 3\n")
     (tmp_path / "unknown.toml").write_text("learning_rate = 0.001\n")
     (tmp_path / "model.toml").write_text("model = 3\n")
+    (tmp_path / "notes.jsonl").write_text('{"text": "a note"}\n')
+    (tmp_path / "notes-link.jsonl").symlink_to(tmp_path / "notes.jsonl")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
     return tmp_path
 
 
