@@ -18,7 +18,9 @@ from qkv.train.checkpoint import CheckpointError, list_checkpoints, load_model, 
 from qkv.train.config import TrainConfig
 from qkv.train.data import build_tokenizer, load_corpus, prepare_data
 from qkv.train.evaluate import evaluate
+from qkv.train.layout import STEP_DIR
 from qkv.train.loop import train
+from qkv.train.metrics import METRICS_FILE, read_records
 from qkv.train.resume import RUN_DEFINING, setting_changes
 from qkv.train.runfolder import RunLock, check_writable, discard
 
@@ -73,16 +75,23 @@ def demo_config(*, quick: bool = False, out_dir: str = "runs/demo",
 
 
 def is_demo_run(out_dir: str | Path) -> bool:
-    """Whether the run in `out_dir` is a demo's: its saved settings that define a run (corpus,
-    tokenizer, model, data order, ...) are those of DEMO or QUICK."""
+    """Whether the run in `out_dir` is exactly what a demo makes: its saved settings that define
+    a run (corpus, tokenizer, model, data order, ...) are those of DEMO or QUICK, its newest
+    checkpoint is no further than that demo's max_steps, and it was never resumed (a run the
+    user trained further is theirs, not the demo's to replace)."""
     try:
         saved = read_run_config(out_dir)
+        steps = [int(STEP_DIR.match(path.name).group(1)) for path in list_checkpoints(out_dir)]
+        records = read_records(Path(out_dir) / METRICS_FILE)
     except (OSError, ValueError, CheckpointError):
         return False
+    if any(record.get("kind") == "resume" for record in records):
+        return False
     for quick in (False, True):
-        changes = setting_changes(saved, demo_config(quick=quick, out_dir=str(out_dir)))
+        config = demo_config(quick=quick, out_dir=str(out_dir))
+        changes = setting_changes(saved, config)
         if not any(key.split(".")[0] in RUN_DEFINING for key in changes):
-            return True
+            return max(steps, default=0) <= config.max_steps
     return False
 
 

@@ -105,3 +105,26 @@ def test_demo_refuses_a_training_runs_folder_but_not_its_own(tmp_path, quick_run
     assert result.stderr == (f"error: {run} holds a training run's checkpoints; pick another "
                              f"--out, or pass --overwrite to replace that run\n")
     assert first.checkpoint.is_dir()
+
+
+@pytest.mark.parametrize("further", ["resumed", "past_max_steps"])
+def test_demo_refuses_its_own_run_once_trained_further(tmp_path, quick_run, further):
+    import shutil
+
+    from qkv.train import list_checkpoints
+
+    out = tmp_path / "dm"
+    shutil.copytree(quick_run[0], out)
+    newest = list_checkpoints(out)[-1]
+    if further == "resumed":  # `qkv train --out-dir dm --resume` with changed settings
+        with (out / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps({"kind": "resume", "step": 150,
+                                "changed": {"max_steps": [150, 300]}}) + "\n")
+    else:  # its newest checkpoint is past the demo's own max_steps
+        newest = newest.rename(newest.with_name("step-00000300"))
+    log = (out / "metrics.jsonl").read_bytes()
+    result = runner.invoke(app, ["demo", "--quick", "--out", str(out)])
+    assert result.exit_code == 1 and result.stdout == ""
+    assert result.stderr == (f"error: {out} holds a training run's checkpoints; pick another "
+                             f"--out, or pass --overwrite to replace that run\n")
+    assert list_checkpoints(out) == [newest] and (out / "metrics.jsonl").read_bytes() == log
