@@ -127,6 +127,39 @@ def reference_fits(case: CpuCase, budget_bytes: float) -> bool:
     return score_matrix_bytes(case) * copies < budget_bytes
 
 
+def tensors_bytes(case: CpuCase) -> int:
+    """Bytes of the tensors every backend holds: q, k, v, the output gradient and the output,
+    and for fwd_bwd also dq, dk, dv."""
+    one = case.batch * case.heads * case.n * case.head_dim * 4
+    return one * (5 if case.mode == "fwd" else 8)
+
+
+def machine_memory_bytes() -> int:
+    """The memory this machine has available now (MemAvailable), else its physical memory."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):
+        return 2**63
+
+
+def skip_reason(case: CpuCase, memory_budget: float, machine_bytes: float) -> str | None:
+    """Why `case` cannot run here (its tensors exceed the machine's memory, or the reference's
+    n x n matrices exceed `memory_budget`), else None."""
+    if tensors_bytes(case) >= machine_bytes:
+        return (f"needs > {_fmt_bytes(tensors_bytes(case))} for q, k, v and outputs "
+                f"({_fmt_bytes(machine_bytes)} available)")
+    if case.backend == "reference" and not reference_fits(case, memory_budget):
+        return f"needs > {_fmt_bytes(score_matrix_bytes(case))} per n x n matrix"
+    return None
+
+
 def measure_time(case: CpuCase) -> dict:
     """Run one case in this process; its row without the memory columns."""
     row = measure_in_process(case)
@@ -136,16 +169,17 @@ def measure_time(case: CpuCase) -> dict:
 
 def sweep(ns=CPU_SEQLENS, modes=("fwd", "fwd_bwd"), causals=(False, True), backends=BACKENDS,
           reps: int = CPU_REPS, memory: bool = True, memory_budget: float = 12e9, progress=None):
-    """Every (n, mode, causal, backend) case; rows skipped for memory say so in 'skipped'.
+    """Every (n, mode, causal, backend) case; rows skipped for memory say so in 'skipped' (a
+    case whose tensors exceed the machine's memory, or a reference case over `memory_budget`).
     With `memory`, each case runs in its own process (`measure`), else all run here."""
     rows = []
     cases = [CpuCase(n=n, causal=c, mode=m, backend=b, reps=reps)
              for n in ns for m in modes for c in causals for b in backends]
+    machine_bytes = machine_memory_bytes()
     with fresh_processes() if memory else contextlib.nullcontext() as processes:
         for case in cases:
-            if case.backend == "reference" and not reference_fits(case, memory_budget):
-                need = score_matrix_bytes(case) / 1e9
-                rows.append({**asdict(case), "skipped": f"needs > {need:.1f} GB per n x n matrix"})
+            if (reason := skip_reason(case, memory_budget, machine_bytes)) is not None:
+                rows.append({**asdict(case), "skipped": reason})
             else:
                 rows.append(measure(case, processes) if memory else measure_time(case))
             if progress is not None:
@@ -180,7 +214,10 @@ def _fmt_bytes(b: float) -> str:
         return f"{b / 1e3:.0f} kB"
     if b < 1e9:
         return f"{b / 1e6:.1f} MB"
-    return f"{b / 1e9:.2f} GB"
+    for unit, size in (("GB", 1e9), ("TB", 1e12), ("PB", 1e15)):
+        if b < size * 1e3:
+            return f"{b / size:.2f} {unit}"
+    return f"{b / 1e18:,.0f} EB"
 
 
 def markdown_table(rows: list[dict]) -> str:

@@ -102,3 +102,15 @@ def test_gpu_script_is_the_cuda_bench_command():
     assert result.stderr.strip().splitlines() == [
         "error: device 'cuda' was asked for, but CUDA is not available on this machine; "
         "use --device cpu (or auto)"]
+
+
+@pytest.mark.parametrize("memory", ["--memory", "--no-memory"])
+def test_a_size_beyond_the_machine_is_a_skipped_row(memory):
+    result = CliRunner().invoke(app, ["bench", "--device", "cpu", "--n", "50000000", "--reps",
+                                      "1", "--backend", "sdpa", "--backend", "chunked",
+                                      "--backend", "reference", memory])
+    assert result.exit_code == 0, result.output
+    assert "Traceback" not in result.output
+    rows = [line for line in result.output.splitlines() if "| 50000000 |" in line]
+    assert len(rows) == 12 and all("skipped: needs > " in line for line in rows)
+    assert "e+" not in result.output and "320000000.0" not in result.output
