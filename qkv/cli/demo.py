@@ -33,13 +33,27 @@ def next_steps(out: str, qkv: str = "qkv") -> str:
     ])
 
 
+def check_prompt(prompt: str) -> None:
+    """Refuse (error line, exit 1) a --prompt whose bytes are not UTF-8 text: such bytes reach
+    argv as lone surrogates, which no tokenizer takes."""
+    from qkv.cli._errors import fail
+
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError:
+        raise fail("--prompt is not UTF-8 text: give the prompt as UTF-8 (check the "
+                   "terminal's or the shell's encoding)") from None
+
+
 def demo(
     quick: Annotated[bool, typer.Option(help="a tiny run of a few seconds (for tests)")] = False,
     out: Annotated[str, typer.Option(help="run folder for the checkpoint and report")]
         = "runs/demo",
     prompt: Annotated[str, typer.Option(help="code to complete; \\n is read as a newline")]
         = "def fibonacci(n):\\n",
-    max_new_tokens: Annotated[int, typer.Option(min=1, help="tokens to generate")] = 80,
+    max_new_tokens: Annotated[int | None, typer.Option(
+        min=1, show_default=False,
+        help="tokens to generate [default: 80, or what the model's max_len leaves]")] = None,
     overwrite: Annotated[bool, typer.Option(
         help="replace a training run in --out (an earlier demo's run is replaced anyway)")]
         = False,
@@ -49,8 +63,11 @@ def demo(
     It builds the stdlib corpus, trains a BPE tokenizer and a small DecoderLM, compares its bits
     per byte with a byte bigram on held-out files, saves it, and streams a completion.
     """
-    from qkv.cli._errors import user_errors
+    from qkv.cli._errors import fail, user_errors
 
+    if not out:
+        raise fail("--out is empty: give the folder for the demo's run")
+    check_prompt(prompt)
     with user_errors():
         from qkv.train.demo import run_demo
 

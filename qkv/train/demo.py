@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from qkv.train.resume import RUN_DEFINING, setting_changes
 from qkv.train.runfolder import RunLock, check_writable, discard
 
 DEFAULT_PROMPT = "def fibonacci(n):\n"
+DEFAULT_NEW_TOKENS = 80  # silently fewer where the model's max_len leaves fewer
 REPORT = "demo.json"
 
 # Sized to finish in about 4 minutes on 2 CPU cores, with a time limit on training as a guard for
@@ -107,14 +109,16 @@ def check_out_dir(out_dir: str | Path, overwrite: bool) -> None:
 
 
 def run_demo(*, quick: bool = False, out_dir: str = "runs/demo", prompt: str = DEFAULT_PROMPT,
-             max_new_tokens: int = 80, console: Console | None = None, overwrite: bool = False,
-             **overrides: Any) -> dict[str, Any]:
+             max_new_tokens: int | None = None, console: Console | None = None,
+             overwrite: bool = False, **overrides: Any) -> dict[str, Any]:
     """Run the demo, print what happens, write OUT/demo.json, and return the report.
 
     An out_dir that cannot be written, is in use, or holds checkpoints of a run other than an
     earlier demo (unless `overwrite`) is refused before any work (PermissionError, OSError,
     FileExistsError naming the folder and `--out`). A demo that fails before its first
     checkpoint leaves no folder it made. The report is written atomically (qkv.io).
+    max_new_tokens: None for the demo's own DEFAULT_NEW_TOKENS, quietly capped to what the
+    model's max_len leaves; a number given here that runs past it is capped with a UserWarning.
     """
     created = False
     try:
@@ -132,8 +136,8 @@ def run_demo(*, quick: bool = False, out_dir: str = "runs/demo", prompt: str = D
         raise
 
 
-def _run_demo(quick: bool, out_dir: str, prompt: str, max_new_tokens: int, console: Console,
-              overrides: dict[str, Any]) -> dict[str, Any]:
+def _run_demo(quick: bool, out_dir: str, prompt: str, max_new_tokens: int | None,
+              console: Console, overrides: dict[str, Any]) -> dict[str, Any]:
     start = time.perf_counter()
     if "threads" not in overrides:
         overrides["threads"] = fastest_thread_count()
@@ -181,9 +185,14 @@ def _run_demo(quick: bool, out_dir: str, prompt: str, max_new_tokens: int, conso
 
     console.rule(f"completion of {prompt!r}")
     console.print(prompt, end="", highlight=False, markup=False)
-    text = complete(model, tokenizer, prompt, max_new_tokens=max_new_tokens, temperature=0.8,
-                    top_k=40, on_text=lambda piece: console.print(piece, end="", highlight=False,
-                                                        markup=False))
+    with warnings.catch_warnings():
+        if max_new_tokens is None:  # the demo's own length: capped to the model without a word
+            warnings.filterwarnings("ignore", message=r"max_new_tokens=\d+ is capped",
+                                    category=UserWarning)
+        text = complete(model, tokenizer, prompt,
+                        max_new_tokens=max_new_tokens or DEFAULT_NEW_TOKENS, temperature=0.8,
+                        top_k=40, on_text=lambda piece: console.print(
+                            piece, end="", highlight=False, markup=False))
     console.print()
     console.rule()
     report = {

@@ -14,13 +14,13 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "run"
-    result = runner.invoke(app, ["demo", "--quick", "--out", str(out), "--max-new-tokens", "12"])
+    result = runner.invoke(app, ["demo", "--quick", "--out", str(out)])
     assert result.exit_code == 0, result.output
-    return out, result.output
+    return out, result.output, result.stderr
 
 
 def test_demo_quick(quick_run):
-    out, output = quick_run
+    out, output, _ = quick_run
     report = json.loads((out / "demo.json").read_text())
     assert "bits per byte" in output and "byte bigram" in output
     assert f"{report['bigram_test_bpb']:.3f}" in output and f"{report['test_bpb']:.3f}" in output
@@ -56,7 +56,7 @@ def test_next_steps_use_a_command_the_shell_can_reach(monkeypatch, tmp_path):
 
 
 def test_generate_streams_from_the_quick_checkpoint(quick_run):
-    out, _ = quick_run
+    out, *_ = quick_run
     args = ["generate", "--checkpoint", str(out), "--prompt", "def add(a, b):\\n",
             "--max-new-tokens", "10", "--temperature", "0"]
     result = runner.invoke(app, args)
@@ -73,7 +73,7 @@ def test_generate_streams_from_the_quick_checkpoint(quick_run):
 
 
 def test_eval_on_the_quick_checkpoint(quick_run):
-    out, _ = quick_run
+    out, *_ = quick_run
     result = runner.invoke(app, ["eval", "--checkpoint", str(out), "--split", "validation",
                                  "--json"])
     assert result.exit_code == 0, result.output
@@ -82,7 +82,7 @@ def test_eval_on_the_quick_checkpoint(quick_run):
 
 
 def test_generate_errors(tmp_path, quick_run):
-    out, _ = quick_run
+    out, *_ = quick_run
     missing = runner.invoke(app, ["generate", "--checkpoint", str(tmp_path / "nothing"),
                                   "--prompt", "x"])
     assert missing.exit_code == 1 and "does not exist" in missing.output
@@ -95,7 +95,7 @@ def test_demo_refuses_a_training_runs_folder_but_not_its_own(tmp_path, quick_run
     from qkv.train.demo import check_out_dir, is_demo_run
     from tests.train.conftest import tiny_config
 
-    out, _ = quick_run
+    out, *_ = quick_run
     assert is_demo_run(out)
     check_out_dir(out, overwrite=False)  # `make demo` again on its own runs/demo
     run = tmp_path / "r"
@@ -128,3 +128,36 @@ def test_demo_refuses_its_own_run_once_trained_further(tmp_path, quick_run, furt
     assert result.stderr == (f"error: {out} holds a training run's checkpoints; pick another "
                              f"--out, or pass --overwrite to replace that run\n")
     assert list_checkpoints(out) == [newest] and (out / "metrics.jsonl").read_bytes() == log
+
+
+def test_demo_caps_its_own_completion_length_without_a_warning(quick_run):
+    out, _, stderr = quick_run
+    report = json.loads((out / "demo.json").read_text())
+    assert "capped" not in stderr and report["completion"]
+
+
+@pytest.mark.slow
+def test_demo_warns_when_an_explicit_max_new_tokens_is_capped(tmp_path):
+    result = runner.invoke(app, ["demo", "--quick", "--out", str(tmp_path / "d"),
+                                 "--max-new-tokens", "500"])
+    assert result.exit_code == 0, result.output
+    assert "max_new_tokens=500 is capped at" in result.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--prompt", "def \udcff"], "error: --prompt is not UTF-8 text: give the prompt as UTF-8 "
+                                  "(check the terminal's or the shell's encoding)\n"),
+    (["--out", ""], "error: --out is empty: give the folder for the demo's run\n"),
+])
+def test_demo_refuses_a_bad_prompt_or_out_before_any_work(tmp_path, monkeypatch, args, message):
+    import qkv.train.demo as demo
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("work started before the arguments were checked")
+
+    monkeypatch.setattr(demo, "run_demo", no_work)
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["demo", "--quick", "--out", str(tmp_path / "d"), *args])
+    assert result.exit_code == 1 and result.stdout == ""
+    assert result.stderr == message
+    assert list(tmp_path.iterdir()) == []
