@@ -350,6 +350,8 @@ def complete(model: DecoderLM, tokenizer: Tokenizer, prompt: str, *, max_new_tok
     max_len // 2 tokens, and a max_new_tokens that would run past max_len is capped, with a
     UserWarning. Raises ValueError for an empty prompt.
     """
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= 2**63 - 1:
+        raise ValueError(f"seed must be an int in [0, 2**63-1], got {seed!r}")
     ids = tokenizer.encode(prompt)
     if not ids:
         raise ValueError("the prompt is empty")

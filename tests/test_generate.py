@@ -273,3 +273,12 @@ def test_a_tiny_temperature_samples_like_greedy(lm, temperature):
     sampled = generate(lm, idx, attention_mask=mask, max_new_tokens=5, do_sample=True,
                        temperature=temperature, generator=torch.Generator().manual_seed(0))
     assert torch.equal(sampled, greedy)
+
+
+@pytest.mark.parametrize("seed", [-1, 2**63, 99999999999999999999999, 1.5])
+def test_complete_refuses_a_seed_a_generator_cannot_take(seed):
+    from qkv.generate import complete
+
+    model, tokenizer = _byte_lm(positions="learned", max_len=16)
+    with pytest.raises(ValueError, match=r"seed must be an int in \[0, 2\*\*63-1\]"):
+        complete(model, tokenizer, "abc", max_new_tokens=2, seed=seed)

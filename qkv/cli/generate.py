@@ -53,7 +53,7 @@ def generate(
     top_p: Annotated[float | None, typer.Option(
         callback=_check_top_p, show_default="off",
         help="sample within this probability mass (nucleus), 0 < p <= 1")] = None,
-    seed: Annotated[int, typer.Option(help="seed of the sampler")] = 0,
+    seed: Annotated[int, typer.Option(min=0, max=2**63 - 1, help="seed of the sampler")] = 0,
     cache: Annotated[str, typer.Option(
         help="KV cache: dynamic, static or none (recompute every step)")] = "dynamic",
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto")] = "cpu",

@@ -21,6 +21,7 @@ from qkv.nn.config import check_choice, check_float, check_int, from_dict
 PRECISIONS = ("fp32", "bf16", "fp16")
 TOKENIZERS = ("bpe", "byte")
 DEVICES = ("auto", "cpu", "cuda")
+MAX_SEED = 2**63 - 1  # what a 64-bit signed int holds (TOML, torch generators)
 
 _MODEL_NOT_A_TABLE = ("model must be a table of TransformerConfig fields (a [model] table in "
                       "the TOML file, or --set model.KEY=VALUE), got {}")
@@ -113,6 +114,8 @@ class TrainConfig:
         check_int("eval_batches", self.eval_batches, optional=True)
         check_int("warmup_steps", self.warmup_steps, minimum=0)
         check_int("seed", self.seed, minimum=0)
+        if self.seed > MAX_SEED:
+            raise ValueError(f"seed must be an int in [0, 2**63-1], got {self.seed!r}")
         check_int("threads", self.threads, optional=True)
         check_float("lr", self.lr, low=0.0, low_open=True)
         check_float("min_lr", self.min_lr, low=0.0, high=self.lr, high_open=False)

@@ -45,6 +45,8 @@ CASES = [
     (["train", "--set", "model=3"], 1, "model must be a table"),
     (["train", "--set", "suffixes=5"], 1, "suffixes must be a list of strings"),
     (["train", "--set", "progress=1"], 1, "progress must be true or false"),
+    (["train", "--seed", "99999999999999999999999", "--out-dir", "{tmp}/run"], 1,
+     "seed must be an int in [0, 2**63-1]"),
     # eval
     (["eval", "--checkpoint", "{tmp}/nothing"], 1, "does not exist"),
     (["eval", "--checkpoint", "{tmp}"], 1, "holds no checkpoint"),
@@ -69,6 +71,9 @@ CASES = [
       "5"], 2, "--top-k"),
     *[(["generate", "--checkpoint", "{tmp}", "--prompt", "x", "--device", name], 1,
        bad_device(name)) for name in ("xpu", "mps", "meta")],
+    (["generate", "--checkpoint", "{tmp}", "--prompt", "x", "--seed",
+      "99999999999999999999999"], 2, "--seed"),
+    (["generate", "--checkpoint", "{tmp}", "--prompt", "x", "--seed", "-1"], 2, "--seed"),
     (["generate", "--checkpoint", "{tmp}", "--prompt", NOT_UTF8], 1, "--prompt is not UTF-8"),
     (["generate", "--checkpoint", "{tmp}", "--prompt", "a" + NOT_UTF8, "--raw"], 1,
      "--prompt is not UTF-8"),

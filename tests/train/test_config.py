@@ -20,6 +20,7 @@ def test_unknown_model_key_is_named():
     ({"precision": "fp8"}, "precision"), ({"batch_size": 0}, "batch_size"),
     ({"lr": -1.0}, "lr"), ({"min_lr": 1.0, "lr": 0.1}, "min_lr"),
     ({"model": {"vocab_size": 10}}, "vocab_size"), ({"tokenizer": "word"}, "tokenizer"),
+    ({"seed": 2**63}, r"seed must be an int in \[0, 2\*\*63-1\]"), ({"seed": -1}, "seed"),
 ])
 def test_bad_values_are_rejected_by_name(values, field):
     with pytest.raises(ValueError, match=field):
