@@ -88,3 +88,13 @@ def _describe(e: Exception) -> str:
         advice = "; free some space and run the command again" if e.errno == errno.ENOSPC else ""
         return f"{where}{e.strerror[0].lower()}{e.strerror[1:]}{advice}"
     return str(e) or type(e).__name__
+
+
+def check_prompt(prompt: str) -> None:
+    """Refuse (error line, exit 1) a --prompt whose bytes are not UTF-8 text: such bytes reach
+    argv as lone surrogates, which no tokenizer takes."""
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError:
+        raise fail("--prompt is not UTF-8 text: give the prompt as UTF-8 (check the "
+                   "terminal's or the shell's encoding)") from None

@@ -33,18 +33,6 @@ def next_steps(out: str, qkv: str = "qkv") -> str:
     ])
 
 
-def check_prompt(prompt: str) -> None:
-    """Refuse (error line, exit 1) a --prompt whose bytes are not UTF-8 text: such bytes reach
-    argv as lone surrogates, which no tokenizer takes."""
-    from qkv.cli._errors import fail
-
-    try:
-        prompt.encode("utf-8")
-    except UnicodeEncodeError:
-        raise fail("--prompt is not UTF-8 text: give the prompt as UTF-8 (check the "
-                   "terminal's or the shell's encoding)") from None
-
-
 def demo(
     quick: Annotated[bool, typer.Option(help="a tiny run of a few seconds (for tests)")] = False,
     out: Annotated[str, typer.Option(help="run folder for the checkpoint and report")]
@@ -63,7 +51,7 @@ def demo(
     It builds the stdlib corpus, trains a BPE tokenizer and a small DecoderLM, compares its bits
     per byte with a byte bigram on held-out files, saves it, and streams a completion.
     """
-    from qkv.cli._errors import fail, user_errors
+    from qkv.cli._errors import check_prompt, fail, user_errors
 
     if not out:
         raise fail("--out is empty: give the folder for the demo's run")

@@ -64,7 +64,7 @@ def generate(
     It samples at temperature 0.8 among the 40 likeliest tokens by default; --temperature 0
     decodes greedily.
     """
-    from qkv.cli._errors import fail, user_errors, warn
+    from qkv.cli._errors import check_prompt, fail, user_errors, warn
 
     if cache not in CACHES:
         raise typer.BadParameter(f"must be dynamic, static or none, got {cache!r}",
@@ -74,11 +74,7 @@ def generate(
         prompt = prompt.replace("\\n", "\n").replace("\\t", "\t")
     if not prompt:
         raise fail("--prompt is empty: give the text to complete")
-    try:
-        prompt.encode("utf-8")
-    except UnicodeEncodeError:  # bytes that are not UTF-8 reach argv as lone surrogates
-        raise fail("--prompt is not UTF-8 text: give the prompt as UTF-8 (check the "
-                   "terminal's or the shell's encoding)") from None
+    check_prompt(prompt)
 
     def show(piece: str) -> None:
         sys.stdout.write(piece)
