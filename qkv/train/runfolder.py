@@ -34,6 +34,9 @@ def check_writable(run_dir: str | os.PathLike) -> bool:
     run_dir = Path(run_dir)
     created = False
     try:
+        if run_dir.is_symlink() and not run_dir.exists():
+            raise NotADirectoryError(errno.ENOTDIR, f"{run_dir} is a broken symlink (its "
+                                     f"target does not exist, or it loops)")
         if run_dir.exists() and not run_dir.is_dir():
             raise NotADirectoryError(errno.ENOTDIR, f"{run_dir} is a file, not a folder")
         run_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -134,6 +134,15 @@ def test_a_file_as_out_dir_is_named_a_file(tmp_path):
     assert e.value.errno == errno.ENOTDIR and file.read_text() == "x"
 
 
+
+@pytest.mark.parametrize("target", ["missing", "self"])
+def test_a_broken_symlink_as_out_dir_is_named_a_broken_symlink(tmp_path, target):
+    link = tmp_path / "self"
+    link.symlink_to(tmp_path / target)  # a dangling link, or one that points at itself
+    with pytest.raises(OSError, match="is a broken symlink"):
+        runfolder.check_writable(link)
+    assert link.is_symlink()
+
 # ---------------------------------------------------------------- the demo's folder
 
 
