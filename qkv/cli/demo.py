@@ -40,8 +40,8 @@ def demo(
     prompt: Annotated[str, typer.Option(help="code to complete; \\n is read as a newline")]
         = "def fibonacci(n):\\n",
     max_new_tokens: Annotated[int | None, typer.Option(
-        min=1, show_default=False,
-        help="tokens to generate [default: 80, or what the model's max_len leaves]")] = None,
+        min=1, show_default="80, or what the model's max_len leaves",
+        help="tokens to generate")] = None,
     overwrite: Annotated[bool, typer.Option(
         help="replace a training run in --out (an earlier demo's run is replaced anyway)")]
         = False,
