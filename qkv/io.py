@@ -71,6 +71,33 @@ def write_errors(path: str | os.PathLike,
         raise OSError(number, os.strerror(number), str(path)) from e
 
 
+def broken_symlink(folder: str | os.PathLike) -> str | None:
+    """Why `folder` or a folder above it is a symlink that leads nowhere (dangling or looping),
+    as a phrase naming it; None if none is."""
+    folder = Path(folder)
+    for path in (folder, *folder.parents):
+        try:
+            if not path.is_symlink() or path.exists():
+                continue
+            target = os.readlink(path)
+        except OSError:
+            continue
+        try:
+            path.stat()
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                return f"{path} is a broken symlink (it loops back on itself)"
+        return f"{path} is a broken symlink (it points to {target}, which does not exist)"
+    return None
+
+
+def probe_writable(folder: str | os.PathLike) -> None:
+    """Create and remove a file in `folder`; the OSError if the folder takes no new file."""
+    fd, probe = tempfile.mkstemp(prefix=".qkv-write-check.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    os.unlink(probe)
+
+
 def sha256_file(path: str | os.PathLike) -> str:
     """Hex sha256 of a file, read in blocks."""
     with open(path, "rb") as f:

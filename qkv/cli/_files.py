@@ -4,9 +4,9 @@ write costs nothing and the message names the output, not a temporary file."""
 from __future__ import annotations
 
 import errno
-import os
-import tempfile
 from pathlib import Path
+
+from qkv.io import broken_symlink, probe_writable
 
 
 def is_dir(path: Path) -> bool:
@@ -17,36 +17,17 @@ def is_dir(path: Path) -> bool:
         return False
 
 
-def _broken_symlink(path: Path) -> str | None:
-    """Why `path` is a symlink that leads nowhere (dangling or looping), else None."""
-    try:
-        if not path.is_symlink() or path.exists():
-            return None
-        target = os.readlink(path)
-    except OSError:
-        return None
-    try:
-        path.stat()
-    except OSError as e:
-        if e.errno == errno.ELOOP:
-            return f"{path} is a broken symlink (it loops back on itself)"
-    return f"{path} is a broken symlink (it points to {target}, which does not exist)"
-
-
 def check_writable_folder(folder: Path, output: Path | None = None) -> None:
     """Make `folder` if missing and try creating (and removing) a file in it; raise ValueError
     naming `output` (default: the folder) if either fails."""
     output = folder if output is None else output
-    for above in (folder, *folder.parents):
-        if (broken := _broken_symlink(above)) is not None:
-            raise ValueError(f"cannot write {output}: {broken}")
+    if (broken := broken_symlink(folder)) is not None:
+        raise ValueError(f"cannot write {output}: {broken}")
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"cannot write {output}: {folder} is not a folder")
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".qkv-write-check.", suffix=".tmp", dir=folder)
-        os.close(fd)
-        os.unlink(probe)
+        probe_writable(folder)
     except OSError as e:
         raise ValueError(f"cannot write {output}: {folder} is not writable "
                          f"({e.strerror or e})") from None

@@ -8,11 +8,11 @@ import contextlib
 import errno
 import fcntl
 import os
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from qkv.io import broken_symlink, probe_writable
 from qkv.train import distributed
 from qkv.train.layout import RUN_CONFIG, TOKENIZER_FILE, checkpoints_dir
 from qkv.train.metrics import METRICS_FILE
@@ -34,9 +34,8 @@ def check_writable(run_dir: str | os.PathLike) -> bool:
     run_dir = Path(run_dir)
     created = False
     try:
-        if run_dir.is_symlink() and not run_dir.exists():
-            raise NotADirectoryError(errno.ENOTDIR, f"{run_dir} is a broken symlink (its "
-                                     f"target does not exist, or it loops)")
+        if (broken := broken_symlink(run_dir)) is not None:
+            raise NotADirectoryError(errno.ENOTDIR, broken)
         if run_dir.exists() and not run_dir.is_dir():
             raise NotADirectoryError(errno.ENOTDIR, f"{run_dir} is a file, not a folder")
         run_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -47,7 +46,7 @@ def check_writable(run_dir: str | os.PathLike) -> bool:
             if not run_dir.is_dir():
                 raise NotADirectoryError(errno.ENOTDIR,
                                          f"{run_dir} is a file, not a folder") from None
-        _probe(run_dir)
+        probe_writable(run_dir)
     except OSError as e:
         if created:
             with contextlib.suppress(OSError):
@@ -59,11 +58,6 @@ def check_writable(run_dir: str | os.PathLike) -> bool:
         error.errno = e.errno
         raise error from e
     return created
-
-
-def _probe(folder: Path) -> None:
-    with tempfile.TemporaryFile(dir=folder):
-        pass
 
 
 class RunLock:

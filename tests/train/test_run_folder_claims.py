@@ -43,13 +43,13 @@ def test_the_run_that_loses_the_race_for_a_new_folder_leaves_it_alone(tmp_path, 
     interleaving); the winner's folder and lock survive the loser's error."""
     run = tmp_path / "new"
     both_checked = threading.Barrier(2, timeout=10)
-    real_probe = runfolder._probe
+    real_probe = runfolder.probe_writable
 
     def probe_then_wait(folder):
         real_probe(folder)
         both_checked.wait()
 
-    monkeypatch.setattr(runfolder, "_probe", probe_then_wait)
+    monkeypatch.setattr(runfolder, "probe_writable", probe_then_wait)
     loser_done = threading.Event()
     outcome = {}
 

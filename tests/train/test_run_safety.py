@@ -123,7 +123,7 @@ def test_unwritable_out_dir_is_refused_up_front(tmp_path, tiny_data, monkeypatch
     def read_only(folder):
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
 
-    monkeypatch.setattr(runfolder, "_probe", read_only)
+    monkeypatch.setattr(runfolder, "probe_writable", read_only)
     with pytest.raises(PermissionError, match=r"cannot write to the run folder .*run: "
                                               r"Permission denied; pick another out_dir"):
         _run(tmp_path / "run", tiny_data, max_steps=1)
