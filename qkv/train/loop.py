@@ -179,8 +179,8 @@ class Trainer:
         seed_everything(c.seed + self.dist.rank)
         step, tokens_seen, train_seconds = 0, 0, 0.0
         if resume_from is not None:
-            step, tokens_seen, train_seconds = self._restore(resume_from, model, optimizer,
-                                                             scaler, stream)
+            step, tokens_seen, train_seconds = self._restore(resume_from, saved, model,
+                                                             optimizer, scaler, stream)
             self._log_resume(step, changes)
         if self.dist.is_main:
             data.tokenizer.save(self.run_dir / ckpt.TOKENIZER_FILE)
@@ -220,11 +220,12 @@ class Trainer:
             self.record({"kind": "resume", "step": step,
                          "changed": {k: [old, new] for k, (old, new) in changes.items()}})
 
-    def _restore(self, path: Path, model, optimizer, scaler, stream
+    def _restore(self, path: Path, saved: dict, model, optimizer, scaler, stream
                  ) -> tuple[int, int, float]:
-        """Load checkpoint `path`; (step, tokens_seen, train_seconds) it had reached."""
+        """Load checkpoint `path`, whose trainer.json is `saved`; (step, tokens_seen,
+        train_seconds) it had reached."""
         ckpt.load_weights(model, path)
-        state, extra = resume.load_training_state(path, optimizer)
+        state, extra = resume.load_training_state(path, optimizer, saved)
         stream.load_state(state["data"])
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])

@@ -10,7 +10,12 @@ from typing import Any
 import torch
 
 from qkv.train import distributed
-from qkv.train.checkpoint import CheckpointError, load_tensors, read_trainer_state
+from qkv.train.checkpoint import (
+    OPTIMIZER_FILE,
+    CheckpointError,
+    load_tensors,
+    read_trainer_state,
+)
 from qkv.train.config import TrainConfig
 from qkv.train.rng import rank_prefix, rng_state, seed_everything, set_rng_state
 
@@ -66,12 +71,14 @@ def check_settings(saved: dict[str, Any] | None, config: TrainConfig, checkpoint
     return changes
 
 
-def load_training_state(path: str | Path, optimizer: torch.optim.Optimizer
+def load_training_state(path: str | Path, optimizer: torch.optim.Optimizer,
+                        state: dict[str, Any] | None = None
                         ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Restore `optimizer` from checkpoint `path`; return (trainer.json, extra tensors)."""
+    """Restore `optimizer` from checkpoint `path`; return (trainer.json, extra tensors).
+    `state` is the checkpoint's trainer.json if the caller has read it already."""
     path = Path(path)
-    state = read_trainer_state(path)
-    tensors = load_tensors(path / "optimizer.safetensors")
+    state = dict(read_trainer_state(path) if state is None else state)
+    tensors = load_tensors(path / OPTIMIZER_FILE)
     opt_state: dict[int, dict[str, torch.Tensor]] = {}
     extra = {}
     for key, value in tensors.items():
