@@ -22,7 +22,7 @@ from qkv.train.evaluate import evaluate
 from qkv.train.layout import STEP_DIR
 from qkv.train.loop import train
 from qkv.train.metrics import METRICS_FILE, read_records
-from qkv.train.resume import RUN_DEFINING, setting_changes
+from qkv.train.resume import run_defining, setting_changes
 from qkv.train.runfolder import RunLock, check_writable, discard
 
 DEFAULT_PROMPT = "def fibonacci(n):\n"
@@ -91,8 +91,7 @@ def is_demo_run(out_dir: str | Path) -> bool:
         return False
     for quick in (False, True):
         config = demo_config(quick=quick, out_dir=str(out_dir))
-        changes = setting_changes(saved, config)
-        if not any(key.split(".")[0] in RUN_DEFINING for key in changes):
+        if not run_defining(setting_changes(saved, config)):
             return max(steps, default=0) <= config.max_steps
     return False
 

@@ -54,6 +54,11 @@ def setting_changes(saved: dict[str, Any], config: TrainConfig) -> dict[str, tup
     return changes
 
 
+def run_defining(changes: dict[str, tuple[Any, Any]]) -> dict[str, tuple[Any, Any]]:
+    """The entries of `changes` (from setting_changes) that change what defines the run."""
+    return {k: v for k, v in changes.items() if k.split(".")[0] in RUN_DEFINING}
+
+
 def check_settings(saved: dict[str, Any] | None, config: TrainConfig, checkpoint: Path
                    ) -> dict[str, tuple[Any, Any]]:
     """The allowed setting changes of a resume; ValueError listing the refused ones (settings
@@ -61,7 +66,7 @@ def check_settings(saved: dict[str, Any] | None, config: TrainConfig, checkpoint
     if not saved:
         return {}  # a checkpoint from before settings were saved with it
     changes = setting_changes(saved, config)
-    refused = {k: v for k, v in changes.items() if k.split(".")[0] in RUN_DEFINING}
+    refused = run_defining(changes)
     if refused:
         listed = "; ".join(f"{k}: {old!r} in the run, {new!r} now"
                            for k, (old, new) in refused.items())
