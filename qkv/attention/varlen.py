@@ -17,13 +17,15 @@ from qkv.attention.api import attention, finish
 from qkv.attention.spec import PER_PAIR, Keywords, check_call, takes_keywords
 
 
-def _check_cu_seqlens(name: str, cu: torch.Tensor, total: int, device) -> torch.Tensor:
+def check_cu_seqlens(name: str, cu: torch.Tensor, total: int, device=None) -> torch.Tensor:
+    """`cu` as int64 offsets, or ValueError naming `name`: a 1-D (B+1,) int32/int64 tensor that
+    starts at 0, never decreases and ends at the `total` packed rows (on `device` if given)."""
     if not isinstance(cu, torch.Tensor) or cu.dim() != 1 or cu.numel() < 1:
         got = tuple(cu.shape) if isinstance(cu, torch.Tensor) else type(cu).__name__
         raise ValueError(f"{name} must be a 1-D (B+1,) int32 or int64 tensor, got {got}")
     if cu.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"{name} must be int32 or int64, got {cu.dtype}")
-    if cu.device != device:
+    if device is not None and cu.device != device:
         raise ValueError(f"{name} is on {cu.device}, q is on {device}")
     c = cu.to(torch.int64)
     if int(c[0]) != 0 or int(c[-1]) != total or bool((c[1:] < c[:-1]).any()):
@@ -34,8 +36,9 @@ def _check_cu_seqlens(name: str, cu: torch.Tensor, total: int, device) -> torch.
     return c
 
 
-def _pad_index(cu: torch.Tensor):
-    """For packed rows: (sequence index, position inside the sequence)."""
+def sequence_positions(cu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For the packed rows of int64 offsets `cu`: (sequence index, position inside the
+    sequence), each (total,)."""
     lengths = cu[1:] - cu[:-1]
     seq = torch.repeat_interleave(torch.arange(lengths.numel(), device=cu.device), lengths)
     pos = torch.arange(int(cu[-1]), device=cu.device) - cu[:-1][seq]
@@ -51,8 +54,8 @@ def _pad(x: torch.Tensor, seq, pos, B: int, L: int) -> torch.Tensor:
 
 def _padded(q, k, v, cq, ck, call, chosen, B: int, Lq: int, Lk: int):
     """One call on the zero-padded batch; (out (total_q, Hq, Dv), lse (total_q, Hq) or None)."""
-    seq_q, pos_q = _pad_index(cq)
-    seq_k, pos_k = _pad_index(ck)
+    seq_q, pos_q = sequence_positions(cq)
+    seq_k, pos_k = sequence_positions(ck)
     qp = _pad(q, seq_q, pos_q, B, Lq)
     out, lse = chosen.forward(qp, _pad(k, seq_k, pos_k, B, Lk), _pad(v, seq_k, pos_k, B, Lk), call)
     out = out.transpose(1, 2)[seq_q, pos_q]
@@ -110,8 +113,8 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         if not isinstance(t, torch.Tensor) or t.dim() != 3:
             got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
             raise ValueError(f"{name} must be 3-D (total, H, D) for attention_varlen, got {got}")
-    cq = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device)
-    ck = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device)
+    cq = check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device)
+    ck = check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device)
     if cq.numel() != ck.numel():
         raise ValueError(
             f"cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, got "

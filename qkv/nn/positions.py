@@ -12,6 +12,7 @@ import math
 import torch
 import torch.nn as nn
 
+from qkv.attention.varlen import check_cu_seqlens, sequence_positions
 from qkv.nn.config import check_choice, check_float, check_int
 
 
@@ -34,21 +35,10 @@ def positions_from_mask(mask: torch.Tensor | None, B: int, L: int, device,
 def positions_from_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
     """(total,) positions of packed sequences: 0, 1, ... restarting at every sequence.
 
-    cu_seqlens (B+1,) int offsets: sequence b is rows cu_seqlens[b]:cu_seqlens[b+1], starting at
-    0 and ending at `total`. Raises ValueError naming cu_seqlens for anything else.
+    cu_seqlens (B+1,) int32/int64 offsets: sequence b is rows cu_seqlens[b]:cu_seqlens[b+1],
+    starting at 0 and ending at `total`. Raises ValueError naming cu_seqlens for anything else.
     """
-    ok = isinstance(cu_seqlens, torch.Tensor) and cu_seqlens.dim() == 1 \
-        and cu_seqlens.numel() >= 1 and not cu_seqlens.dtype.is_floating_point
-    cu = cu_seqlens.long() if ok else None
-    if ok:
-        lengths = cu.diff()
-        ok = int(cu[0]) == 0 and int(cu[-1]) == total and bool((lengths >= 0).all())
-    if not ok:
-        got = cu_seqlens.tolist() if isinstance(cu_seqlens, torch.Tensor) else cu_seqlens
-        raise ValueError(f"cu_seqlens must be (B+1,) non-decreasing integer offsets from 0 to "
-                         f"the {total} packed rows, got {got}")
-    starts = torch.repeat_interleave(cu[:-1], lengths, output_size=total)
-    return torch.arange(total, device=cu.device) - starts
+    return sequence_positions(check_cu_seqlens("cu_seqlens", cu_seqlens, total))[1]
 
 
 def sinusoidal_table(n_positions: int, dim: int) -> torch.Tensor:
