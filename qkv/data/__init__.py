@@ -1,4 +1,5 @@
-"""qkv.data: corpora, tokenizers, length bucketing, packing, and the byte bigram baseline."""
+"""qkv.data: corpora, tokenizers, length bucketing, packing, the byte bigram baseline, and
+seeded synthetic tasks."""
 
 from qkv.data.baseline import BigramModel, bits_per_byte, nats_to_bits_per_byte
 from qkv.data.batching import (
@@ -24,6 +25,15 @@ from qkv.data.corpus import (
     stdlib_files,
     stdlib_root,
 )
+from qkv.data.tasks import (
+    PlantedData,
+    TaskData,
+    copy_memory,
+    induction,
+    mqar,
+    no_memory_loss,
+    planted_keyword,
+)
 from qkv.data.tokenizer import EOS, PAD, Tokenizer, byte_tokenizer, train_bpe
 
 __all__ = [
@@ -33,5 +43,7 @@ __all__ = [
     "token_stream",
     "SPLITS", "Corpus", "CorpusConfig", "CorpusError", "Document", "split_of", "stdlib_files",
     "stdlib_root",
+    "PlantedData", "TaskData", "copy_memory", "induction", "mqar", "no_memory_loss",
+    "planted_keyword",
     "EOS", "PAD", "Tokenizer", "byte_tokenizer", "train_bpe",
 ]
