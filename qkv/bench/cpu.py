@@ -26,6 +26,7 @@ import torch
 import qkv
 from qkv.attention.flops import attention_flops
 from qkv.bench import CPU_BACKENDS, CPU_REPS, CPU_SEQLENS
+from qkv.units import format_bytes
 
 BACKENDS = CPU_BACKENDS
 
@@ -153,10 +154,10 @@ def skip_reason(case: CpuCase, memory_budget: float, machine_bytes: float) -> st
     """Why `case` cannot run here (its tensors exceed the machine's memory, or the reference's
     n x n matrices exceed `memory_budget`), else None."""
     if tensors_bytes(case) >= machine_bytes:
-        return (f"needs > {_fmt_bytes(tensors_bytes(case))} for q, k, v and outputs "
-                f"({_fmt_bytes(machine_bytes)} available)")
+        return (f"needs > {format_bytes(tensors_bytes(case))} for q, k, v and outputs "
+                f"({format_bytes(machine_bytes)} available)")
     if case.backend == "reference" and not reference_fits(case, memory_budget):
-        return f"needs > {_fmt_bytes(score_matrix_bytes(case))} per n x n matrix"
+        return f"needs > {format_bytes(score_matrix_bytes(case))} per n x n matrix"
     return None
 
 
@@ -209,17 +210,6 @@ def causal_speedups(rows: list[dict]) -> dict:
     return out
 
 
-def _fmt_bytes(b: float) -> str:
-    if b < 1e6:
-        return f"{b / 1e3:.0f} kB"
-    if b < 1e9:
-        return f"{b / 1e6:.1f} MB"
-    for unit, size in (("GB", 1e9), ("TB", 1e12), ("PB", 1e15)):
-        if b < size * 1e3:
-            return f"{b / size:.2f} {unit}"
-    return f"{b / 1e18:,.0f} EB"
-
-
 def markdown_table(rows: list[dict]) -> str:
     """The sweep as a markdown table."""
     lines = [
@@ -234,7 +224,7 @@ def markdown_table(rows: list[dict]) -> str:
             continue
         ratio = r.get("time_vs_sdpa")
         memory = ("| not measured | " if "peak_bytes" not in r else
-                  f"| {_fmt_bytes(r['peak_bytes'])} "
+                  f"| {format_bytes(r['peak_bytes'])} "
                   f"| {100.0 * r['peak_bytes'] / r['score_matrix_bytes']:.2f}% ")
         lines.append(
             head + f"| {r['seconds']:.3f} | {'' if ratio is None else f'{ratio:.2f}×'} "

@@ -17,6 +17,7 @@ from qkv.data.corpus import SPLIT_MODES
 from qkv.device import resolve_device
 from qkv.nn import TransformerConfig
 from qkv.nn.config import check_choice, check_float, check_int, from_dict
+from qkv.units import format_bytes
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 TOKENIZERS = ("bpe", "byte")
@@ -188,13 +189,13 @@ def device_memory(device: torch.device) -> tuple[int, str] | None:
     total RAM for the CPU; None where it cannot be told."""
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
-        return free, f"{device} has {_size(free)} free of {_size(total)}"
+        return free, f"{device} has {format_bytes(free)} free of {format_bytes(total)}"
     if device.type == "cpu" and hasattr(os, "sysconf"):
         try:
             total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         except (ValueError, OSError):
             return None
-        return total, f"this machine has {_size(total)} of RAM"
+        return total, f"this machine has {format_bytes(total)} of RAM"
     return None
 
 
@@ -210,19 +211,12 @@ def check_fits(config: TrainConfig, device: str | torch.device | None = None) ->
     needed = params * TRAINING_BYTES_PER_PARAM
     memory = device_memory(device)
     if memory is not None and needed > memory[0]:
-        raise ValueError(f"the model does not fit: {params:,} parameters need {_size(needed)} for "
-                         f"fp32 weights, gradients and AdamW state ({TRAINING_BYTES_PER_PARAM} "
-                         f"bytes each, before activations), but {memory[1]}; make it smaller "
-                         f"(model.d_model, model.n_layers, vocab_size)")
+        raise ValueError(f"the model does not fit: {params:,} parameters need "
+                         f"{format_bytes(needed)} for fp32 weights, gradients and AdamW state "
+                         f"({TRAINING_BYTES_PER_PARAM} bytes each, before activations), but "
+                         f"{memory[1]}; make it smaller (model.d_model, model.n_layers, "
+                         f"vocab_size)")
     return {"params": params, "bytes": needed}
-
-
-def _size(n: float) -> str:
-    for unit in ("bytes", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:,.0f} {unit}" if unit == "bytes" else f"{n:,.1f} {unit}"
-        n /= 1000
-    raise AssertionError
 
 
 def _check_split_fractions(value: Any) -> tuple[float, float, float]:

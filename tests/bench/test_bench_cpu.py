@@ -29,8 +29,7 @@ def test_reference_memory_guard():
 def test_cases_larger_than_the_machine_are_skipped_with_a_readable_size():
     huge = cpu.CpuCase(n=50_000_000, backend="sdpa", mode="fwd_bwd")
     assert cpu.skip_reason(huge, 12e9, 64e9) == (
-        "needs > 819.20 GB for q, k, v and outputs (64.00 GB available)")
+        "needs > 819 GB for q, k, v and outputs (64 GB available)")
     assert cpu.skip_reason(cpu.CpuCase(n=1024, backend="chunked"), 12e9, 64e9) is None
     reference = cpu.CpuCase(n=200_000, backend="reference")
     assert cpu.skip_reason(reference, 12e9, 64e9) == "needs > 1.28 TB per n x n matrix"
-    assert cpu._fmt_bytes(8e16) == "80.00 PB"

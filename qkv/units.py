@@ -1,0 +1,40 @@
+"""Sizes in bytes, read from and written for people: "24GiB" in, "25.8 GB" out."""
+
+from __future__ import annotations
+
+import math
+import re
+
+_UNITS = {"": 1, "b": 1,
+          "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
+          "t": 1000**4, "tb": 1000**4, "p": 1000**5, "pb": 1000**5,
+          "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40, "pib": 1 << 50}
+_SIZE = re.compile(r"\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-z]*)\s*", re.IGNORECASE)
+
+
+def parse_bytes(text: str, name: str = "size") -> int:
+    """Bytes in a size such as 8GiB, 512 MiB, 2GB, 1.5G or 1000000 (GB, G: 10^9; GiB: 2^30).
+
+    ValueError naming `name` and the accepted forms for anything else, and for sizes below one
+    byte.
+    """
+    match = _SIZE.fullmatch(str(text))
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _UNITS:
+        raise ValueError(f"{name} must be a size such as 8GiB, 512MiB, 2GB or 1.5G, "
+                         f"got {text!r}")
+    value = float(match.group(1)) * _UNITS[unit]
+    if not math.isfinite(value) or value < 1:
+        raise ValueError(f"{name} must be at least one byte, got {text!r}")
+    return int(value)
+
+
+def format_bytes(n: float) -> str:
+    """A byte count in decimal units with three significant digits: 512 bytes, 12.3 MB, 1.50 GB."""
+    if n < 1000:
+        return f"{n:,.0f} bytes"
+    for unit in ("kB", "MB", "GB", "TB", "PB"):
+        n /= 1000
+        if n < 999.5 or unit == "PB":
+            return f"{n:.3g} {unit}" if n < 999.5 else f"{n:,.0f} {unit}"
+    raise AssertionError
