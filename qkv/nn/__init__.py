@@ -1,6 +1,17 @@
 """`qkv.nn`: modules that own parameters, all built on `qkv.attention`."""
 
 from qkv.nn.attention import AttentionConfig, MultiHeadAttention
+from qkv.nn.baselines import (
+    LSTMLM,
+    MODEL_KINDS,
+    TCNLM,
+    LSTMConfig,
+    TCNBlock,
+    TCNConfig,
+    matched_models,
+    parameter_counts,
+    token_embedding,
+)
 from qkv.nn.cache import (
     CrossAttentionCache,
     DynamicCache,
@@ -31,6 +42,15 @@ from qkv.nn.transformer import DecoderLayer, EncoderLayer, TransformerConfig
 
 __all__ = [
     "IGNORE_INDEX",
+    "LSTMLM",
+    "MODEL_KINDS",
+    "TCNLM",
+    "LSTMConfig",
+    "TCNBlock",
+    "TCNConfig",
+    "matched_models",
+    "parameter_counts",
+    "token_embedding",
     "AttentionConfig",
     "CrossAttentionCache",
     "Decoder",
