@@ -1,0 +1,263 @@
+"""Run the rows of `qkv compare` into a folder, resumably.
+
+The folder holds one file per finished row (`rows/<name>.json`: its result, the settings it ran
+under, its start date and seconds), the figures the rows drew, and `results.json` and
+`report.md`, which are rewritten (atomically) after every row: a crash or Ctrl-C leaves a
+consistent report of what finished, and running the same command again resumes: a row saved
+under equal settings is not run again. A folder holding rows run under other settings is
+refused, unless `overwrite` asks to replace them. A lock on the folder keeps a second run out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import math
+import re
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from qkv.compare import ROW_NAMES, Context, RowResult, Settings, load_row
+from qkv.io import atomic_write_text
+
+ROWS_DIR = "rows"
+RESULTS_FILE = "results.json"
+REPORT_FILE = "report.md"
+SMALLEST_N = 256  # the shortest sequence of the cost and scale rows
+
+# progress(rows_done, rows_total, row_name, description, completed, total)
+ProgressFn = Callable[[int, int, str, str, "float | None", "float | None"], None]
+
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3,
+          "gb": 1000**3, "t": 1000**4, "tb": 1000**4, "kib": 1 << 10, "mib": 1 << 20,
+          "gib": 1 << 30, "tib": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """Bytes in a size such as "8GiB", "512MiB", "2GB", "1.5G" or "4096" (GB = 10^9 bytes,
+    GiB = 2^30; a bare K/M/G/T is decimal like kB/MB/GB/TB); ValueError if it is not one."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*", str(text))
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _UNITS:
+        raise ValueError(f"{text!r} is not a size; write it like 8GiB, 512MiB, 2GB or 1.5G")
+    size = float(match.group(1)) * _UNITS[unit]
+    if not math.isfinite(size) or size < 1:
+        raise ValueError(f"{text!r} is not a size of at least one byte")
+    return int(size)
+
+
+def format_size(size: int) -> str:
+    """A size as parse_size reads it back: the largest binary unit that divides it, else bytes
+    ("8GiB", "512MiB", "2000000000")."""
+    for unit, scale in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if size % scale == 0:
+            return f"{size // scale}{unit}"
+    return str(size)
+
+
+class SettingError(ValueError):
+    """A setting that no run can use; `setting` names it (a field of Settings)."""
+
+    def __init__(self, setting: str, message: str):
+        super().__init__(message)
+        self.setting = setting
+
+
+def check_rows(rows: Sequence[str] | None) -> list[str]:
+    """The rows asked for, in report order, each once (all rows for None or empty); ValueError
+    naming the known rows for an unknown name."""
+    unknown = [name for name in rows or () if name not in ROW_NAMES]
+    if unknown:
+        raise ValueError(f"unknown row {unknown[0]!r}; choose from {list(ROW_NAMES)}")
+    return [name for name in ROW_NAMES if not rows or name in rows]
+
+
+def check_settings(settings: Settings, rows: Sequence[str]) -> None:
+    """SettingError for settings no run can use: a negative seed, a longest n below the cost
+    and scale rows' smallest, or a memory budget too small for any case of a row asked for (a
+    row module may define `min_memory(settings) -> bytes`)."""
+    if not isinstance(settings.seed, int) or settings.seed < 0:
+        raise SettingError("seed", f"seed must be an integer >= 0, got {settings.seed!r}")
+    if settings.max_len is not None and settings.max_len < SMALLEST_N:
+        raise SettingError("max_len", f"max_len must be at least {SMALLEST_N} (the shortest "
+                           f"sequence of the cost and scale rows), got {settings.max_len}")
+    if settings.memory_budget < 1:
+        raise SettingError("memory_budget", "memory budget must be positive, got "
+                           f"{settings.memory_budget}")
+    for name in rows:
+        need = getattr(sys.modules.get(load_row(name).run.__module__), "min_memory", None)
+        if need is not None and settings.memory_budget < (least := need(settings)):
+            budget = format_size(settings.memory_budget)
+            raise SettingError("memory_budget", f"memory budget {budget} is too small for even "
+                               f"the smallest case of row {name!r}, "
+                               f"which needs about {least / 2**20:.0f} MiB")
+
+
+def row_file(out: Path, name: str) -> Path:
+    return Path(out) / ROWS_DIR / f"{name}.json"
+
+
+def saved_rows(out: Path) -> dict[str, dict]:
+    """The rows saved in `out` (name -> what run_compare saved), unreadable files left out."""
+    saved = {}
+    for name in ROW_NAMES:
+        with contextlib.suppress(OSError, ValueError):
+            record = json.loads(row_file(out, name).read_text(encoding="utf-8"))
+            if isinstance(record, dict) and {"settings", "result"} <= record.keys():
+                saved[name] = record
+    return saved
+
+
+def settings_conflicts(out: Path, settings: Settings) -> dict[str, list[str]]:
+    """For each row saved in `out` under other settings, the settings that differ."""
+    wanted = settings.as_dict()
+    conflicts = {}
+    for name, record in saved_rows(out).items():
+        differ = sorted(k for k in wanted.keys() | record["settings"].keys()
+                        if record["settings"].get(k) != wanted.get(k))
+        if differ:
+            conflicts[name] = differ
+    return conflicts
+
+
+def check_folder(out: Path, settings: Settings, overwrite: bool = False) -> None:
+    """ValueError if `out` holds rows run under other settings and `overwrite` is not set."""
+    conflicts = settings_conflicts(out, settings)
+    if conflicts and not overwrite:
+        differ = sorted({k for keys in conflicts.values() for k in keys})
+        saved = saved_rows(out)[next(iter(conflicts))]["settings"]
+        here = ", ".join(f"{k} {saved.get(k)!r} there, {settings.as_dict().get(k)!r} now"
+                         for k in differ)
+        raise ValueError(f"{out} holds rows {sorted(conflicts)} run under other settings "
+                         f"({here}); pass --overwrite to replace them, or pick another --out")
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+
+
+def command_line(out: Path, settings: Settings, rows: Sequence[str]) -> str:
+    """The `qkv compare` command that reproduces these settings and rows into `out`."""
+    parts = ["qkv", "compare"]
+    if settings.quick:
+        parts.append("--quick")
+    if list(rows) != list(ROW_NAMES):
+        parts += [f"--only {name}" for name in rows]
+    parts += ["--seed", str(settings.seed)]
+    if settings.max_len is not None:
+        parts += ["--max-len", str(settings.max_len)]
+    if settings.memory_budget != Settings().memory_budget:
+        parts += ["--memory", format_size(settings.memory_budget)]
+    parts += ["--out", str(out)]
+    return " ".join(parts)
+
+
+def _title(name: str) -> str:
+    try:
+        return load_row(name).title
+    except ImportError:
+        return name
+
+
+def results_document(out: Path, settings: Settings) -> dict:
+    """What results.json holds: the run's settings, machine and versions, and every row saved
+    in `out` under these settings (rows not run are listed with their titles only)."""
+    import torch
+
+    import qkv
+    from qkv.bench.cpu import machine_description
+
+    wanted = settings.as_dict()
+    saved = {name: record for name, record in saved_rows(out).items()
+             if record["settings"] == wanted}
+    return {
+        "command": command_line(out, settings, [n for n in ROW_NAMES if n in saved]
+                                or ROW_NAMES),
+        "settings": wanted,
+        "seed": settings.seed,
+        "machine": machine_description(),
+        "versions": {"qkv": qkv.__version__, "torch": torch.__version__,
+                     "python": sys.version.split()[0]},
+        "threads": torch.get_num_threads(),
+        "date": _now(),
+        "seconds": {name: record["seconds"] for name, record in saved.items()},
+        "rows": {name: saved.get(name, {"title": _title(name), "result": None})
+                 for name in ROW_NAMES},
+    }
+
+
+def write_outputs(out: Path, settings: Settings) -> dict:
+    """Rewrite results.json and then report.md (each atomically) from the saved rows."""
+    from qkv.compare.report import render
+
+    document = results_document(out, settings)
+    atomic_write_text(Path(out) / RESULTS_FILE, json.dumps(document, indent=2) + "\n")
+    atomic_write_text(Path(out) / REPORT_FILE, render(document))
+    return document
+
+
+def _forget(out: Path, name: str, record: dict) -> None:
+    """Remove a saved row and its figures (replaced under --overwrite)."""
+    for figure in record["result"].get("figures", []):
+        (Path(out) / figure).unlink(missing_ok=True)
+    row_file(out, name).unlink(missing_ok=True)
+
+
+def run_compare(settings: Settings, rows: Sequence[str] | None, out: Path, *,
+                overwrite: bool = False, progress: ProgressFn | None = None) -> dict:
+    """Run `rows` (all for None) into the folder `out`; return results.json's content.
+
+    A row saved in `out` under equal settings is reused, not run (unless `overwrite`). Rows
+    saved under other settings make this a ValueError naming the settings that differ; with
+    `overwrite` they are removed and the rows asked for run again. After every row, its record
+    goes to rows/<name>.json and results.json and report.md are rewritten, so a row that raises
+    (or Ctrl-C) leaves the finished rows and a report of them, and the error propagates.
+    `progress(rows_done, rows_total, row, description, completed, total)` hears of each step.
+    """
+    from qkv.train.runfolder import RunLock
+
+    names = check_rows(rows)
+    check_settings(settings, names)
+    out = Path(out)
+    check_folder(out, settings, overwrite)
+    out.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(out)
+    lock.acquire()
+    try:
+        return _run_locked(settings, names, out, overwrite, progress)
+    finally:
+        lock.release()
+
+
+def _run_locked(settings, names, out, overwrite, progress) -> dict:
+    report = progress or (lambda *args: None)
+    wanted = settings.as_dict()
+    for name, record in saved_rows(out).items():
+        if record["settings"] != wanted or (overwrite and name in names):
+            _forget(out, name, record)
+    saved = saved_rows(out)
+    document = None
+    for index, name in enumerate(names):
+        if name in saved:
+            report(index + 1, len(names), name, "already done", None, None)
+            continue
+        row = load_row(name)
+        report(index, len(names), name, row.title, None, None)
+        ctx = Context(settings, out, lambda text, done=None, total=None, i=index, n=name:
+                      report(i, len(names), n, text, done, total))
+        started, start = _now(), time.perf_counter()
+        try:
+            result: RowResult = row.run(ctx)
+        except BaseException:
+            with contextlib.suppress(Exception):  # the row's own error is the one to see
+                write_outputs(out, settings)
+            raise
+        record = {"name": name, "title": row.title, "settings": wanted, "started": started,
+                  "seconds": time.perf_counter() - start, "result": result.as_dict()}
+        atomic_write_text(row_file(out, name), json.dumps(record, indent=2) + "\n")
+        document = write_outputs(out, settings)
+        report(index + 1, len(names), name, "done", None, None)
+    return document if document is not None else write_outputs(out, settings)

@@ -1,0 +1,143 @@
+import json
+
+import pytest
+
+import qkv.compare.runner as runner
+from qkv.compare import ROW_NAMES, Row, RowResult, Settings
+from qkv.compare.report import render
+from qkv.compare.runner import format_size, parse_size, run_compare
+from qkv.io import atomic_path
+
+QUICK = Settings(quick=True)
+
+
+class FakeRows:
+    """Rows `cost` and `path` that count their runs; `path` raises if told to."""
+
+    def __init__(self):
+        self.runs = {"cost": 0, "path": 0}
+        self.fail = False
+
+    def load(self, name):
+        if name not in self.runs:
+            raise ImportError(name)
+
+        def run(ctx):
+            self.runs[name] += 1
+            ctx.progress("measuring", 1, 2)
+            if name == "path" and self.fail:
+                raise RuntimeError("the row broke")
+            return RowResult(claim=f"{name} claim", anchor="a paper, Table 1",
+                             findings="the numbers agree", agrees=name == "cost",
+                             headline=f"{name} headline {self.runs[name]}",
+                             tables=["| a |\n|---|\n| 1 |"], figures=[], data={"x": [1, 2]})
+
+        return Row(name=name, title=f"{name.title()} row", run=run, minutes=0.1)
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    rows = FakeRows()
+    monkeypatch.setattr(runner, "load_row", rows.load)
+    return rows
+
+
+def test_a_finished_row_is_saved_and_reused(tmp_path, fake):
+    events = []
+    doc = run_compare(QUICK, ["cost"], tmp_path, progress=lambda *a: events.append(a))
+    assert fake.runs == {"cost": 1, "path": 0}
+    assert doc["rows"]["cost"]["result"]["data"] == {"x": [1, 2]}
+    assert doc["rows"]["path"]["result"] is None
+    saved = json.loads((tmp_path / "rows" / "cost.json").read_text())
+    assert saved["settings"] == QUICK.as_dict() and saved["seconds"] >= 0
+    assert (0, 1, "cost", "measuring", 1, 2) in events
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["seed"] == 0 and "torch" in results["versions"]
+    assert set(results["rows"]) == set(ROW_NAMES)
+    doc = run_compare(QUICK, ["cost", "path"], tmp_path)
+    assert fake.runs == {"cost": 1, "path": 1}
+    assert "cost headline 1" in (tmp_path / "report.md").read_text()
+
+
+def test_other_settings_are_refused_naming_them_and_overwrite_reruns(tmp_path, fake):
+    run_compare(QUICK, ["cost"], tmp_path)
+    before = (tmp_path / "report.md").read_text()
+    with pytest.raises(ValueError, match=r"seed 0 there, 3 now.*--overwrite.*--out"):
+        run_compare(Settings(quick=True, seed=3), ["path"], tmp_path)
+    assert (tmp_path / "report.md").read_text() == before and fake.runs["path"] == 0
+    run_compare(QUICK, ["cost"], tmp_path, overwrite=True)
+    assert fake.runs["cost"] == 2
+    doc = run_compare(Settings(quick=True, seed=3), ["path"], tmp_path, overwrite=True)
+    assert doc["rows"]["cost"]["result"] is None  # the seed-0 row is gone, not mixed in
+    assert not (tmp_path / "rows" / "cost.json").exists()
+
+
+def test_a_row_that_raises_leaves_the_finished_rows_and_a_report(tmp_path, fake):
+    fake.fail = True
+    with pytest.raises(RuntimeError, match="the row broke"):
+        run_compare(QUICK, ["cost", "path"], tmp_path)
+    report = (tmp_path / "report.md").read_text()
+    assert "cost headline 1" in report and "not run" in report
+    assert json.loads((tmp_path / "results.json").read_text())["rows"]["path"]["result"] is None
+    fake.fail = False
+    run_compare(QUICK, ["cost", "path"], tmp_path)  # resumes: only path runs again
+    assert fake.runs == {"cost": 1, "path": 2}
+
+
+def test_unknown_row_is_refused_before_the_disk_is_touched(tmp_path, fake):
+    with pytest.raises(ValueError, match=r"unknown row 'nope'.*'cost'"):
+        run_compare(QUICK, ["cost", "nope"], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_failed_write_keeps_the_previous_report(tmp_path, fake, monkeypatch):
+    run_compare(QUICK, ["cost"], tmp_path)
+    good = {f: (tmp_path / f).read_text() for f in ("results.json", "report.md")}
+    real = runner.atomic_write_text
+
+    def failing(path, text):
+        if path.name in ("report.md", "results.json"):
+            with atomic_path(path) as tmp:
+                tmp.write_text(text[:10])
+                raise OSError(28, "No space left on device", str(path))
+        real(path, text)
+
+    monkeypatch.setattr(runner, "atomic_write_text", failing)
+    with pytest.raises(OSError):
+        run_compare(QUICK, ["path"], tmp_path)
+    assert {f: (tmp_path / f).read_text() for f in good} == good
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_the_report_lists_rows_not_run():
+    doc = {"command": "qkv compare --quick --seed 0 --out x", "settings": QUICK.as_dict(),
+           "seed": 0, "machine": "a machine", "versions": {"torch": "2"}, "threads": 1,
+           "date": "today", "seconds": {},
+           "rows": {"cost": {"title": "Cost and parallelism", "seconds": 1.0,
+                             "result": RowResult("c", "LRA, Table 2", "f", False, "h | 1",
+                                                 figures=["cost_time.png"]).as_dict()},
+                    "scale": {"title": "Not free to scale", "result": None}}}
+    text = render(doc)
+    assert "| [Cost and parallelism](#row-cost) (`cost`) | h \\| 1 | disagrees |" in text
+    assert "| Not free to scale (`scale`) | not run | — |" in text
+    assert "![Cost and parallelism: cost time](cost_time.png)" in text
+    assert "**Anchor.** LRA, Table 2" in text and "rows finished: 1 of 2" in text
+
+
+@pytest.mark.parametrize("text, size", [("8GiB", 8 << 30), ("512MiB", 512 << 20),
+                                        ("2GB", 2 * 10**9), ("1.5G", 1_500_000_000),
+                                        ("4096", 4096), ("1 kib", 1024)])
+def test_parse_size(text, size):
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["", "GiB", "8XB", "-1GiB", "0", "1e3", "nan"])
+def test_parse_size_refuses(text):
+    with pytest.raises(ValueError, match="size"):
+        parse_size(text)
+
+
+def test_format_size_reads_back():
+    for size in (8 << 30, 512 << 20, 2 * 10**9, 1536):
+        assert parse_size(format_size(size)) == size
+    assert format_size(8 << 30) == "8GiB"
