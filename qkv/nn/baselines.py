@@ -151,7 +151,11 @@ def _receptive_field(kernel_size: int, depth: int) -> int:
 
 class TCNBlock(nn.Module):
     """The TCN paper's residual block: relu(x + F(x)), F = two rounds of dilated causal Conv1d
-    (weight-normalised, weights drawn from N(0, 0.01) as in the paper) -> ReLU -> dropout.
+    (weight-normalised) -> ReLU -> dropout.
+
+    The convolutions keep PyTorch's default initialisation, which is what the paper's code
+    (locuslab/TCN) trains with: its N(0, 0.01) draw is overwritten by weight_norm's forward
+    hook (locuslab/TCN issue #1).
 
     Causal: each convolution is left-padded by (kernel_size - 1) * dilation, so the output at t
     reads inputs t - 2 * (kernel_size - 1) * dilation .. t and nothing later. Input and output
@@ -171,9 +175,7 @@ class TCNBlock(nn.Module):
 
     @staticmethod
     def _conv(d_model: int, kernel_size: int, dilation: int) -> nn.Module:
-        conv = nn.Conv1d(d_model, d_model, kernel_size, dilation=dilation)
-        nn.init.normal_(conv.weight, std=0.01)
-        return weight_norm(conv)
+        return weight_norm(nn.Conv1d(d_model, d_model, kernel_size, dilation=dilation))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, L, d) -> (B, L, d), causal."""
