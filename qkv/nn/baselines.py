@@ -286,8 +286,8 @@ def matched_models(vocab_size: int, *, d_model: int, n_layers: int, n_heads: int
     if lstm_config is None or abs(count - target) > tolerance * target:
         kind = "an LSTM" if lstm_config is None else "a TCN"
         raise ValueError(f"d_model={d_model}: no width brings {kind} within tolerance="
-                         f"{tolerance:g} of the transformer's {target} parameters; use a "
-                         f"larger d_model")
+                         f"{tolerance:g} of the transformer's {target} parameters; use a larger "
+                         f"d_model or tolerance")
     return {"transformer": transformer, "lstm": LSTMLM(lstm_config),
             "tcn": TCNLM(TCNConfig(vocab_size, width, max_len=seq_len))}
 
