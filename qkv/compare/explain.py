@@ -1,0 +1,384 @@
+"""Row `explain`: attention weights are not explanations.
+
+Two attention-pooled classifiers (importance.py) are trained on two tasks and their attention
+weights are set against gradient x input and leave-one-out importance, as in Jain & Wallace
+(2019), "Attention is not Explanation":
+
+- planted: `qkv.data.tasks.planted_keyword`, where the tokens that decide the label are known;
+- code: Python standard-library functions from the default corpus. The label says whether a
+  function is a method (defined directly in a class, first argument `self`) or a module-level
+  function; the input is the start of its body after the docstring, dedented, so neither the
+  `def` line nor the indentation gives it away and the evidence (uses of `self`, `super()`, ...)
+  is spread over the body. Tokens are a small byte-level BPE trained on the training split;
+  train and test are split by file, so no file is in both.
+"""
+
+from __future__ import annotations
+
+import ast
+import textwrap
+import time
+from dataclasses import dataclass
+
+import torch
+
+from qkv.compare.core import Context, Row, RowResult, fit, markdown_table
+from qkv.compare.importance import (
+    BiLSTMClassifier,
+    TransformerClassifier,
+    attention_weights,
+    gradient_input,
+    kendall_tau_b,
+    leave_one_out,
+    predict,
+    shuffle_attention,
+    top_k_recovery,
+)
+from qkv.data.corpus import split_of, stdlib_files
+from qkv.data.tasks import planted_keyword
+from qkv.data.tokenizer import train_bpe
+
+CLAIM = ("Attention weights do not explain a prediction: they agree only weakly with gradient "
+         "and leave-one-out importance, and shuffling them often leaves the output unchanged.")
+ANCHOR = ("Jain & Wallace (2019), \"Attention is not Explanation\" (NAACL): Kendall tau between "
+          "attention and gradient importance of about 0.1-0.4 for BiLSTM encoders, and outputs "
+          "that often barely move when attention is permuted. Counterpoint: Wiegreffe & Pinter "
+          "(2019), \"Attention is not not Explanation\" (EMNLP): such tests do not show that "
+          "attention cannot serve as an explanation for a given model.")
+ANCHOR_TAU = (0.1, 0.4)
+MODELS = ("bilstm", "transformer")
+MODEL_NAMES = {"bilstm": "BiLSTM + additive attention",
+               "transformer": "Transformer + additive attention"}
+MEASURES = ("attention", "gradient_input", "leave_one_out")
+PAIRS = ("gradient_input", "leave_one_out")  # each set against attention
+CODE_SPLIT = (0.8, 0.0, 0.2)  # train / (unused) / test fractions of the files
+
+
+@dataclass(frozen=True)
+class Sizes:
+    planted_train: int
+    planted_test: int
+    planted_len: int
+    code_stride: int  # every code_stride-th stdlib file
+    code_len: int  # tokens per body window
+    code_vocab: int
+    code_train: int  # at most, balanced
+    code_test: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    steps: int
+    batch: int
+    lr: float
+    shuffles: int
+
+
+FULL = Sizes(planted_train=4000, planted_test=500, planted_len=64, code_stride=1, code_len=64,
+             code_vocab=1024, code_train=4000, code_test=500, d_model=64, n_layers=2,
+             n_heads=4, steps=500, batch=64, lr=3e-3, shuffles=100)
+QUICK = Sizes(planted_train=512, planted_test=64, planted_len=24, code_stride=10, code_len=32,
+              code_vocab=400, code_train=512, code_test=64, d_model=32, n_layers=1, n_heads=2,
+              steps=60, batch=32, lr=1e-2, shuffles=20)
+
+
+@dataclass(frozen=True)
+class Task:
+    train_x: torch.Tensor  # (N, L) int64
+    train_y: torch.Tensor  # (N,) int64
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    vocab_size: int
+    neutral_id: int  # never in the data: the leave-one-out replacement
+    planted: torch.Tensor | None  # (N_test, L) bool, where known
+
+
+def planted_task(ctx: Context, sizes: Sizes) -> Task:
+    """planted_keyword train/test (seeds offset 1 and 2); the neutral token is one extra id."""
+    train = planted_keyword(sizes.planted_train, sizes.planted_len, seed=ctx.seed(1))
+    test = planted_keyword(sizes.planted_test, sizes.planted_len, seed=ctx.seed(2))
+    return Task(train.inputs, train.labels, test.inputs, test.labels, train.vocab_size + 1,
+                train.vocab_size, test.planted)
+
+
+def _body(node: ast.FunctionDef, lines: list[str]) -> str:
+    """The function's body after its docstring, dedented ('' if nothing follows)."""
+    body = node.body
+    if (isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+            and isinstance(body[0].value.value, str)):
+        body = body[1:]
+    if not body:
+        return ""
+    return textwrap.dedent("\n".join(lines[body[0].lineno - 1:node.end_lineno]))
+
+
+def _takes_self(node) -> bool:
+    args = node.args.posonlyargs + node.args.args
+    return bool(args) and args[0].arg == "self"
+
+
+def function_bodies(files: list) -> dict[str, list[tuple[str, int]]]:
+    """{"train": [(body, label)], "test": [...]}: label 1 for methods (first argument `self`,
+    defined directly in a module-level class), 0 for module-level functions not taking `self`.
+    Files that do not parse are skipped; the split is by file name (CODE_SPLIT)."""
+    found = {"train": [], "test": []}
+    kinds = (ast.FunctionDef, ast.AsyncFunctionDef)
+    for name, path in files:
+        try:
+            source = path.read_text(encoding="utf-8")
+            tree = ast.parse(source)
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        lines = source.splitlines()
+        split = split_of(name, CODE_SPLIT)
+        for node in tree.body:
+            if isinstance(node, kinds) and not _takes_self(node):
+                found[split].append((_body(node, lines), 0))
+            elif isinstance(node, ast.ClassDef):
+                found[split] += [(_body(m, lines), 1) for m in node.body
+                                 if isinstance(m, kinds) and _takes_self(m)]
+    return found
+
+
+def _balanced(rows: list, cap: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Equal numbers of each label (at most cap in all), in a seeded random order."""
+    by_label = [[ids for ids, y in rows if y == label] for label in (0, 1)]
+    each = min(cap // 2, *map(len, by_label))
+    if each == 0:
+        raise ValueError("the code task found no examples of one class; is the stdlib there?")
+    picked = []
+    for label, group in enumerate(by_label):
+        picked += [(group[i], label) for i in torch.randperm(len(group), generator=g)[:each]]
+    order = torch.randperm(len(picked), generator=g).tolist()
+    return (torch.tensor([picked[i][0] for i in order]),
+            torch.tensor([picked[i][1] for i in order]))
+
+
+def code_task(ctx: Context, sizes: Sizes) -> Task:
+    """Method-or-function windows of the stdlib (see the module docstring)."""
+    bodies = function_bodies(stdlib_files()[::sizes.code_stride])
+    tokenizer = train_bpe([text for text, _ in bodies["train"]], vocab_size=sizes.code_vocab)
+    g = torch.Generator().manual_seed(ctx.seed(3))
+    split = {}
+    for name, cap in (("train", sizes.code_train), ("test", sizes.code_test)):
+        encoded = tokenizer.encode_batch([text for text, _ in bodies[name]])
+        rows = [(ids[:sizes.code_len], y) for ids, (_, y) in zip(encoded, bodies[name], strict=True)
+                if len(ids) >= sizes.code_len]
+        split[name] = _balanced(rows, cap, g)
+    return Task(*split["train"], *split["test"], tokenizer.vocab_size, tokenizer.pad_id, None)
+
+
+def _model(kind: str, task: Task, sizes: Sizes):
+    if kind == "bilstm":
+        return BiLSTMClassifier(task.vocab_size, 2, d_model=sizes.d_model,
+                                neutral_id=task.neutral_id)
+    return TransformerClassifier(task.vocab_size, 2, d_model=sizes.d_model,
+                                 n_layers=sizes.n_layers, n_heads=sizes.n_heads,
+                                 max_len=task.train_x.shape[1], neutral_id=task.neutral_id)
+
+
+def tau_summary(taus: torch.Tensor, pvalues: list[float]) -> dict:
+    """Mean, median, quartiles of per-example tau (nan rows left out) and the fraction of all
+    examples whose tau is significant at p < 0.05."""
+    valid = taus[~taus.isnan()]
+    q = torch.quantile(valid, torch.tensor([0.25, 0.5, 0.75], dtype=valid.dtype)).tolist()
+    return {"mean": valid.mean().item(), "median": q[1], "q25": q[0], "q75": q[2],
+            "significant": sum(p < 0.05 for p in pvalues) / len(pvalues),
+            "undefined": int(taus.isnan().sum()), "n": len(pvalues)}
+
+
+def _kendall_pvalues(x: torch.Tensor, y: torch.Tensor) -> list[float]:
+    from scipy.stats import kendalltau
+
+    return [float(kendalltau(a, b).pvalue) for a, b in zip(x.numpy(), y.numpy(), strict=True)]
+
+
+def study(ctx: Context, task_name: str, task: Task, kind: str, sizes: Sizes, offset: int) -> dict:
+    """Train one model on one task and measure everything the row reports about it."""
+    label = f"explain: {kind} on {task_name}"
+    ctx.manual_seed(10 + offset)
+    model = _model(kind, task, sizes)
+    g = torch.Generator().manual_seed(ctx.seed(20 + offset))
+
+    def sample(step):
+        index = torch.randint(0, len(task.train_x), (sizes.batch,), generator=g)
+        return task.train_x[index], task.train_y[index]
+
+    start = time.perf_counter()
+    losses = fit(model, sample, steps=sizes.steps, lr=sizes.lr,
+                 progress=lambda s: ctx.progress(f"{label}: training", s, sizes.steps))
+    trained = time.perf_counter()
+    ctx.progress(f"{label}: importance")
+    x = task.test_x
+    measures = {"attention": attention_weights(model, x),
+                "gradient_input": gradient_input(model, x),
+                "leave_one_out": leave_one_out(model, x, task.neutral_id)}
+    result = {"accuracy": (predict(model, x).argmax(-1) == task.test_y).double().mean().item(),
+              "final_loss": sum(losses[-20:]) / len(losses[-20:]), "tau": {}, "tau_summary": {}}
+    for pair in PAIRS:
+        taus = kendall_tau_b(measures["attention"], measures[pair])
+        result["tau"][pair] = [round(t, 5) for t in taus.tolist()]
+        result["tau_summary"][pair] = tau_summary(
+            taus, _kendall_pvalues(measures["attention"], measures[pair]))
+    ctx.progress(f"{label}: shuffling attention")
+    shuffled = shuffle_attention(model, x, sizes.shuffles,
+                                 generator=torch.Generator().manual_seed(ctx.seed(30 + offset)))
+    per_example = shuffled["tvd"].median(1).values
+    result["permutation"] = {
+        "median_tvd": per_example.median().item(), "mean_tvd": shuffled["tvd"].mean().item(),
+        "flipped": shuffled["flipped"].double().mean().item(),
+        "median_max_attention": measures["attention"].max(1).values.median().item(),
+        "per_example_median_tvd": [round(t, 5) for t in per_example.tolist()]}
+    if task.planted is not None:
+        result["recovery"] = {m: top_k_recovery(measures[m], task.planted).mean().item()
+                              for m in MEASURES}
+        result["recovery_chance"] = (task.planted.sum(1) / x.shape[1]).double().mean().item()
+    result["seconds"] = {"train": trained - start, "measure": time.perf_counter() - trained}
+    return result
+
+
+MEASURE_NAMES = {"attention": "attention", "gradient_input": "gradient×input",
+                 "leave_one_out": "leave-one-out"}
+COLORS = {"bilstm": "tab:blue", "transformer": "tab:orange"}
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.0f}%"
+
+
+def summarise(results: dict, data: dict) -> RowResult:
+    """The row's tables, headline, findings and verdict from the per-model results."""
+    cells = [(t, m, results[t][m]) for t in results for m in MODELS]
+    tables = [
+        markdown_table(["task", "model", "test accuracy", "training (s)"],
+                       [[t, MODEL_NAMES[m], r["accuracy"], r["seconds"]["train"]]
+                        for t, m, r in cells]),
+        markdown_table(["task", "model", "attention vs", "mean τ", "median τ", "q25", "q75",
+                        "p < 0.05"],
+                       [[t, MODEL_NAMES[m], MEASURE_NAMES[p], *(r["tau_summary"][p][k] for k in
+                         ("mean", "median", "q25", "q75", "significant"))]
+                        for t, m, r in cells for p in PAIRS]),
+        markdown_table(["task", "model", "median max attention", "median TVD when shuffled",
+                        "mean TVD", "predictions flipped"],
+                       [[t, MODEL_NAMES[m], *(r["permutation"][k] for k in (
+                           "median_max_attention", "median_tvd", "mean_tvd", "flipped"))]
+                        for t, m, r in cells])]
+    planted = results["planted"]
+    tables.append(markdown_table(
+        ["model", *(f"top-k recovery: {MEASURE_NAMES[m]}" for m in MEASURES), "chance"],
+        [[MODEL_NAMES[m], *(planted[m]["recovery"][k] for k in MEASURES),
+          planted[m]["recovery_chance"]] for m in MODELS]))
+    tau = {(t, m): results[t][m]["tau_summary"]["gradient_input"]["mean"] for t, m, _ in cells}
+    lstm = [tau[t, "bilstm"] for t in results]
+    low, high = ANCHOR_TAU
+    agrees = all(low <= x <= high for x in lstm)
+    where = "inside" if agrees else "not inside"
+    rec = {m: planted[m]["recovery"] for m in MODELS}
+    flips = {m: max(results[t][m]["permutation"]["flipped"] for t in results) for m in MODELS}
+    findings = (
+        f"Mean per-example Kendall τ between attention and gradient×input is "
+        f"{tau['planted', 'bilstm']:.2f} (planted) and {tau['code', 'bilstm']:.2f} (code) for "
+        f"the BiLSTM, {where} Jain & Wallace's 0.1–0.4, and {tau['planted', 'transformer']:.2f}"
+        f" and {tau['code', 'transformer']:.2f} for the Transformer; shuffling the attention "
+        f"flips at most {_pct(flips['bilstm'])} (BiLSTM) and {_pct(flips['transformer'])} "
+        f"(Transformer) of predictions. On the planted task attention ranks the planted tokens "
+        f"on top {_pct(rec['bilstm']['attention'])} / {_pct(rec['transformer']['attention'])} "
+        f"of the time (BiLSTM / Transformer) against "
+        f"{_pct(rec['bilstm']['gradient_input'])} / {_pct(rec['transformer']['gradient_input'])}"
+        f" for gradient×input and {_pct(rec['bilstm']['leave_one_out'])} / "
+        f"{_pct(rec['transformer']['leave_one_out'])} for leave-one-out (chance "
+        f"{_pct(planted['bilstm']['recovery_chance'])}): low rank agreement over all tokens "
+        f"does not by itself mean attention misses the tokens that decide the label.")
+    headline = (
+        f"τ(attn, grad×input) BiLSTM {lstm[0]:.2f}/{lstm[1]:.2f}, Transformer "
+        f"{tau['planted', 'transformer']:.2f}/{tau['code', 'transformer']:.2f} (planted/code; "
+        f"anchor 0.1–0.4); shuffle flips ≤{_pct(flips['bilstm'])}/"
+        f"{_pct(flips['transformer'])}; planted recovery attn "
+        f"{_pct(rec['bilstm']['attention'])}/{_pct(rec['transformer']['attention'])} vs chance "
+        f"{_pct(planted['bilstm']['recovery_chance'])}")
+    data["verdict"] = ("agrees: the BiLSTM's mean tau(attention, gradient x input) lies in "
+                       f"[{low}, {high}] on both tasks")
+    return RowResult(claim=CLAIM, anchor=ANCHOR, findings=findings, agrees=agrees,
+                     headline=headline, tables=tables, data=data)
+
+
+def _model_legend(fig, ax) -> None:
+    """One legend under the figure: a patch per model, then ax's own labelled artists."""
+    from matplotlib.patches import Patch
+
+    handles = [Patch(color=COLORS[m], alpha=0.6, label=MODEL_NAMES[m]) for m in MODELS]
+    fig.legend(handles=handles + ax.get_legend_handles_labels()[0], fontsize=8,
+               loc="upper center", ncol=3, bbox_to_anchor=(0.5, 0.0))
+
+
+def _boxes(ax, groups: list[tuple[str, str, list[float]]]) -> None:
+    """One box per (label, model, values), coloured by model."""
+    parts = ax.boxplot([values for _, _, values in groups], patch_artist=True, widths=0.6,
+                       medianprops={"color": "k"})
+    for box, (_, model, _) in zip(parts["boxes"], groups, strict=True):
+        box.set(facecolor=COLORS[model], alpha=0.6)
+    ax.set_xticks(range(1, len(groups) + 1), [label for label, _, _ in groups], fontsize=8,
+                  rotation=20)
+
+
+def figures(ctx: Context, results: dict) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = []
+    fig, axes = plt.subplots(1, len(results), figsize=(10, 4), sharey=True)
+    for ax, (task, per_model) in zip(axes, results.items(), strict=True):
+        ax.axhspan(*ANCHOR_TAU, color="0.85", label="Jain & Wallace 2019, BiLSTM (0.1–0.4)")
+        _boxes(ax, [(MEASURE_NAMES[p], m, [t for t in per_model[m]["tau"][p]
+                                                   if t == t]) for m in MODELS for p in PAIRS])
+        ax.set(title=f"{task} task", xlabel="attention against")
+    _model_legend(fig, axes[0])
+    axes[0].set_ylabel("Kendall τ-b per test example")
+    fig.suptitle("Rank agreement of attention with other importance measures")
+    names.append(ctx.save_figure(fig, "explain_tau.png"))
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    planted, width = results["planted"], 0.38
+    for i, m in enumerate(MODELS):
+        ax.bar([k + (i - 0.5) * width for k in range(len(MEASURES))],
+               [planted[m]["recovery"][k] for k in MEASURES], width, color=COLORS[m],
+               label=MODEL_NAMES[m])
+    ax.axhline(planted[MODELS[0]]["recovery_chance"], color="k", ls="--", label="chance (k/L)")
+    ax.set_xticks(range(len(MEASURES)), [MEASURE_NAMES[k] for k in MEASURES])
+    ax.set(ylim=(0, 1.05), ylabel="planted tokens among the top k (fraction)",
+           xlabel="importance measure", title="Recovery of the planted tokens (k = number planted)")
+    ax.legend(fontsize=8)
+    names.append(ctx.save_figure(fig, "explain_recovery.png"))
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    _boxes(ax, [(task, m, [max(t, 1e-6) for t in results[task][m]["permutation"][
+        "per_example_median_tvd"]]) for task in results for m in MODELS])
+    ax.set(yscale="log", ylabel="median TVD of the output over shuffles (floored at 1e-6)",
+           xlabel="task", title="Permutation test: shuffled attention weights")
+    _model_legend(fig, ax)
+    names.append(ctx.save_figure(fig, "explain_permutation.png"))
+    return names
+
+
+def run(ctx: Context) -> RowResult:
+    sizes = QUICK if ctx.quick else FULL
+    start = time.perf_counter()
+    ctx.progress("explain: building the tasks")
+    tasks = {"planted": planted_task(ctx, sizes), "code": code_task(ctx, sizes)}
+    results = {name: {} for name in tasks}
+    for i, (task_name, task) in enumerate(tasks.items()):
+        for j, kind in enumerate(MODELS):
+            results[task_name][kind] = study(ctx, task_name, task, kind, sizes, 2 * i + j)
+    data = {"sizes": sizes.__dict__, "results": results,
+            "examples": {name: {"train": len(t.train_x), "test": len(t.test_x),
+                                "length": t.train_x.shape[1], "vocab_size": t.vocab_size}
+                         for name, t in tasks.items()},
+            "anchor_tau": list(ANCHOR_TAU)}
+    result = summarise(results, data)
+    result.figures = figures(ctx, results)
+    data["seconds"] = time.perf_counter() - start
+    return result
+
+
+ROW = Row(name="explain", title="Weights are not explanations", run=run, minutes=3.0)
