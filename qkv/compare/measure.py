@@ -1,0 +1,139 @@
+"""What the cost and scale rows share: timing a step, its peak memory in a fresh process,
+doubling sizes, log-log slopes and log-log plots.
+
+A case's peak memory is the growth of the process's resident high-water mark over what it held
+just before its first call (the mark is reset first where Linux lets us, via clear_refs), read
+in a process of its own, forked from a server that imported torch once (as qkv.bench.cpu does).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import statistics
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+
+TIME_CAP = 2.0  # seconds of timed runs per case before the repetitions stop
+THREADS = 1  # the rows time every kind on one thread: on a shared machine, more threads wait
+# on each other (5-10x slower on 2 busy cores), and one thread compares the work each kind does
+
+
+@contextlib.contextmanager
+def threads(count: int = THREADS) -> Iterator[None]:
+    """torch on `count` threads inside the block, as before after it."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def fresh_processes(preload: Sequence[str]) -> ProcessPoolExecutor:
+    """Each task in a process of its own, forked from a server that imported `preload` once."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(list(preload))
+    return ProcessPoolExecutor(max_workers=1, mp_context=context, max_tasks_per_child=1)
+
+
+def run_elsewhere(function: Callable, case, processes: ProcessPoolExecutor | None):
+    """function(case) in a fresh process of `processes`, or here when it is None."""
+    if processes is None:
+        return function(case)
+    return processes.submit(function, case).result(timeout=1800)
+
+
+def reset_peak_rss() -> int:
+    """Reset this process's resident high-water mark where the system lets us (Linux
+    clear_refs); return the mark now: the baseline a peak is measured from."""
+    from qkv.bench.cpu import _rss_bytes
+
+    with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _rss_bytes()
+
+
+def return_freed_memory() -> None:
+    """Have glibc's malloc give every block of 64 KiB or more back to the system when it is
+    freed (a fixed mmap threshold), so that the resident size follows the live tensors; without
+    it, freed blocks stay in the heap and a later peak hides in them."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 64 << 10)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 128 << 10)  # M_TRIM_THRESHOLD
+
+
+def timed_runs(step: Callable[[], None], reps: int, *, memory: bool,
+               cap: float = TIME_CAP) -> dict:
+    """Run `step` once untimed (a warm-up: the first call of a size pays one-time costs, tens
+    of MB that stay), then once timed (measuring its peak memory above the baseline, if
+    `memory`), then more, up to `reps` timed runs in all, until `cap` seconds are spent (none
+    after a first timed run over 2 * cap). Returns seconds (the median of the timed runs),
+    times and peak_bytes (None without `memory`)."""
+    from qkv.bench.cpu import _rss_bytes
+
+    if memory:
+        return_freed_memory()
+    step()
+    baseline = reset_peak_rss() if memory else 0
+    start = time.perf_counter()
+    step()
+    first = time.perf_counter() - start
+    peak = _rss_bytes() - baseline if memory else None
+    times = [first]
+    while len(times) < reps and sum(times) < cap and first < 2 * cap:
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return {"seconds": statistics.median(times), "times": times, "peak_bytes": peak}
+
+
+def doubling(start: int, longest: int) -> list[int]:
+    """start, 2 start, 4 start, ... up to longest."""
+    sizes = []
+    while start <= longest:
+        sizes.append(start)
+        start *= 2
+    return sizes
+
+
+def loglog_slope(xs: Sequence[float], ys: Sequence[float | None]) -> float | None:
+    """The slope of log y against log x, fitted by numpy.polyfit over the upper half of the
+    points (all of them when there are fewer than four); None with fewer than two points."""
+    import numpy as np
+
+    pairs = [(x, y) for x, y in zip(xs, ys, strict=True) if y is not None and y > 0]
+    upper = pairs[len(pairs) // 2:] if len(pairs) >= 4 else pairs
+    if len(upper) < 2:
+        return None
+    x, y = np.log([p[0] for p in upper]), np.log([p[1] for p in upper])
+    return float(np.polyfit(x, y, 1)[0])
+
+
+def loglog_figure(series: dict[str, tuple[list, list]], *, xlabel: str, ylabel: str,
+                  title: str, base: int = 2):
+    """A log-log line plot with one labelled line per series {label: (xs, ys)}; (fig, ax)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for label, (xs, ys) in series.items():
+        points = [(x, y) for x, y in zip(xs, ys, strict=True) if y is not None and y > 0]
+        if points:
+            ax.plot(*zip(*points, strict=True), marker="o", label=label)
+    ax.set_xscale("log", base=base)
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    return fig, ax
