@@ -1,0 +1,233 @@
+"""Row `code`: the three matched models on real code (the stdlib corpus `qkv train` uses).
+
+A transformer, an LSTM and a TCN with matched parameter counts (qkv.nn.matched_models) train
+with one budget (the same steps, batches, windows and rate) on the corpus's training split. On
+the test split the row reports bits per byte (beside the byte bigram fitted to the training
+split) and the loss at each position of the test windows: position t predicts token t + 1 from
+the t + 1 tokens up to it, so a loss that keeps falling hundreds of positions in means the model
+uses context that far back.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from qkv.compare.core import Context, Row, RowResult, fit, markdown_table
+from qkv.data import BigramModel, LMWindows
+from qkv.nn.baselines import MODEL_KINDS, matched_models, parameter_counts
+from qkv.train.config import TrainConfig
+from qkv.train.data import BatchStream, prepare_data
+from qkv.train.evaluate import evaluate
+
+# Seed offsets (ctx.seed(offset)): the models' initial weights and the training batches' order.
+# The test split is a fixed part of the corpus and is read in order.
+INIT_SEED, TRAIN_SEED = 0, 1
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """The corpus, the models and the one training budget they all get."""
+
+    max_bytes: int = 3_000_000  # corpus cap, TrainConfig's default
+    vocab_size: int = 2048  # BPE, TrainConfig's default
+    seq_len: int = 512
+    d_model: int = 128  # the transformer's (TrainConfig's default model); baselines matched
+    n_layers: int = 4
+    n_heads: int = 4
+    steps: int = 120
+    batch_size: int = 8
+    lr: float = 2e-3
+    test_windows: int | None = None  # None: every whole test window
+    eval_batch: int = 16
+
+
+FULL = Sizes()
+QUICK = Sizes(max_bytes=120_000, vocab_size=320, seq_len=64, d_model=32, n_layers=2,
+              steps=8, batch_size=4, test_windows=24)
+
+
+@torch.no_grad()
+def position_losses(model: torch.nn.Module, windows: LMWindows, *, batch_size: int = 16,
+                    max_windows: int | None = None) -> torch.Tensor:
+    """(L,) float64: the mean next-token loss in nats at each position of `windows`.
+
+    Entry t averages, over the windows (all, or the first max_windows), the cross-entropy of the
+    model's prediction at position t of its target (the token at t + 1 of the stream). `model`
+    follows DecoderLM's convention: model(x (B, L)) -> (logits (B, L, V), _).
+    """
+    n = len(windows) if max_windows is None else min(len(windows), max_windows)
+    if n == 0:
+        raise ValueError("position_losses needs at least one window")
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(windows.seq_len, dtype=torch.float64)
+    for start in range(0, n, batch_size):
+        xs, ys = zip(*(windows[i] for i in range(start, min(n, start + batch_size))),
+                     strict=True)
+        x, y = torch.stack(xs), torch.stack(ys)  # (b, L)
+        logits, _ = model(x)  # (b, L, V)
+        nll = F.cross_entropy(logits.double().transpose(1, 2), y, reduction="none")  # (b, L)
+        total += nll.sum(0)
+    model.train(was_training)
+    return total / n
+
+
+def span_mean(losses: torch.Tensor | list[float], first: int, last: int) -> float:
+    """The mean of losses over positions first..last, counted from 1 and inclusive."""
+    return float(torch.as_tensor(losses, dtype=torch.float64)[first - 1:last].mean())
+
+
+def spans(seq_len: int) -> list[tuple[int, int]]:
+    """The reported position spans (from 1, inclusive): 1..8, L/8..L/4 and 7L/8..L (1-8,
+    64-128 and 448-512 at L = 512)."""
+    return [(1, min(8, seq_len)), (max(1, seq_len // 8), max(1, seq_len // 4)),
+            (max(1, seq_len - seq_len // 8), seq_len)]
+
+
+def _log_bins(losses: list[float]) -> tuple[list[float], list[float]]:
+    """Losses averaged in log-spaced position bins: (bin centres, bin means)."""
+    n = len(losses)
+    edges = np.unique(np.round(np.geomspace(1, n + 1, 24)).astype(int))
+    centres, means = [], []
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):  # positions lo .. hi - 1
+        centres.append(float(np.sqrt(lo * (hi - 1))))
+        means.append(float(np.mean(losses[lo - 1:hi - 1])))
+    return centres, means
+
+
+def _smooth(values: list[float], window: int) -> list[float]:
+    kernel = np.ones(window) / window
+    return np.convolve(values, kernel, mode="valid").tolist() if len(values) >= window else values
+
+
+def _figure(ctx: Context, results: dict, sizes: Sizes) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for kind in MODEL_KINDS:
+        r = results[kind]
+        centres, means = _log_bins(r["position_loss"])
+        left.plot(centres, means, marker=".", label=f"{kind} ({r['params'] / 1e6:.2f}M)")
+        window = max(1, sizes.steps // 20)
+        smoothed = _smooth(r["train_losses"], window)
+        right.plot(range(window, window + len(smoothed)), smoothed, label=kind)
+    left.set_xscale("log")
+    left.set_xlabel("position in the test window (tokens, log scale)")
+    left.set_ylabel("test loss (nats per token, log-binned)")
+    left.set_title(f"Loss against context position (stdlib code, L = {sizes.seq_len})")
+    left.legend()
+    right.set_xlabel("training step")
+    right.set_ylabel("training loss (nats per token, moving average)")
+    right.set_title(f"Training, same budget: {sizes.steps} steps x {sizes.batch_size} windows")
+    right.legend()
+    return ctx.save_figure(fig, "code_position_loss.png")
+
+
+def _train_and_test(ctx: Context, sizes: Sizes, data, total: int) -> dict:
+    """Train the three matched models with one budget; their test metrics."""
+    s = sizes
+    ctx.manual_seed(INIT_SEED)
+    models = matched_models(data.tokenizer.vocab_size, d_model=s.d_model, n_layers=s.n_layers,
+                            n_heads=s.n_heads, seq_len=s.seq_len)
+    counts = parameter_counts(models)
+    train, test = data.windows("train", s.seq_len), data.windows("test", s.seq_len)
+    max_batches = None if s.test_windows is None else -(-s.test_windows // s.eval_batch)
+    results = {}
+    for i, kind in enumerate(MODEL_KINDS):
+        model = models[kind]
+        stream = BatchStream(train, s.batch_size, seed=ctx.seed(TRAIN_SEED))  # same batches
+        start = time.perf_counter()
+        losses = fit(model, lambda step, stream=stream: stream.next(), steps=s.steps, lr=s.lr,
+                     progress=lambda step, i=i, kind=kind: ctx.progress(
+                         f"code: training {kind}", i * s.steps + step, total))
+        seconds = time.perf_counter() - start
+        ctx.progress(f"code: testing {kind}", (i + 1) * s.steps, total)
+        metrics = evaluate(model, test, data.token_bytes, batch_size=s.eval_batch,
+                           max_batches=max_batches)
+        per_position = position_losses(model, test, batch_size=s.eval_batch,
+                                       max_windows=metrics["tokens"] // s.seq_len)
+        results[kind] = {"params": counts[kind], "config": asdict(model.config),
+                         "train_losses": losses, "train_seconds": seconds,
+                         "test_loss": metrics["loss"], "test_bpb": metrics["bpb"],
+                         "test_tokens": metrics["tokens"], "test_bytes": metrics["bytes"],
+                         "position_loss": per_position.tolist()}
+    return results
+
+
+def _findings(results: dict, bigram: float, span_list) -> tuple[str, bool]:
+    """What the numbers show, and whether attention uses the long context best."""
+    (_, _), (m0, m1), (l0, l1) = span_list
+    gain = {k: span_mean(results[k]["position_loss"], m0, m1)
+            - span_mean(results[k]["position_loss"], l0, l1) for k in MODEL_KINDS}
+    bpb = {k: results[k]["test_bpb"] for k in MODEL_KINDS}
+    best_bpb = min(bpb, key=bpb.get)
+    best_gain = max(gain, key=gain.get)
+    text = ("Bits per byte on the test split: " + ", ".join(f"{k} {bpb[k]:.3f}" for k in bpb)
+            + f" (byte bigram {bigram:.3f}); from positions {m0}-{m1} to {l0}-{l1} the loss "
+            "falls by " + ", ".join(f"{gain[k]:+.3f}" for k in gain) + " nats "
+            f"({'/'.join(MODEL_KINDS)}). ")
+    if best_bpb == "transformer" and best_gain == "transformer":
+        text += ("At this budget the transformer both predicts best and gains the most from "
+                 "context hundreds of tokens back.")
+    else:
+        text += (f"At this small budget the {best_bpb} has the lowest bits per byte and the "
+                 f"{best_gain} gains the most from distant context, so the claim that attention "
+                 "uses long context best is NOT shown here"
+                 + (" (the transformer does predict best)." if best_bpb == "transformer"
+                    else "."))
+    return text, best_bpb == "transformer" and best_gain == "transformer"
+
+
+def run(ctx: Context) -> RowResult:
+    s = QUICK if ctx.quick else FULL
+    total = len(MODEL_KINDS) * s.steps
+    start = time.perf_counter()
+    ctx.progress("code: tokenizing the stdlib corpus", 0, total)
+    config = TrainConfig(max_bytes=s.max_bytes, vocab_size=s.vocab_size, seq_len=s.seq_len,
+                         batch_size=s.batch_size, seed=ctx.seed(TRAIN_SEED))
+    data = prepare_data(config)
+    bigram = BigramModel.fit(data.corpus.texts("train")).bits_per_byte(data.corpus.texts("test"))
+    prepare_seconds = time.perf_counter() - start
+    results = _train_and_test(ctx, s, data, total)
+    span_list = spans(s.seq_len)
+    figure = _figure(ctx, results, s)
+    findings, agrees = _findings(results, bigram, span_list)
+    span_names = [f"loss {a}-{b}" for a, b in span_list]
+    rows = []
+    for kind in MODEL_KINDS:
+        r = results[kind]
+        means = [span_mean(r["position_loss"], a, b) for a, b in span_list]
+        rows.append([kind, r["params"], r["test_bpb"], r["test_loss"], *means,
+                     means[0] - means[2], means[1] - means[2], r["train_seconds"]])
+    rows.append(["byte bigram", None, bigram, None] + [None] * (len(span_list) + 3))
+    a, m, last = span_names
+    table = markdown_table(
+        ["model", "params", "test bits/byte", "test loss (nats/token)", *span_names,
+         f"drop {a[5:]} to {last[5:]}", f"drop {m[5:]} to {last[5:]}", "train s"], rows)
+    headline = ("bits/byte " + ", ".join(f"{k} {results[k]['test_bpb']:.3f}" for k in MODEL_KINDS)
+                + f", bigram {bigram:.3f}; loss at {m[5:]} -> {last[5:]}: "
+                + ", ".join(f"{k} {row[5]:.2f}->{row[6]:.2f}"
+                            for k, row in zip(MODEL_KINDS, rows, strict=False)))
+    return RowResult(
+        claim="At matched size and training budget, attention uses context hundreds of tokens "
+              "back on real code better than recurrence (LSTM) or dilated convolution (TCN).",
+        anchor="No published number for this corpus; the claim is the common reading of "
+               "Vaswani et al. 2017 (a path of length one between any two tokens) against "
+               "recurrent and convolutional models.",
+        findings=findings, agrees=agrees, headline=headline, tables=[table], figures=[figure],
+        data={"sizes": asdict(s), "corpus": data.describe(),
+              "vocab_size": data.tokenizer.vocab_size,
+              "bigram_bpb": bigram, "spans": [list(p) for p in span_list],
+              "models": results, "prepare_seconds": prepare_seconds,
+              "seconds": time.perf_counter() - start})
+
+
+ROW = Row(name="code", title="Real code", run=run, minutes=7.0)

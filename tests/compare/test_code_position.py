@@ -1,0 +1,102 @@
+"""Rows `code` and `position`: the permutation check, the per-position loss, and tiny runs."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qkv.compare import Context, RowResult, Settings, code, position
+from qkv.data import LMWindows
+from qkv.nn import DecoderLM, Encoder, TransformerConfig
+from qkv.train.evaluate import evaluate
+
+
+def _encoder(positions: str) -> Encoder:
+    torch.manual_seed(0)
+    return Encoder(TransformerConfig(vocab_size=32, d_model=32, n_layers=2, n_heads=4,
+                                     max_len=16, positions=positions))
+
+
+def _inputs_and_perm():
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, 32, (3, 16), generator=g), torch.randperm(16, generator=g)
+
+
+def test_without_positions_attention_is_permutation_equivariant():
+    idx, perm = _inputs_and_perm()
+    assert position.permutation_difference(_encoder("none"), idx, perm) <= 1e-6
+
+
+@pytest.mark.parametrize("positions", ["learned", "sinusoidal", "rope", "alibi"])
+def test_with_positions_the_permutation_check_fails(positions):
+    idx, perm = _inputs_and_perm()
+    assert position.permutation_difference(_encoder(positions), idx, perm) > 1e-4
+
+
+def test_permutation_difference_rejects_a_non_permutation():
+    idx, _ = _inputs_and_perm()
+    with pytest.raises(ValueError, match="perm must be a permutation"):
+        position.permutation_difference(_encoder("none"), idx, torch.zeros(16, dtype=torch.long))
+
+
+def test_position_losses_match_a_direct_computation():
+    torch.manual_seed(0)
+    model = DecoderLM(TransformerConfig(vocab_size=50, d_model=16, n_layers=1, n_heads=2,
+                                        max_len=12))
+    windows = LMWindows(torch.randint(0, 50, (12 * 7 + 1,)), 12)  # 7 windows
+    got = code.position_losses(model, windows, batch_size=3)
+    direct = torch.zeros(12, dtype=torch.float64)
+    for i in range(len(windows)):
+        x, y = windows[i]
+        with torch.no_grad():
+            logits = model(x[None])[0][0].double()  # (L, V)
+        direct += torch.stack([F.cross_entropy(logits[t], y[t]) for t in range(12)])
+    torch.testing.assert_close(got, direct / len(windows), rtol=1e-5, atol=1e-6)
+    overall = evaluate(model, windows, torch.ones(50, dtype=torch.long), batch_size=4)["loss"]
+    assert got.mean().item() == pytest.approx(overall, rel=1e-5)
+    first_two = code.position_losses(model, windows, max_windows=2)
+    assert first_two.shape == (12,) and not torch.allclose(first_two, got)
+
+
+def test_spans_and_span_mean():
+    assert code.spans(512) == [(1, 8), (64, 128), (448, 512)]
+    assert code.span_mean([1.0, 2.0, 3.0, 4.0], 2, 3) == 2.5
+
+
+def _check_result(result: RowResult, out) -> None:
+    assert isinstance(result, RowResult)
+    for text in (result.claim, result.anchor, result.findings, result.headline):
+        assert isinstance(text, str) and text
+    assert result.agrees in (True, False, None)
+    assert result.tables and all(t.startswith("| ") for t in result.tables)
+    assert result.figures and all((out / name).stat().st_size > 0 for name in result.figures)
+    json.dumps(result.data)
+
+
+def test_code_row_runs_on_tiny_settings(tmp_path, monkeypatch):
+    monkeypatch.setattr(code, "QUICK", code.Sizes(
+        max_bytes=60_000, vocab_size=300, seq_len=16, d_model=32, n_layers=1, n_heads=2,
+        steps=2, batch_size=2, test_windows=4, eval_batch=4))
+    result = code.ROW.run(Context(Settings(quick=True), tmp_path))
+    _check_result(result, tmp_path)
+    models = result.data["models"]
+    assert set(models) == {"transformer", "lstm", "tcn"}
+    assert all(len(m["position_loss"]) == 16 and len(m["train_losses"]) == 2
+               for m in models.values())
+    assert code.ROW.name == "code" and code.ROW.title == "Real code"
+
+
+def test_position_row_runs_on_tiny_settings(tmp_path, monkeypatch):
+    monkeypatch.setattr(position, "SCHEMES", ("none", "learned", "alibi"))
+    monkeypatch.setattr(position, "QUICK", position.Sizes(
+        enc_len=8, enc_steps=2, enc_batch=4, seq_len=8, d_model=16, n_layers=1, n_heads=2,
+        steps=2, batch_size=4, n_test=8))
+    result = position.ROW.run(Context(Settings(quick=True), tmp_path))
+    _check_result(result, tmp_path)
+    eq = result.data["equivariance"]
+    assert eq["none"]["difference"] <= 1e-6 < eq["learned"]["difference"]
+    ex = result.data["extrapolation"]
+    assert ex["lengths"] == [8, 16, 32]
+    assert all(len(ex["schemes"][s]["accuracy"]) == 3 for s in position.SCHEMES)
+    assert position.ROW.name == "position" and position.ROW.title == "Position matters"
