@@ -89,7 +89,8 @@ def measure_layer(case: LayerCase) -> dict:
         layer(x).backward(grad)
 
     with threads():
-        return {**asdict(case), **timed_runs(step, case.reps, memory=case.memory),
+        return {**asdict(case), **timed_runs(step, case.reps, memory=case.memory,
+                                                 warmup=case.memory),
                 "threads": torch.get_num_threads()}
 
 

@@ -69,9 +69,9 @@ def return_freed_memory() -> None:
         libc.mallopt(-1, 128 << 10)  # M_TRIM_THRESHOLD
 
 
-def timed_runs(step: Callable[[], None], reps: int, *, memory: bool,
+def timed_runs(step: Callable[[], None], reps: int, *, memory: bool, warmup: bool = True,
                cap: float = TIME_CAP) -> dict:
-    """Run `step` once untimed (a warm-up: the first call of a size pays one-time costs, tens
+    """Run `step` once untimed if `warmup` (the first call of a size pays one-time costs, tens
     of MB that stay), then once timed (measuring its peak memory above the baseline, if
     `memory`), then more, up to `reps` timed runs in all, until `cap` seconds are spent (none
     after a first timed run over 2 * cap). Returns seconds (the median of the timed runs),
@@ -80,7 +80,8 @@ def timed_runs(step: Callable[[], None], reps: int, *, memory: bool,
 
     if memory:
         return_freed_memory()
-    step()
+    if warmup:
+        step()
     baseline = reset_peak_rss() if memory else 0
     start = time.perf_counter()
     step()
@@ -135,5 +136,6 @@ def loglog_figure(series: dict[str, tuple[list, list]], *, xlabel: str, ylabel: 
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    if ax.lines:
+        ax.legend()
     return fig, ax
