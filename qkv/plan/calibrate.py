@@ -1,0 +1,172 @@
+"""Throughputs that turn a plan's FLOPs and bytes into seconds.
+
+Three sources, in order of preference:
+- `qkv bench` results (the results.json that `qkv bench --device cpu --out DIR` writes; `qkv
+  plan` looks in runs/bench/results.json unless told otherwise) give the attention backends'
+  FLOP rates, by mode, causality and the sequence length nearest the plan's;
+- a quick measurement on the plan's device (about a second): a matmul of the model's widths,
+  one attention call per backend at min(n, 1024), a memory-bound add and a tiny op's overhead;
+- nominal figures, when nothing is measured: the estimate is then marked "uncalibrated".
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+DEFAULT_BENCH_RESULTS = Path("runs/bench/results.json")
+QUICK_MAX_N = 1024
+QUICK_FLOPS = 4e8  # the largest attention call the quick measurement makes
+_NOMINAL_ATTENTION = {"reference": 5e9, "chunked": 30e9, "sdpa": 60e9, "triton": 100e12}
+
+
+@dataclass(frozen=True)
+class Rates:
+    """matmul and attention FLOP/s ({backend: {"fwd"|"fwd_bwd": FLOP/s}}), memory bandwidth
+    in bytes/s, the fixed cost of one small op in seconds, and where they came from."""
+
+    matmul: float
+    attention: dict = field(hash=False)
+    bandwidth: float
+    op_seconds: float
+    source: str  # "qkv bench results (PATH)", "quick measurement on DEVICE" or "uncalibrated"
+    layer: object = field(default=None, hash=False)  # a LayerTiming (qkv.plan.layer_timing)
+
+    @property
+    def calibrated(self) -> bool:
+        return self.source != "uncalibrated"
+
+
+def nominal() -> Rates:
+    """Round figures for a two-core CPU; estimates from them are marked uncalibrated."""
+    return Rates(50e9, {b: {"fwd": r, "fwd_bwd": r} for b, r in _NOMINAL_ATTENTION.items()},
+                 5e9, 5e-6, "uncalibrated")
+
+
+def _seconds(fn, reps: int = 3) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _attention_rate(backend: str, heads: int, head_dim: int, n: int, causal: bool, mode: str,
+                    dtype: torch.dtype, device: torch.device) -> float:
+    """FLOP/s of one qkv.attention call (B = 1) on `backend`."""
+    import qkv
+    from qkv.attention.flops import attention_flops
+
+    gen = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(1, heads, n, head_dim, generator=gen, device=device, dtype=dtype,
+                           requires_grad=mode == "fwd_bwd") for _ in range(3))
+
+    def call():
+        out = qkv.attention(q, k, v, causal=causal, backend=backend)
+        if mode == "fwd_bwd":
+            out.backward(torch.ones_like(out))
+        _sync(device)
+
+    with torch.enable_grad() if mode == "fwd_bwd" else torch.no_grad():
+        seconds = _seconds(call, reps=2)
+    return attention_flops(1, heads, n, n, head_dim, causal=causal, mode=mode) / seconds
+
+
+def quick(d_model: int, d_ff: int, rows: int, head_dim: int, n: int, causal: bool,
+          backends: list[str], modes: list[str], dtype: torch.dtype = torch.float32,
+          device: str | torch.device = "cpu") -> Rates:
+    """Measure the rates here (about a second on a CPU): a (1024 x d_model) @ (d_model x d_ff)
+    matmul, one attention call per backend and mode over `rows` heads of min(n, 1024) tokens,
+    a 32 MB add and a tiny add's overhead."""
+    device = torch.device(device)
+    a = torch.randn(1024, d_model, device=device, dtype=dtype)
+    w = torch.randn(d_model, min(d_ff, 4096), device=device, dtype=dtype)
+    matmul = 2.0 * 1024 * d_model * w.shape[1] / _seconds(lambda: (a @ w, _sync(device)))
+    big = [torch.ones(8 << 20, device=device) for _ in range(3)]
+    bandwidth = 3 * big[0].nbytes / _seconds(lambda: (torch.add(big[0], big[1], out=big[2]),
+                                                       _sync(device)))
+    tiny = torch.ones(8, device=device)
+    op = _seconds(lambda: [tiny.add(1.0) for _ in range(200)]) / 200
+    m = max(1, min(n, QUICK_MAX_N))
+    attention = {b: {mode: _attention_rate(b, rows, head_dim, m, causal, mode, dtype, device)
+                     for mode in modes} for b in backends}
+    return Rates(matmul, attention, bandwidth, op, f"quick measurement on {device}")
+
+
+def from_bench(rates: Rates, path: str | Path, n: int, causal: bool) -> Rates | None:
+    """`rates` with the attention rates of `qkv bench` results at `path` (the row of each
+    backend, mode and causality at the sequence length nearest n), or None when the file does
+    not exist or holds no usable row. A file that is not such results raises ValueError."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "results.json"
+    if not path.is_file():
+        return None
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+        usable = [r for r in rows if r.get("tflops") and r.get("causal") == causal]
+    except (ValueError, AttributeError, TypeError) as e:
+        raise ValueError(f"{path} is not `qkv bench` results (a JSON list of rows): {e}") from None
+    attention = {b: dict(modes) for b, modes in rates.attention.items()}
+    found = False
+    for backend in attention:
+        for mode in ("fwd", "fwd_bwd"):
+            mine = [r for r in usable if r.get("backend") == backend and r.get("mode") == mode]
+            if mine:
+                best = min(mine, key=lambda r: abs(math.log(r["n"] / max(n, 1))))
+                attention[backend][mode] = best["tflops"] * 1e12
+                found = True
+    if not found:
+        return None
+    return replace(rates, attention=attention, source=f"qkv bench results ({path})")
+
+
+def rates_for(spec, n: int, batch: int, mode: str, dtype: str, device: torch.device,
+              bench: str | Path | None = DEFAULT_BENCH_RESULTS, measure: bool = True) -> Rates:
+    """The rates `qkv plan` uses for `spec`: a quick measurement on `device` (unless
+    `measure` is false: nominal, uncalibrated), its attention rates replaced by `qkv bench`
+    results where `bench` names an existing results file (CPU results, for a CPU device)."""
+    from qkv.plan.estimate import DEVICE_BACKENDS
+    from qkv.plan.memory import DTYPES
+
+    if not measure:
+        return nominal()
+    c = spec.config.attention()
+    causal = spec.kind == "decoder"
+    backends = list(DEVICE_BACKENDS[device.type])
+    modes = ["fwd_bwd" if mode == "train" else "fwd"]
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if device.type == "cpu" and dtype == "fp16":
+        torch_dtype["fp16"] = torch.float32  # CPU fp16 kernels are no guide; time fp32
+    assert dtype in DTYPES
+    from qkv.attention.flops import attention_flops
+
+    # As many (batch, head) rows as the step has, up to about QUICK_FLOPS per call
+    m = max(1, min(n, QUICK_MAX_N))
+    one = attention_flops(1, 1, m, m, c.head_dim, causal=causal, mode=modes[0])
+    rows = max(1, min(batch * c.n_heads, int(QUICK_FLOPS // one)))
+    rates = quick(spec.config.d_model, spec.config.feed_forward().d_ff, rows, c.head_dim, n,
+                  causal, backends, modes, torch_dtype[dtype], device)
+    from qkv.plan.layer_timing import time_layer
+
+    layer = time_layer(spec, n, batch, mode, torch_dtype[dtype], device, backends,
+                       rates.attention)
+    if layer is not None:
+        rates = replace(rates, layer=layer, source=rates.source + " (with the model's layer)")
+    if bench is not None and device.type == "cpu":
+        found = from_bench(rates, bench, n, causal)
+        if found is not None:
+            return replace(found, source=found.source + ", other rates by " + rates.source)
+    return rates
