@@ -1,0 +1,118 @@
+"""`qkv compare` from the command line: bad input is one error line, exit 2 and nothing on disk;
+a quick run end to end writes its report, results and plots."""
+
+import importlib.util
+import json
+import os
+import re
+
+import pytest
+from typer.testing import CliRunner
+
+import qkv.compare.runner as runner
+from qkv.cli.main import app
+from qkv.compare import ROW_NAMES, Row, RowResult, Settings
+
+UNWRITABLE = "/proc/qkv-no-such-folder"
+
+
+def _one_error_line(result, words: str) -> None:
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert words in lines[0], lines[0]
+    assert result.stdout == "" and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--only", "nope"], "unknown row 'nope'"),
+    (["--only", "cost,magic"], "unknown row 'magic'"),
+    (["--memory", "lots"], "'lots' is not a size"),
+    (["--memory", "1KiB"], "too small for even the smallest case"),
+    (["--max-len", "100"], "max_len must be at least 256"),
+    (["--seed", "-1"], "seed must be an integer >= 0"),
+    (["--out", "{tmp}/blocker"], "is not a folder"),
+    (["--out", "{tmp}/blocker/sub"], "blocker/sub"),
+    (["--out", UNWRITABLE], UNWRITABLE),
+])
+def test_bad_input_is_one_error_line_and_leaves_nothing(args, words, tmp_path):
+    (tmp_path / "blocker").write_text("a file\n")
+    before = sorted(tmp_path.rglob("*"))
+    cwd = os.getcwd()
+    os.chdir(tmp_path)  # the default --out would be created here
+    try:
+        result = CliRunner().invoke(app, ["compare", "--only", "cost",
+                                          *[a.replace("{tmp}", str(tmp_path)) for a in args]])
+    finally:
+        os.chdir(cwd)
+    _one_error_line(result, words)
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_the_options_are_named_in_the_error(tmp_path):
+    result = CliRunner().invoke(app, ["compare", "--memory", "lots", "--out", str(tmp_path)])
+    assert "Invalid value for --memory" in result.stderr
+
+
+def _fake_load(name):
+    def run(ctx):
+        ctx.progress("working", 1, 2)
+        return RowResult(claim="c", anchor="a", findings="f", agrees=True,
+                         headline=f"{name} numbers", data={"n": 1})
+
+    return Row(name=name, title=name, run=run, minutes=0.0)
+
+
+def test_other_settings_in_the_folder_are_refused_untouched(tmp_path, monkeypatch):
+    monkeypatch.setattr(runner, "load_row", _fake_load)
+    out = tmp_path / "out"
+    ok = CliRunner().invoke(app, ["compare", "--only", "cost", "--out", str(out)])
+    assert ok.exit_code == 0, ok.output
+    assert f"report: {out / 'report.md'}" in ok.stdout and "cost: cost numbers" in ok.stdout
+    files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    bad = CliRunner().invoke(app, ["compare", "--only", "cost", "--seed", "1", "--out",
+                                   str(out)])
+    _one_error_line(bad, "seed 0 there, 1 now")
+    assert "--overwrite" in bad.stderr
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == files
+    again = CliRunner().invoke(app, ["compare", "--only", "cost", "--seed", "1", "--overwrite",
+                                     "--out", str(out)])
+    assert again.exit_code == 0, again.output
+    assert json.loads((out / "results.json").read_text())["seed"] == 1
+
+
+def test_ctrl_c_says_how_to_resume(tmp_path, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "run_compare", interrupted)
+    result = CliRunner().invoke(app, ["compare", "--only", "cost", "--out", str(tmp_path)])
+    assert result.exit_code == 130
+    assert "run the same command again to resume" in result.stderr
+    assert len(result.stderr.splitlines()) == 1
+
+
+def _existing_rows() -> list[str]:
+    return [name for name in ROW_NAMES
+            if importlib.util.find_spec(f"qkv.compare.{name}") is not None]
+
+
+@pytest.mark.slow
+def test_quick_run_writes_report_results_and_every_plot(tmp_path):
+    rows = _existing_rows()
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["compare", "--quick", "--only", ",".join(rows), "--out",
+                                      str(out)])
+    assert result.exit_code == 0, result.output
+    report = (out / "report.md").read_text()
+    results = json.loads((out / "results.json").read_text())
+    assert results["settings"] == Settings(quick=True).as_dict()
+    for name in rows:
+        record = results["rows"][name]
+        assert record["result"]["data"], name
+        assert record["seconds"] > 0
+        for figure in record["result"]["figures"]:
+            assert (out / figure).stat().st_size > 0, figure
+    for figure in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report):
+        assert (out / figure).exists(), figure
+    assert "## Summary" in report and "Reproduce with:" in report
