@@ -19,6 +19,7 @@ import torch
 
 from qkv.compare.core import Context, Row, RowResult, markdown_table
 from qkv.compare.measure import (
+    WARMUP_BELOW,
     doubling,
     fresh_processes,
     loglog_figure,
@@ -69,6 +70,10 @@ class LayerCase:
     reps: int = 3
     memory: bool = True
 
+    @property
+    def warmup(self) -> bool:
+        return self.memory and predicted_bytes(self) < WARMUP_BELOW
+
 
 def predicted_bytes(case: LayerCase) -> int:
     """A generous guess of the case's peak memory: the reference's six n x n fp32 matrices per
@@ -90,7 +95,7 @@ def measure_layer(case: LayerCase) -> dict:
 
     with threads():
         return {**asdict(case), **timed_runs(step, case.reps, memory=case.memory,
-                                                 warmup=case.memory),
+                                                 warmup=case.warmup),
                 "threads": torch.get_num_threads()}
 
 

@@ -16,6 +16,9 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 
 TIME_CAP = 2.0  # seconds of timed runs per case before the repetitions stop
+# A case predicted to need more memory than this runs without a warm-up: the first call's
+# one-time costs (some tens of MB) are lost in its peak, and the warm-up would double its time.
+WARMUP_BELOW = 1 << 30
 THREADS = 1  # the rows time every kind on one thread: on a shared machine, more threads wait
 # on each other (5-10x slower on 2 busy cores), and one thread compares the work each kind does
 
@@ -121,6 +124,7 @@ def loglog_figure(series: dict[str, tuple[list, list]], *, xlabel: str, ylabel: 
                   title: str, base: int = 2):
     """A log-log line plot with one labelled line per series {label: (xs, ys)}; (fig, ax)."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -132,6 +136,10 @@ def loglog_figure(series: dict[str, tuple[list, list]], *, xlabel: str, ylabel: 
             ax.plot(*zip(*points, strict=True), marker="o", label=label)
     ax.set_xscale("log", base=base)
     ax.set_yscale("log")
+    ticks = sorted({x for xs, _ in series.values() for x in xs})
+    if 0 < len(ticks) <= 12:  # the sizes themselves, not powers of the base
+        ax.set_xticks(ticks, [str(x) for x in ticks])
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)

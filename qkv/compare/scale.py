@@ -19,6 +19,7 @@ import torch
 from qkv.compare.core import Context, Row, RowResult, markdown_table
 from qkv.compare.measure import (
     TIME_CAP,
+    WARMUP_BELOW,
     doubling,
     fresh_processes,
     loglog_figure,
@@ -39,7 +40,7 @@ SMALLEST_N = 256
 # layer; the prediction is 1.2-1.5x that.)
 LINEAR_BYTES_PER_TOKEN = 80 * D_MODEL * N_LAYERS
 QUADRATIC_BYTES = 3 * N_HEADS * N_LAYERS * 4  # three fp32 n x n matrices per head and layer
-TIME_BUDGET = {True: 5.0, False: 270.0}  # seconds for all backends: --quick, full
+TIME_BUDGET = {True: 5.0, False: 240.0}  # seconds for all backends: --quick, full
 UNBOUNDED = 1 << 24  # where the predicted memory wall stops being sought
 
 
@@ -49,6 +50,7 @@ class ModelCase:
     n: int
     reps: int = 2
     memory: bool = True
+    warmup: bool = True
 
 
 def model_config(backend: str, n: int):
@@ -120,7 +122,7 @@ def measure_model(case: ModelCase) -> dict:
 
     with threads():
         return {**asdict(case), **timed_runs(step, case.reps, memory=case.memory,
-                                             warmup=case.memory)}
+                                             warmup=case.warmup)}
 
 
 def _guess_seconds(rows: list[dict], backend: str, reps: int, warmup: bool) -> float:
@@ -144,7 +146,9 @@ def run(ctx: Context) -> RowResult:
     seconds_left = TIME_BUDGET[ctx.quick]
     rows: list[dict] = []
     stopped: set[str] = set()
-    cases = [ModelCase(b, n, reps, memory) for n in ns for b in BACKENDS]
+    cases = [ModelCase(b, n, reps, memory,
+                       memory and predicted_bytes(b, n, params) < WARMUP_BELOW)
+             for n in ns for b in BACKENDS]
     with fresh_processes(["qkv.compare.scale"]) if memory else contextlib.nullcontext() as pool:
         for i, case in enumerate(cases):
             ctx.progress(f"{case.backend}, n={case.n}", i, len(cases))
@@ -154,12 +158,12 @@ def run(ctx: Context) -> RowResult:
             row = {**asdict(case), "predicted_bytes": need, "fits": need <= cap}
             if need > cap:
                 stopped.add(case.backend)
-            elif _guess_seconds(rows, case.backend, reps, memory) > seconds_left:
+            elif _guess_seconds(rows, case.backend, reps, case.warmup) > seconds_left:
                 stopped.add(case.backend)
                 row["not_run"] = "over the row's time budget"
             else:
                 row.update(run_elsewhere(measure_model, case, pool))
-                seconds_left -= sum(row["times"]) + (row["seconds"] if memory else 0)
+                seconds_left -= sum(row["times"]) + (row["seconds"] if case.warmup else 0)
             rows.append(row)
     ctx.progress("plots", len(cases), len(cases))
     return _result(ctx, rows, ns, params, budget, cap, memory)
