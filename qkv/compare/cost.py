@@ -300,6 +300,10 @@ def _verdict(ns, slopes, steps, overtake, crossing, ratios, memory, tables, figu
                      f"{ref:.1f}x and the chunked layer's {chunked:.1f}x, beside LRA's about 11x.")
     elif not memory:
         findings += " Memory is not measured in quick mode."
+    skipped = [f"{LABELS[r['kind']]} at n={r['n']}, d={r['d']}" for r in data["rows"]
+               if "skipped" in r]
+    if skipped:
+        findings += (f" Skipped as predicted to pass the memory cap: {', '.join(skipped)}.")
     quadratic = (slopes["reference"]["time_vs_n"] or 0) >= 1.5
     linear = (slopes["lstm"]["time_vs_n"] or 9) <= 1.25
     if longest < 4096:

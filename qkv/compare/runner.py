@@ -123,8 +123,23 @@ def settings_conflicts(out: Path, settings: Settings) -> dict[str, list[str]]:
     return conflicts
 
 
+def _ours(out: Path) -> bool:
+    """Whether results.json in `out` is absent or one that run_compare wrote."""
+    try:
+        document = json.loads((Path(out) / RESULTS_FILE).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return not (Path(out) / REPORT_FILE).exists()
+    except (OSError, ValueError):
+        return False
+    return isinstance(document, dict) and {"settings", "rows", "command"} <= document.keys()
+
+
 def check_folder(out: Path, settings: Settings, overwrite: bool = False) -> None:
-    """ValueError if `out` holds rows run under other settings and `overwrite` is not set."""
+    """ValueError if `out` holds a results.json or report.md that qkv compare did not write,
+    or rows run under other settings and `overwrite` is not set."""
+    if not _ours(out):
+        raise ValueError(f"{out} holds a {RESULTS_FILE} or {REPORT_FILE} that qkv compare did "
+                         "not write; pick another --out")
     conflicts = settings_conflicts(out, settings)
     if conflicts and not overwrite:
         differ = sorted({k for keys in conflicts.values() for k in keys})

@@ -203,13 +203,19 @@ def _figures(ctx, rows, ns, params, budget, flop_n, memory_n, memory) -> list[st
                             ylabel="peak memory (GiB)",
                             title="Forward+backward memory against the budget")
     reach = doubling(SMALLEST_N, max(ns[-1], 2 * (memory_wall("reference", budget, params) or 0)))
-    for b in BACKENDS:
+    for color, (b, label) in zip(("C0", "C1"), (("reference", "reference"),
+                                               ("chunked", "chunked and sdpa")), strict=True):
         ax.plot(reach, [predicted_bytes(b, n, params) / 2**30 for n in reach], linestyle=":",
-                label=f"{b} (predicted)")
+                color=color, label=f"{label} (predicted)")
+    wall = memory_wall("reference", budget, params)
+    if wall is not None and wall <= reach[-1]:
+        ax.plot([wall], [predicted_bytes("reference", wall, params) / 2**30], "x", color="red",
+                markersize=10, label=f"reference does not fit (n={wall})")
     ax.axhline(budget / 2**30, color="red", label=f"budget {budget / 2**30:.3g} GiB")
     ax.axvline(memory_n, color="grey", linestyle="--",
                label=f"reference n x n memory passes the rest (n={memory_n:.0f})")
-    ax.legend(fontsize="small")
+    ax.set_xticks(reach, [str(n) for n in reach])
+    ax.legend(fontsize="small", loc="lower right")
     names.append(ctx.save_figure(fig, "scale_memory.png"))
     return names
 

@@ -141,3 +141,11 @@ def test_format_size_reads_back():
     for size in (8 << 30, 512 << 20, 2 * 10**9, 1536):
         assert parse_size(format_size(size)) == size
     assert format_size(8 << 30) == "8GiB"
+
+
+def test_a_folder_with_someone_elses_report_is_refused(tmp_path, fake):
+    (tmp_path / "report.md").write_text("my own notes\n")
+    with pytest.raises(ValueError, match="did not write; pick another --out"):
+        run_compare(QUICK, ["cost"], tmp_path)
+    assert (tmp_path / "report.md").read_text() == "my own notes\n"
+    assert fake.runs["cost"] == 0
