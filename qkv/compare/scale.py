@@ -245,7 +245,7 @@ def _result(ctx, rows, ns, params, budget, cap, memory) -> RowResult:
     text = {b: "—" if slopes[b]["time"] is None else f"{slopes[b]['time']:.2f}" for b in BACKENDS}
     findings = (f"With a {cap / 2**30:.3g} GiB budget the reference backend, which keeps n x n "
                 f"matrices, is predicted not to fit from n = {walls['reference']}, while chunked "
-                f"and sdpa are predicted to fit until n = {walls['chunked']} and "
+                f"and sdpa are predicted not to fit only from n = {walls['chunked']} and "
                 f"{walls['sdpa']}: the linear-memory kernels move the wall. Time grows as "
                 f"n^{text['reference']} (reference), n^{text['chunked']} (chunked) and "
                 f"n^{text['sdpa']} (sdpa) over the longer half of n; attention's score FLOPs "
@@ -271,10 +271,12 @@ def _result(ctx, rows, ns, params, budget, cap, memory) -> RowResult:
                                     (moved, "the wall does not move")) if not ok) + ".")
     else:
         findings += " The sizes of this run are too small for a verdict."
-    headline = (f"fits {cap / 2**30:.3g} GiB up to n={fits['reference']} (reference; wall "
-                f"{walls['reference']}), {fits['chunked']} run / wall {walls['chunked']} "
-                f"(chunked), {fits['sdpa']} run / wall {walls['sdpa']} (sdpa); time slope "
-                f"{text['chunked']} (chunked); score FLOPs pass the rest at n={flop_n:.0f}")
+    headline = (f"{cap / 2**30:.3g} GiB: reference runs to n={fits['reference']}, does not fit "
+                f"from n={walls['reference']}; chunked / sdpa run to n={fits['chunked']} / "
+                f"{fits['sdpa']}, predicted not to fit from n={walls['chunked']} / "
+                f"{walls['sdpa']}; "
+                f"time slope {text['chunked']} / {text['sdpa']}; score FLOPs pass the rest at "
+                f"n={flop_n:.0f}")
     return RowResult(
         claim=("Attention is not free to scale: the memory of an exact naive implementation "
                "grows as n^2, and linear-memory kernels move the memory wall but their time "
