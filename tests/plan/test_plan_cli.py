@@ -1,0 +1,77 @@
+"""`qkv plan` from the command line: its table, its JSON, and one error line for bad input."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from qkv.cli.main import app
+
+runner = CliRunner()
+TOML = "seq_len = 32\nvocab_size = 300\n[model]\nd_model = 32\nn_layers = 1\nn_heads = 2\n"
+
+
+def plan(*args):
+    return runner.invoke(app, ["plan", *args])
+
+
+def test_text_output_for_a_preset_in_decode():
+    result = plan("--model", "llama-8b", "--seq-len", "8192", "--mode", "decode",
+                  "--memory", "80GiB", "--dtype", "bf16", "--no-calibrate")
+    assert result.exit_code == 0, result.output
+    out = result.output
+    for words in ("parameters          8,030,261,248", "KV cache", "1.07 GB",
+                  "largest n that fits", "suggested backend", "uncalibrated",
+                  "attention's share passes half at n ="):
+        assert words in out
+    assert "gradients" not in out  # no training state in decode
+
+
+def test_json_keys_and_budget_from_the_device():
+    result = plan("--model", "demo", "--seq-len", "256", "--batch", "4", "--device", "cpu",
+                  "--json", "--no-calibrate")
+    assert result.exit_code == 0, result.output
+    p = json.loads(result.output)
+    assert {"model", "mode", "params", "flops", "flops_per_token", "attention_share",
+            "crossover_seq_len", "budget", "budget_source", "backends", "suggestion",
+            "time_source", "notes"} <= set(p)
+    assert p["budget_source"].startswith("this machine has")
+    backends = {b["backend"]: b for b in p["backends"]}
+    assert set(backends) == {"sdpa", "chunked", "reference"}
+    for b in backends.values():
+        assert {"weights", "gradients", "optimizer", "activations", "kv_cache", "attention",
+                "total"} == set(b["memory"])
+        assert b["max_seq_len"] > 256 and b["fits"] and b["seconds"] > 0
+    assert backends["reference"]["max_seq_len"] < backends["chunked"]["max_seq_len"]
+
+
+def test_calibrated_run_on_a_toml_model(tmp_path):
+    (tmp_path / "m.toml").write_text(TOML)
+    result = plan("--model", str(tmp_path / "m.toml"), "--seq-len", "32", "--mode", "decode",
+                  "--bench", str(tmp_path / "no-results.json"))
+    assert result.exit_code == 0, result.output
+    assert "quick measurement on cpu" in result.output
+
+
+def test_a_budget_too_small_for_one_token_says_so():
+    result = plan("--model", "gpt2", "--seq-len", "1024", "--memory", "1MB", "--no-calibrate")
+    assert result.exit_code == 0, result.output
+    assert "too small for even n = 1" in result.output
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--model", "gpt5", "--seq-len", "8"], "gpt2, gpt2-medium"),
+    (["--model", "{tmp}/shape.toml", "--seq-len", "8"], "divisible"),
+    (["--model", "{tmp}/missing.toml", "--seq-len", "8"], "does not exist"),
+    (["--model", "gpt2", "--seq-len", "8", "--memory", "lots"], "--memory must be a size"),
+    (["--model", "gpt2", "--seq-len", "0"], "--seq-len"),
+    (["--model", "gpt2", "--seq-len", "8", "--mode", "serve"], "--mode"),
+    (["--model", "minilm", "--seq-len", "8", "--mode", "decode"], "encoder"),
+])
+def test_bad_input_is_one_error_line_and_exit_2(tmp_path, args, words):
+    (tmp_path / "shape.toml").write_text("[model]\nd_model = 100\nn_heads = 3\n")
+    result = plan(*[a.format(tmp=tmp_path) for a in args], "--no-calibrate")
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], lines
+    assert "Traceback" not in result.output
