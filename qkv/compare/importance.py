@@ -143,7 +143,7 @@ def gradient_input(model: nn.Module, idx: torch.Tensor, batch_size: int = 256) -
 
 @torch.no_grad()
 def leave_one_out(model: nn.Module, idx: torch.Tensor, neutral_id: int,
-                  batch_size: int = 4096) -> torch.Tensor:
+                  batch_size: int = 1024) -> torch.Tensor:
     """|p_pred(x) - p_pred(x with token t replaced by neutral_id)| for every t: (N, L) float64,
     where p_pred is the probability of the class predicted for the unchanged x."""
     N, L = idx.shape
@@ -197,6 +197,25 @@ def kendall_tau_b(x: torch.Tensor, y: torch.Tensor, chunk: int = 256) -> torch.T
         denominator = (sa.abs().sum((1, 2)) * sb.abs().sum((1, 2))).sqrt()
         taus.append((sa * sb).sum((1, 2)) / denominator)  # 0/0 -> nan, as scipy
     return torch.cat(taus)
+
+
+def tau_summary(taus: torch.Tensor, pvalues: list[float]) -> dict:
+    """Mean, median, quartiles of per-example tau (nan rows left out) and the fraction of all
+    examples whose tau is significant at p < 0.05."""
+    valid = taus[~taus.isnan()]
+    q = [float("nan")] * 3
+    if len(valid):
+        q = torch.quantile(valid, torch.tensor([0.25, 0.5, 0.75], dtype=valid.dtype)).tolist()
+    return {"mean": valid.mean().item(), "median": q[1], "q25": q[0], "q75": q[2],
+            "significant": sum(p < 0.05 for p in pvalues) / len(pvalues),
+            "undefined": int(taus.isnan().sum()), "n": len(pvalues)}
+
+
+def kendall_pvalues(x: torch.Tensor, y: torch.Tensor) -> list[float]:
+    """scipy.stats.kendalltau's two-sided p-value for each row pair of x, y (N, L)."""
+    from scipy.stats import kendalltau
+
+    return [float(kendalltau(a, b).pvalue) for a, b in zip(x.numpy(), y.numpy(), strict=True)]
 
 
 def top_k_recovery(scores: torch.Tensor, planted: torch.Tensor) -> torch.Tensor:
