@@ -19,6 +19,7 @@ import torch
 
 from qkv.compare.core import Context, Row, RowResult, markdown_table
 from qkv.compare.measure import (
+    THREADS,
     WARMUP_BELOW,
     doubling,
     fresh_processes,
@@ -249,9 +250,10 @@ def _figures(ctx, times, peaks, by_d, ns, ds, n_fixed, overtake) -> list[str]:
     fig, ax = loglog_figure({LABELS[k]: (ns, [times[k].get(n) for n in ns]) for k in KINDS},
                             xlabel="sequence length n (tokens)",
                             ylabel="forward+backward time (s)",
-                            title=f"One layer, d = {D_FIXED}, batch 1")
+                            title=f"One layer, d = {D_FIXED}, batch 1, {THREADS} thread")
     if ns[0] <= overtake <= ns[-1]:
-        ax.axvline(overtake, color="grey", linestyle="--", label="attention FLOPs pass LSTM's")
+        ax.axvline(overtake, color="grey", linestyle="--",
+                   label=f"attention FLOPs pass LSTM's (n={overtake:.0f})")
         ax.legend()
     names.append(ctx.save_figure(fig, "cost_time_vs_n.png"))
     if peaks is not None:
@@ -263,7 +265,7 @@ def _figures(ctx, times, peaks, by_d, ns, ds, n_fixed, overtake) -> list[str]:
         names.append(ctx.save_figure(fig, "cost_memory_vs_n.png"))
     fig, _ = loglog_figure({LABELS[k]: (list(ds), [by_d[k].get(d) for d in ds]) for k in KINDS},
                            xlabel="model width d", ylabel="forward+backward time (s)",
-                           title=f"One layer, n = {n_fixed}, batch 1")
+                           title=f"One layer, n = {n_fixed}, batch 1, {THREADS} thread")
     names.append(ctx.save_figure(fig, "cost_time_vs_d.png"))
     return names
 

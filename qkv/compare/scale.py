@@ -18,6 +18,7 @@ import torch
 
 from qkv.compare.core import Context, Row, RowResult, markdown_table
 from qkv.compare.measure import (
+    THREADS,
     TIME_CAP,
     WARMUP_BELOW,
     doubling,
@@ -191,7 +192,8 @@ def _figures(ctx, rows, ns, params, budget, flop_n, memory_n, memory) -> list[st
     time_series = {b: (ns, [_measured(rows, b, "seconds").get(n) for n in ns]) for b in BACKENDS}
     fig, ax = loglog_figure(time_series, xlabel="sequence length n (tokens)",
                             ylabel="forward+backward time (s)",
-                            title=f"DecoderLM, {N_LAYERS} layers, d={D_MODEL}, batch 1")
+                            title=f"DecoderLM, {N_LAYERS} layers, d={D_MODEL}, batch 1, "
+                                  f"{THREADS} thread")
     ax.axvline(flop_n, color="grey", linestyle="--",
                label=f"score FLOPs pass the rest (n={flop_n:.0f})")
     ax.legend()
@@ -215,7 +217,7 @@ def _figures(ctx, rows, ns, params, budget, flop_n, memory_n, memory) -> list[st
     ax.axvline(memory_n, color="grey", linestyle="--",
                label=f"reference n x n memory passes the rest (n={memory_n:.0f})")
     ax.set_xticks(reach, [str(n) for n in reach])
-    ax.legend(fontsize="small", loc="lower right")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1))
     names.append(ctx.save_figure(fig, "scale_memory.png"))
     return names
 
@@ -271,8 +273,8 @@ def _result(ctx, rows, ns, params, budget, cap, memory) -> RowResult:
                                     (moved, "the wall does not move")) if not ok) + ".")
     else:
         findings += " The sizes of this run are too small for a verdict."
-    headline = (f"{cap / 2**30:.3g} GiB: reference runs to n={fits['reference']}, does not fit "
-                f"from n={walls['reference']}; chunked / sdpa run to n={fits['chunked']} / "
+    headline = (f"{cap / 2**30:.3g} GiB: reference runs to n={fits['reference']}, predicted not "
+                f"to fit from n={walls['reference']}; chunked / sdpa run to n={fits['chunked']} / "
                 f"{fits['sdpa']}, predicted not to fit from n={walls['chunked']} / "
                 f"{walls['sdpa']}; "
                 f"time slope {text['chunked']} / {text['sdpa']}; score FLOPs pass the rest at "
