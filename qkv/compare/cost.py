@@ -73,7 +73,7 @@ class LayerCase:
 
     @property
     def warmup(self) -> bool:
-        return self.memory and predicted_bytes(self) < WARMUP_BELOW
+        return predicted_bytes(self) < WARMUP_BELOW
 
 
 def predicted_bytes(case: LayerCase) -> int:

@@ -22,6 +22,14 @@ def _cell(text: str) -> str:
     return " ".join(str(text).split()).replace("|", "\\|")
 
 
+def _setting(key: str, value) -> str:
+    if key == "memory_budget" and isinstance(value, int):
+        from qkv.compare.runner import format_size
+
+        return format_size(value)
+    return str(value)
+
+
 def _summary(rows: dict) -> str:
     lines = []
     for name, record in rows.items():
@@ -70,7 +78,7 @@ def render(document: dict) -> str:
              "- versions: " + ", ".join(f"{k} {v}" for k, v in document["versions"].items()),
              f"- torch threads: {document['threads']}",
              f"- seed: {document['seed']}; settings: " + ", ".join(
-                 f"{k}={v}" for k, v in document["settings"].items()),
+                 f"{k}={_setting(k, v)}" for k, v in document["settings"].items()),
              f"- written: {document['date']}; rows finished: {done} of {len(rows)}", "",
              "## Summary", "", _summary(rows), ""]
     for number, (name, record) in enumerate(rows.items(), start=1):

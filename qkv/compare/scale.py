@@ -147,8 +147,7 @@ def run(ctx: Context) -> RowResult:
     seconds_left = TIME_BUDGET[ctx.quick]
     rows: list[dict] = []
     stopped: set[str] = set()
-    cases = [ModelCase(b, n, reps, memory,
-                       memory and predicted_bytes(b, n, params) < WARMUP_BELOW)
+    cases = [ModelCase(b, n, reps, memory, predicted_bytes(b, n, params) < WARMUP_BELOW)
              for n in ns for b in BACKENDS]
     with fresh_processes(["qkv.compare.scale"]) if memory else contextlib.nullcontext() as pool:
         for i, case in enumerate(cases):
