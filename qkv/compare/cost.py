@@ -209,7 +209,7 @@ def _result(ctx: Context, rows: list[dict], ns: list[int], ds: tuple, n_fixed: i
                 for kind in ("reference", "chunked")}
     ratios = {kind: _ratio(peaks[kind], 1024, 4096) if memory else None for kind in KINDS}
     figures = _figures(ctx, times, peaks, by_d, ns, ds, n_fixed, overtake)
-    tables = _tables(times, peaks, by_d, slopes, steps, ns, ds)
+    tables = _tables(times, peaks, by_d, slopes, steps, ns, ds, n_fixed)
     data = {"rows": rows, "ns": ns, "ds": list(ds), "d_fixed": D_FIXED,
             "n_fixed": n_fixed, "slopes": slopes,
             "sequential_steps": {k: {str(n): v for n, v in s.items()} for k, s in steps.items()},
@@ -218,31 +218,35 @@ def _result(ctx: Context, rows: list[dict], ns: list[int], ds: tuple, n_fixed: i
     return _verdict(ns, slopes, steps, overtake, crossing, ratios, memory, tables, figures, data)
 
 
-def _tables(times, peaks, by_d, slopes, steps, ns, ds) -> list[str]:
+def _tables(times, peaks, by_d, slopes, steps, ns, ds, n_fixed) -> list[str]:
     head = [LABELS[k] for k in KINDS]
-    table = [markdown_table(
-        ["n", *(f"{h} time (ms)" for h in head)],
-        [[n, *(_cell(times[k], n, 1e3) for k in KINDS)] for n in ns])]
+    tables = [f"*Forward+backward time of one layer against n (d = {D_FIXED}, batch 1, "
+              f"{THREADS} thread; median of up to 3 runs).*\n\n" + markdown_table(
+                  ["n", *(f"{h} time (ms)" for h in head)],
+                  [[n, *(_cell(times[k], n, 1e3) for k in KINDS)] for n in ns])]
     if peaks is not None:
-        table.append(markdown_table(
-            ["n", *(f"{h} peak memory (MiB)" for h in head)],
-            [[n, *(_cell(peaks[k], n, 2**-20) for k in KINDS)] for n in ns]))
+        tables.append("*Peak resident memory above the baseline, each case in a fresh "
+                      "process.*\n\n" + markdown_table(
+                          ["n", *(f"{h} peak memory (MiB)" for h in head)],
+                          [[n, *(_cell(peaks[k], n, 2**-20) for k in KINDS)] for n in ns]))
     else:
-        table.append("Memory is not measured in quick mode (every case runs in one process).")
-    table.append(markdown_table(
-        ["n", "sequential steps: attention", "TCN (blocks)", "LSTM",
-         "attention layer GFLOP (fwd)", "LSTM layer GFLOP (fwd)"],
-        [[n, steps["chunked"][n], steps["tcn"][n], steps["lstm"][n],
-          attention_layer_flops(n, D_FIXED, n_heads(D_FIXED)) / 1e9,
-          lstm_flops(n, D_FIXED, D_FIXED) / 1e9] for n in ns]))
-    table.append(markdown_table(
+        tables.append("Memory is not measured in quick mode (every case runs in one process).")
+    tables.append("*Operations that must run one after another, and forward FLOPs.*\n\n"
+                  + markdown_table(
+                      ["n", "sequential steps: attention", "TCN (blocks)", "LSTM",
+                       "attention layer GFLOP (fwd)", "LSTM layer GFLOP (fwd)"],
+                      [[n, steps["chunked"][n], steps["tcn"][n], steps["lstm"][n],
+                        attention_layer_flops(n, D_FIXED, n_heads(D_FIXED)) / 1e9,
+                        lstm_flops(n, D_FIXED, D_FIXED) / 1e9] for n in ns]))
+    tables.append(f"*Time against the width d at n = {n_fixed}.*\n\n" + markdown_table(
         ["d", *(f"{h} time (ms)" for h in head)],
         [[d, *(_cell(by_d[k], d, 1e3) for k in KINDS)] for d in ds]))
-    table.append(markdown_table(
-        ["layer", "time slope vs n", "memory slope vs n", "time slope vs d"],
-        [[LABELS[k], slopes[k]["time_vs_n"], slopes[k]["memory_vs_n"], slopes[k]["time_vs_d"]]
-         for k in KINDS]))
-    return table
+    tables.append("*Log-log slopes, fitted over the upper half of the points.*\n\n"
+                  + markdown_table(
+                      ["layer", "time slope vs n", "memory slope vs n", "time slope vs d"],
+                      [[LABELS[k], slopes[k]["time_vs_n"], slopes[k]["memory_vs_n"],
+                        slopes[k]["time_vs_d"]] for k in KINDS]))
+    return tables
 
 
 def _figures(ctx, times, peaks, by_d, ns, ds, n_fixed, overtake) -> list[str]:

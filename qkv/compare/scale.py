@@ -234,14 +234,19 @@ def _result(ctx, rows, ns, params, budget, cap, memory) -> RowResult:
                                                                          "peak_bytes")
     measured_memory_n = next((n for n in ns if n in ref and n in chunked
                               and ref[n] - chunked[n] > chunked[n]), None)
-    tables = [markdown_table(
-        ["n", *(f"{b} time (s)" for b in BACKENDS), *(f"{b} peak (MiB)" for b in BACKENDS)],
-        [[n, *(_cell(rows, b, n, "seconds", 1.0) for b in BACKENDS),
-          *(_cell(rows, b, n, "peak_bytes", 2**-20) for b in BACKENDS)] for n in ns])]
-    tables.append(markdown_table(
-        ["backend", "largest n run", "first n predicted not to fit", "time slope",
-         "memory slope"],
-        [[b, fits[b], walls[b], slopes[b]["time"], slopes[b]["memory"]] for b in BACKENDS]))
+    caption = (f"*One forward+backward of the model ({N_LAYERS} layers, d = {D_MODEL}, "
+               f"{N_HEADS} heads, vocabulary {VOCAB}, batch 1, {THREADS} thread): time, and "
+               "peak memory in a fresh process.*\n\n")
+    header = ["n", *(f"{b} time (s)" for b in BACKENDS), *(f"{b} peak (MiB)" for b in BACKENDS)]
+    body = [[n, *(_cell(rows, b, n, "seconds", 1.0) for b in BACKENDS),
+             *(_cell(rows, b, n, "peak_bytes", 2**-20) for b in BACKENDS)] for n in ns]
+    tables = [caption + markdown_table(header, body)]
+    caption = ("*Where each backend stops: the largest n run, and the first n whose predicted "
+               "memory passes the budget.*\n\n")
+    header = ["backend", "largest n run", "first n predicted not to fit", "time slope",
+              "memory slope"]
+    body = [[b, fits[b], walls[b], slopes[b]["time"], slopes[b]["memory"]] for b in BACKENDS]
+    tables.append(caption + markdown_table(header, body))
     figures = _figures(ctx, rows, ns, params, budget, flop_n, memory_n, memory)
     text = {b: "—" if slopes[b]["time"] is None else f"{slopes[b]['time']:.2f}" for b in BACKENDS}
     findings = (f"With a {cap / 2**30:.3g} GiB budget the reference backend, which keeps n x n "
