@@ -282,6 +282,7 @@ def _verdict(runs: dict, longest: int, batch: int) -> tuple[bool, str, str]:
     paths_ok = (fall["transformer"] or 0) >= 0.1 and (fall["lstm"] or 0) <= 0.01
     anchor_ok = ratio["lstm"] >= 0.8 and ratio["tcn"] <= 0.1
     steps = run["models"]["lstm"]["steps"]
+    above = [k for k in MODEL_KINDS if ratio[k] > 1.2]
     grads = "; ".join(f"{k} —" if fall[k] is None else f"{k} {fall[k]:.2g}"
                       + (" (under float64's range)" if fall[k] == 0 else "") for k in MODEL_KINDS)
     findings = (
@@ -296,8 +297,8 @@ def _verdict(runs: dict, longest: int, batch: int) -> tuple[bool, str, str]:
         + f" the no-memory level ({floor:.3g}); at T={PAPER_T} Bai et al. report the LSTM at 1.0× "
         f"and the TCN at {PAPER_LOSS['tcn'] / no_memory_loss(PAPER_T):.1e}× after training on "
         f"{PAPER_SEQUENCES:,} sequences (ours: {steps * batch:,}). "
-        + "".join(f"The {k}'s loss is still above the no-memory level: it has not yet learned "
-                  "even to predict the blanks. " for k in MODEL_KINDS if ratio[k] > 1.2)
+        + (f"Still above the no-memory level ({', '.join(above)}): not yet even the blanks are "
+           "predicted. " if above else "")
         + ("Ours shows the same pattern." if anchor_ok else
            "Ours does not reproduce the TCN's result: "
            + ("with a budget this small no model learns to recall the symbols."
