@@ -250,13 +250,14 @@ def run_compare(settings: Settings, rows: Sequence[str] | None, out: Path, *,
 def _run_locked(settings, names, out, overwrite, progress) -> dict:
     report = progress or (lambda *args: None)
     wanted = settings.as_dict()
+    check_folder(out, settings, overwrite)  # again, now that no other run can write here
     for name, record in saved_rows(out).items():
-        if record["settings"] != wanted or (overwrite and name in names):
+        if record["settings"] != wanted:  # only under overwrite
             _forget(out, name, record)
     saved = saved_rows(out)
     document = None
     for index, name in enumerate(names):
-        if name in saved:
+        if name in saved and not overwrite:  # under overwrite, replaced when the rerun ends
             report(index + 1, len(names), name, "already done", None, None)
             continue
         row = load_row(name)

@@ -149,3 +149,13 @@ def test_a_folder_with_someone_elses_report_is_refused(tmp_path, fake):
         run_compare(QUICK, ["cost"], tmp_path)
     assert (tmp_path / "report.md").read_text() == "my own notes\n"
     assert fake.runs["cost"] == 0
+
+
+def test_overwrite_keeps_the_old_row_until_its_rerun_ends(tmp_path, fake):
+    run_compare(QUICK, ["path"], tmp_path)
+    fake.fail = True
+    with pytest.raises(RuntimeError):
+        run_compare(QUICK, ["path"], tmp_path, overwrite=True)
+    saved = json.loads((tmp_path / "rows" / "path.json").read_text())
+    assert saved["result"]["headline"] == "path headline 1"
+    assert "path headline 1" in (tmp_path / "report.md").read_text()
