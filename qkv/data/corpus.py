@@ -159,7 +159,8 @@ def _jsonl_documents(path: Path, text_key: str) -> Iterator[Document]:
 class CorpusConfig:
     """Where a corpus comes from and how much of it to use.
 
-    source: "stdlib", a folder, a glob pattern, or a `.jsonl` file (one object per line).
+    source: "stdlib", a folder, a glob pattern, a `.jsonl` file (one object per line), or a
+    protein corpus: "proteins" or a FASTA file (qkv.data.proteins; split by sequence id).
     text_key: the JSONL field that holds the text.
     suffixes: for folders and globs, keep only files with these suffixes (e.g. (".py",)).
     max_files / max_bytes: caps on the corpus (by document: shared among the splits by their
@@ -211,6 +212,8 @@ class Corpus:
     "document" or "position" (see CorpusConfig).
     """
 
+    summary: str = ""  # a FASTA source: what it held, what reading it changed or left out
+
     def __init__(self, documents: list[Document], fractions=DEFAULT_FRACTIONS,
                  split: str = "document"):
         _check_fractions(fractions)
@@ -236,6 +239,9 @@ class Corpus:
         malformed or lacks the text field (the message names the line).
         """
         config = CorpusConfig(source, **options)
+        from qkv.data.proteins import is_protein_source, load_protein_corpus  # builds on this
+        if is_protein_source(source):
+            return load_protein_corpus(config)
         files = _source_files(config)
         split = _resolve_split(config, files)
         caps = _Caps(config, split)

@@ -96,13 +96,17 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Tokenizer:
-        """Read a tokenizer.json (or a directory holding one) written by `save`."""
+        """Read a tokenizer.json (or a directory holding one) written by `save`: a
+        qkv.data.residues.ResidueTokenizer for the residue tokenizer's file, else a Tokenizer."""
         path = Path(path)
         if path.is_dir():
             path = path / "tokenizer.json"
         if not path.is_file():
             raise FileNotFoundError(f"no tokenizer file at {path}")
-        return cls(_HFTokenizer.from_file(str(path)))
+        hf = _HFTokenizer.from_file(str(path))
+        from qkv.data.residues import ResidueTokenizer, is_residue_hf  # it builds on this module
+
+        return ResidueTokenizer(hf) if is_residue_hf(hf) else cls(hf)
 
     def __repr__(self) -> str:
         return (f"Tokenizer(vocab_size={self.vocab_size}, eos_id={self.eos_id}, "

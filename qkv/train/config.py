@@ -14,13 +14,15 @@ from typing import Any
 import torch
 
 from qkv.data.corpus import SPLIT_MODES
+from qkv.data.proteins import is_protein_source
+from qkv.data.residues import RESIDUE_VOCAB_SIZE
 from qkv.device import resolve_device
 from qkv.nn import TransformerConfig
 from qkv.nn.config import check_choice, check_float, check_int, from_dict
 from qkv.units import format_bytes
 
 PRECISIONS = ("fp32", "bf16", "fp16")
-TOKENIZERS = ("bpe", "byte")
+TOKENIZERS = ("bpe", "byte", "residue")
 DEVICES = ("auto", "cpu", "cuda")
 MAX_SEED = 2**63 - 1  # what a 64-bit signed int holds (TOML, torch generators)
 
@@ -39,6 +41,12 @@ class TrainConfig:
     the tokenizer is trained on the training split only. Model: `model` holds TransformerConfig
     fields (vocab_size comes from the tokenizer; max_len defaults to seq_len) over DEFAULT_MODEL.
     One optimizer step sees batch_size * grad_accum * world_size windows of seq_len tokens.
+
+    Protein corpora ("proteins" or a FASTA file, qkv.data.proteins) train on whole sequences
+    batched by length (qkv.data.LengthBucketSampler): a micro-batch holds at most batch_size
+    sequences and max_tokens padded tokens, and seq_len is the longest input (a longer sequence
+    is cut into pieces of seq_len); their tokenizer is "residue" ("bpe", the default, means
+    "residue" there), or "byte".
     """
 
     # data
@@ -49,9 +57,10 @@ class TrainConfig:
     split_fractions: tuple[float, float, float] = (0.9, 0.05, 0.05)  # train, validation, test
     max_bytes: int | None = 3_000_000
     max_files: int | None = None
-    tokenizer: str = "bpe"  # bpe | byte
+    tokenizer: str = "bpe"  # bpe | byte | residue (protein corpora)
     vocab_size: int = 2048  # BPE only
     seq_len: int = 128
+    max_tokens: int | None = None  # protein corpora: padded tokens a micro-batch holds at most
     # model
     model: dict[str, Any] = field(default_factory=dict)
     # optimisation
@@ -97,8 +106,10 @@ class TrainConfig:
         check_int("max_bytes", self.max_bytes, optional=True)
         check_int("max_files", self.max_files, optional=True)
         check_choice("tokenizer", self.tokenizer, TOKENIZERS)
+        self._check_protein_settings()
         check_int("vocab_size", self.vocab_size, minimum=258)
         check_int("seq_len", self.seq_len, minimum=2)
+        check_int("max_tokens", self.max_tokens, optional=True)
         if not isinstance(self.model, dict):
             raise ValueError(_MODEL_NOT_A_TABLE.format(type(self.model).__name__))
         if "vocab_size" in self.model:
@@ -135,6 +146,19 @@ class TrainConfig:
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if not isinstance(self.out_dir, str) or not self.out_dir:
             raise ValueError(f"out_dir must be a non-empty path, got {self.out_dir!r}")
+
+    def _check_protein_settings(self) -> None:
+        """The tokenizer and split a protein corpus takes (and a text corpus refuses)."""
+        if not is_protein_source(self.corpus):
+            if self.tokenizer == "residue":
+                raise ValueError(f"tokenizer 'residue' is for protein corpora ('proteins' or a "
+                                 f".fa/.fasta/.faa file, .gz too), not {self.corpus!r}")
+            return
+        if self.tokenizer == "bpe":
+            self.tokenizer = "residue"
+        if self.split == "position":
+            raise ValueError("split must be 'document' or 'auto' for a protein corpus: "
+                             "'position' would cut every sequence apart")
 
     def model_config(self, vocab_size: int) -> TransformerConfig:
         """The TransformerConfig of the model: DEFAULT_MODEL, then `model`, then vocab_size."""
@@ -175,11 +199,12 @@ TRAINING_BYTES_PER_PARAM = 16
 def count_params(config: TrainConfig, vocab_size: int | None = None) -> int:
     """Parameters of the DecoderLM that `config` trains, counted on the meta device (nothing is
     allocated). vocab_size defaults to the largest the tokenizer can give: vocab_size for BPE,
-    258 for bytes."""
+    258 for bytes, 29 for residues."""
     from qkv.nn import DecoderLM
 
     if vocab_size is None:
-        vocab_size = config.vocab_size if config.tokenizer == "bpe" else 258
+        vocab_size = {"bpe": config.vocab_size, "byte": 258,
+                      "residue": RESIDUE_VOCAB_SIZE}[config.tokenizer]
     with torch.device("meta"):
         return DecoderLM(config.model_config(vocab_size)).num_params()
 
