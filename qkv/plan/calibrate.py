@@ -4,13 +4,16 @@ Three sources, in order of preference:
 - `qkv bench` results (the results.json that `qkv bench --device cpu --out DIR` writes; `qkv
   plan` looks in runs/bench/results.json unless told otherwise) give the attention backends'
   FLOP rates, by mode, causality and the sequence length nearest the plan's;
-- a quick measurement on the plan's device (about a second): a matmul of the model's widths,
-  one attention call per backend at min(n, 1024), a memory-bound add and a tiny op's overhead;
+- a quick measurement on the plan's device (a second or a few): a matmul of the model's widths,
+  one attention call per backend at min(n, 1024), a memory-bound add and a tiny op's overhead,
+  and, for layers up to 50M parameters, one of the model's own layers, its LM head and its
+  optimizer step (qkv.plan.layer_timing), which the plan scales to the whole step;
 - nominal figures, when nothing is measured: the estimate is then marked "uncalibrated".
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -21,7 +24,7 @@ import torch
 
 DEFAULT_BENCH_RESULTS = Path("runs/bench/results.json")
 QUICK_MAX_N = 1024
-QUICK_FLOPS = 4e8  # the largest attention call the quick measurement makes
+QUICK_FLOPS = 1.5e9  # the largest attention call the quick measurement makes
 _NOMINAL_ATTENTION = {"reference": 5e9, "chunked": 30e9, "sdpa": 60e9, "triton": 100e12}
 
 
@@ -48,13 +51,33 @@ def nominal() -> Rates:
                  5e9, 5e-6, "uncalibrated")
 
 
+_CLOCK = [time.perf_counter]
+
+
+def clock() -> float:
+    """What timings read: wall-clock seconds, or this process's CPU seconds in `cpu_clock`."""
+    return _CLOCK[0]()
+
+
+@contextlib.contextmanager
+def cpu_clock():
+    """Time with this process's CPU time (user and system) instead of the wall clock: on a
+    machine shared with other work, one thread's CPU seconds leave out the time that others
+    hold the cores."""
+    _CLOCK.insert(0, time.process_time)
+    try:
+        yield
+    finally:
+        _CLOCK.pop(0)
+
+
 def _seconds(fn, reps: int = 3) -> float:
     fn()
     times = []
     for _ in range(reps):
-        start = time.perf_counter()
+        start = clock()
         fn()
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return min(times)
 
 
@@ -139,7 +162,6 @@ def rates_for(spec, n: int, batch: int, mode: str, dtype: str, device: torch.dev
     `measure` is false: nominal, uncalibrated), its attention rates replaced by `qkv bench`
     results where `bench` names an existing results file (CPU results, for a CPU device)."""
     from qkv.plan.estimate import DEVICE_BACKENDS
-    from qkv.plan.memory import DTYPES
 
     if not measure:
         return nominal()
@@ -150,7 +172,6 @@ def rates_for(spec, n: int, batch: int, mode: str, dtype: str, device: torch.dev
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     if device.type == "cpu" and dtype == "fp16":
         torch_dtype["fp16"] = torch.float32  # CPU fp16 kernels are no guide; time fp32
-    assert dtype in DTYPES
     from qkv.attention.flops import attention_flops
 
     # As many (batch, head) rows as the step has, up to about QUICK_FLOPS per call

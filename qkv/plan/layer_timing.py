@@ -9,17 +9,17 @@ plans for bigger models use the matmul and bandwidth rates instead (qkv.plan.cal
 from __future__ import annotations
 
 import statistics
-import time
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from qkv.attention.flops import attention_flops
+from qkv.plan.calibrate import clock
 
-LAYER_FLOPS = 2e9  # the most matmul FLOPs one timed call may take
+LAYER_FLOPS = 6e9  # the most matmul FLOPs one timed call may take
 MAX_LAYER_PARAMS = 50_000_000
-DECODE_CACHE = 2048  # the longest cache a decode step is timed against
+DECODE_CACHE = 4096  # the longest cache a decode step is timed against
 
 
 @dataclass(frozen=True)
@@ -38,9 +38,9 @@ def _median_seconds(fn, reps: int = 3) -> float:
     fn()  # warm-up
     times = []
     for _ in range(reps):
-        start = time.perf_counter()
+        start = clock()
         fn()
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return statistics.median(times)
 
 
@@ -57,7 +57,7 @@ def _layer_step(spec, n, batch, train, dtype, device, backend, attention_rate) -
     layer = _make_layer(spec, dtype, device)
     params = sum(p.numel() for p in layer.parameters())
     passes = 3 if train else 1
-    rows = max(16, min(n, 512, int(LAYER_FLOPS / (2 * params * passes))))
+    rows = max(16, min(n, 2048, int(LAYER_FLOPS / (2 * params * passes))))
     b = max(1, min(batch, int(LAYER_FLOPS / (2 * params * passes * rows))))
     x = torch.randn(b, rows, spec.config.d_model, device=device, dtype=dtype,
                     requires_grad=train)
@@ -112,12 +112,12 @@ def _optimizer_step(spec, device) -> float:
 
 def _decode_step(spec, n, batch, dtype, device, backend) -> tuple[float, float]:
     """(a, b): one layer's decode step takes a + b * m seconds against a cache of m tokens,
-    fitted from steps against min(n, DECODE_CACHE) and half that."""
+    fitted from steps against one token and min(n, DECODE_CACHE) tokens."""
     from qkv.nn import DynamicCache
 
     layer = _make_layer(spec, dtype, device)
     a = spec.config.attention()
-    lengths = sorted({max(1, min(n, DECODE_CACHE) // 2), max(1, min(n, DECODE_CACHE))})
+    lengths = sorted({1, max(1, min(n, DECODE_CACHE))})
     seconds = []
     for m in lengths:
         cache = DynamicCache()
@@ -132,7 +132,7 @@ def _decode_step(spec, n, batch, dtype, device, backend) -> tuple[float, float]:
             with torch.no_grad():
                 layer(x, positions=positions, cache=cache, backend=backend)
 
-        seconds.append(_median_seconds(step))
+        seconds.append(_median_seconds(step, reps=5))
     if len(lengths) == 1:
         return seconds[0], 0.0
     slope = max((seconds[1] - seconds[0]) / (lengths[1] - lengths[0]), 0.0)

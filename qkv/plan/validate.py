@@ -14,13 +14,13 @@ import ctypes
 import gc
 import multiprocessing
 import statistics
-import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
 from qkv.nn import TransformerConfig
+from qkv.plan.calibrate import clock, cpu_clock
 from qkv.plan.presets import ModelSpec, build
 
 _M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
@@ -91,7 +91,7 @@ def _train_steps(model, case: Case, reps: int) -> list[float]:
     y = torch.randint(vocab, (case.batch, case.n), generator=gen)
     times = []
     for _ in range(reps):
-        start = time.perf_counter()
+        start = clock()
         if case.kind == "decoder":
             _, loss = model(x, y, backend=case.backend)
         else:
@@ -101,7 +101,7 @@ def _train_steps(model, case: Case, reps: int) -> list[float]:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
     return times
 
 
@@ -112,12 +112,12 @@ def _prefill_steps(model, case: Case, reps: int) -> list[float]:
     times = []
     with torch.no_grad():
         for _ in range(reps):
-            start = time.perf_counter()
+            start = clock()
             if case.kind == "decoder":
                 model(x, last_only=True, backend=case.backend)
             else:
                 model(x, backend=case.backend)
-            times.append(time.perf_counter() - start)
+            times.append(clock() - start)
     return times
 
 
@@ -140,9 +140,9 @@ def _decode_steps(model, case: Case, reps: int) -> list[float]:
     times = []
     with torch.no_grad():
         for _ in range(reps):
-            start = time.perf_counter()
+            start = clock()
             model(x, cache=cache, last_only=True, backend=case.backend)
-            times.append(time.perf_counter() - start)
+            times.append(clock() - start)
     return times
 
 
@@ -168,11 +168,11 @@ def fix_mmap_threshold(threshold: int = 1 << 16) -> bool:
         return False
 
 
-def measure_in_process(case: Case, fixed_mmap: bool = True) -> dict:
+def measure_in_process(case: Case, fixed_mmap: bool = True, cpu_time: bool = False) -> dict:
     """Run `case` here: {"peak_bytes", "seconds", "fixed_mmap"} (seconds: the median step
     after the first; train and prefill repeat the step, decode takes `reps` steps). With
     `fixed_mmap`, see fix_mmap_threshold; else glibc's default, whose freed blocks may stay
-    resident."""
+    resident. With `cpu_time`, seconds are this process's CPU seconds (see cpu_clock)."""
     fixed_mmap = fix_mmap_threshold() if fixed_mmap else False
     if case.threads:
         torch.set_num_threads(case.threads)
@@ -183,7 +183,8 @@ def measure_in_process(case: Case, fixed_mmap: bool = True) -> dict:
     base = _rss()
     if not _reset_hwm():
         raise OSError("cannot reset the memory high-water mark (/proc/self/clear_refs)")
-    times = _run(case, max(case.reps, 2))
+    with cpu_clock() if cpu_time else contextlib.nullcontext():
+        times = _run(case, max(case.reps, 2))
     steady = times[1:] if len(times) > 1 else times
     return {"peak_bytes": max(_hwm() - base, 0), "seconds": statistics.median(steady),
             "fixed_mmap": fixed_mmap}
@@ -198,12 +199,13 @@ def fresh_processes() -> ProcessPoolExecutor:
 
 
 def measure(case: Case, processes: ProcessPoolExecutor | None = None, *,
-            fixed_mmap: bool = True, timeout: float = 900) -> dict:
+            fixed_mmap: bool = True, cpu_time: bool = False, timeout: float = 900) -> dict:
     """Peak memory and time of `case`, measured in a fresh process (one of `processes`)."""
     with contextlib.ExitStack() as stack:
         if processes is None:
             processes = stack.enter_context(fresh_processes())
-        return processes.submit(measure_in_process, case, fixed_mmap).result(timeout=timeout)
+        return processes.submit(measure_in_process, case, fixed_mmap,
+                                cpu_time).result(timeout=timeout)
 
 
 def case_dict(case: Case) -> dict:
@@ -241,12 +243,17 @@ def predict(case: Case, rates) -> dict:
     return {"peak_bytes": row.memory["total"], "seconds": row.seconds}
 
 
-def validate(cases=VALIDATION_CASES, *, threads: int = 1, default_malloc: bool = False,
+def validate(cases=VALIDATION_CASES, *, threads: int = 1, cpu_time: bool = True,
              progress=None) -> list[dict]:
     """Predicted against measured peak memory and time for each case, on `threads` CPU
-    threads (the plan calibrated here on as many). Rows: label, predicted and measured bytes
-    and seconds, their ratios (predicted / measured), and with `default_malloc` the peak
-    measured under glibc's default allocator settings too."""
+    threads (the plan calibrated here on as many), timed in CPU seconds with `cpu_time` (see
+    cpu_clock; for one thread on a shared machine) or else wall-clock seconds.
+
+    Each case runs twice, each time in a fresh process: once with glibc's mmap threshold fixed
+    (fix_mmap_threshold), for the peak of the live tensors, and once under glibc's default
+    settings, for the time and for the peak a user's process shows (`default_malloc_bytes`).
+    Rows: label, predicted and measured bytes and seconds, and their ratios (predicted /
+    measured)."""
     from qkv.plan.calibrate import rates_for
 
     torch.set_num_threads(threads)
@@ -254,21 +261,20 @@ def validate(cases=VALIDATION_CASES, *, threads: int = 1, default_malloc: bool =
     with fresh_processes() as processes:
         for case in cases:
             case = replace(case, threads=threads)
-            rates = rates_for(case.spec, case.n, case.batch, case.mode, case.dtype,
-                              torch.device("cpu"), bench=None)
+            with cpu_clock() if cpu_time else contextlib.nullcontext():
+                rates = rates_for(case.spec, case.n, case.batch, case.mode, case.dtype,
+                                  torch.device("cpu"), bench=None)
             predicted = predict(case, rates)
-            measured = measure(case, processes)
-            row = {"case": case.label(), "mode": case.mode, "backend": case.backend,
-                   "predicted_bytes": predicted["peak_bytes"],
-                   "measured_bytes": measured["peak_bytes"],
-                   "memory_ratio": predicted["peak_bytes"] / max(measured["peak_bytes"], 1),
-                   "predicted_seconds": predicted["seconds"],
-                   "measured_seconds": measured["seconds"],
-                   "time_ratio": predicted["seconds"] / measured["seconds"]}
-            if default_malloc:
-                row["default_malloc_bytes"] = measure(case, processes,
-                                                      fixed_mmap=False)["peak_bytes"]
-            rows.append(row)
+            tensors = measure(case, processes, cpu_time=cpu_time)
+            default = measure(case, processes, fixed_mmap=False, cpu_time=cpu_time)
+            rows.append({"case": case.label(), "mode": case.mode, "backend": case.backend,
+                         "predicted_bytes": predicted["peak_bytes"],
+                         "measured_bytes": tensors["peak_bytes"],
+                         "memory_ratio": predicted["peak_bytes"] / max(tensors["peak_bytes"], 1),
+                         "default_malloc_bytes": default["peak_bytes"],
+                         "predicted_seconds": predicted["seconds"],
+                         "measured_seconds": default["seconds"],
+                         "time_ratio": predicted["seconds"] / default["seconds"]})
             if progress is not None:
-                progress(row)
+                progress(rows[-1])
     return rows
