@@ -187,6 +187,16 @@ def _cell(rows, backend: str, n: int, key: str, scale: float):
     return row[key] * scale if row.get(key) is not None else "not measured"
 
 
+def _last_doubling(times: dict[int, float]) -> float | None:
+    """The log-log slope of time between the two longest sequences measured."""
+    import math
+
+    ns = sorted(times)
+    if len(ns) < 2:
+        return None
+    return math.log(times[ns[-1]] / times[ns[-2]]) / math.log(ns[-1] / ns[-2])
+
+
 def _figures(ctx, rows, ns, params, budget, flop_n, memory_n, memory) -> list[str]:
     time_series = {b: (ns, [_measured(rows, b, "seconds").get(n) for n in ns]) for b in BACKENDS}
     fig, ax = loglog_figure(time_series, xlabel="sequence length n (tokens)",
@@ -228,7 +238,8 @@ def _result(ctx, rows, ns, params, budget, cap, memory) -> RowResult:
     walls = {b: memory_wall(b, cap, params) for b in BACKENDS}
     slopes = {b: {"time": loglog_slope(ns, [_measured(rows, b, "seconds").get(n) for n in ns]),
                   "memory": loglog_slope(ns, [_measured(rows, b, "peak_bytes").get(n)
-                                              for n in ns]) if memory else None}
+                                              for n in ns]) if memory else None,
+                  "time_last_doubling": _last_doubling(_measured(rows, b, "seconds"))}
               for b in BACKENDS}
     ref, chunked = _measured(rows, "reference", "peak_bytes"), _measured(rows, "chunked",
                                                                          "peak_bytes")
@@ -249,12 +260,16 @@ def _result(ctx, rows, ns, params, budget, cap, memory) -> RowResult:
     tables.append(caption + markdown_table(header, body))
     figures = _figures(ctx, rows, ns, params, budget, flop_n, memory_n, memory)
     text = {b: "—" if slopes[b]["time"] is None else f"{slopes[b]['time']:.2f}" for b in BACKENDS}
+    last = {b: "—" if slopes[b]["time_last_doubling"] is None
+            else f"{slopes[b]['time_last_doubling']:.2f}" for b in BACKENDS}
     findings = (f"With a {cap / 2**30:.3g} GiB budget the reference backend, which keeps n x n "
                 f"matrices, is predicted not to fit from n = {walls['reference']}, while chunked "
                 f"and sdpa are predicted not to fit only from n = {walls['chunked']} and "
                 f"{walls['sdpa']}: the linear-memory kernels move the wall. Time grows as "
                 f"n^{text['reference']} (reference), n^{text['chunked']} (chunked) and "
-                f"n^{text['sdpa']} (sdpa) over the longer half of n; attention's score FLOPs "
+                f"n^{text['sdpa']} (sdpa) over the longer half of n, and over the last doubling "
+                f"each ran as n^{last['reference']}, n^{last['chunked']} and n^{last['sdpa']}; "
+                f"attention's score FLOPs "
                 f"pass the rest of the model's at n = {flop_n:.0f}, and reference's n x n "
                 f"memory passes the other activations at n = {memory_n:.0f} by the prediction")
     findings += (f" ({measured_memory_n} measured)." if measured_memory_n else ".")

@@ -133,6 +133,7 @@ def test_the_scale_row_stops_each_backend_at_its_wall(tmp_path, in_process):
     assert all("seconds" in r for r in ref[:-1])
     assert data["largest_n_run"]["reference"] < data["largest_n_run"]["chunked"]
     assert data["slopes"]["reference"]["memory"] == pytest.approx(2.0)
+    assert data["slopes"]["chunked"]["time_last_doubling"] == pytest.approx(2.0)
     assert result.agrees is True, result.findings
     assert "does not fit" in result.tables[0]
     json.dumps(data)
