@@ -87,10 +87,15 @@ def _run(settings, names: list[str], out: Path, overwrite: bool) -> None:
         overall = bars.add_task("rows", total=len(names))
         current = bars.add_task("", total=None, visible=False)
 
+        shown = {"row": None}
+
         def progress(done, total, name, description, completed, row_total):
             bars.update(overall, completed=done, description=f"rows ({name})")
-            bars.update(current, description=f"  {name}: {description}", visible=True,
-                        completed=completed or 0, total=row_total)
+            if shown["row"] != name:  # a new row: its own bar starts empty, without a total
+                shown["row"] = name
+                bars.reset(current, total=None, visible=True)
+            step = {} if completed is None else {"completed": completed, "total": row_total}
+            bars.update(current, description=f"  {name}: {description}", **step)
 
         try:
             document = runner.run_compare(settings, names, out, overwrite=overwrite,
