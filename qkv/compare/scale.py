@@ -205,7 +205,7 @@ def _figures(ctx, rows, ns, params, budget, flop_n, memory_n, memory) -> list[st
                                   f"{THREADS} thread")
     ax.axvline(flop_n, color="grey", linestyle="--",
                label=f"score FLOPs pass the rest (n={flop_n:.0f})")
-    ax.legend()
+    ax.legend(loc="lower right")
     names = [ctx.save_figure(fig, "scale_time.png")]
     series = ({f"{b} (measured)": (ns, [None if (v := _measured(rows, b, "peak_bytes").get(n))
                                         is None else v / 2**30 for n in ns])
