@@ -55,13 +55,19 @@ def test_position_losses_match_a_direct_computation():
     torch.testing.assert_close(got, direct / len(windows), rtol=1e-5, atol=1e-6)
     overall = evaluate(model, windows, torch.ones(50, dtype=torch.long), batch_size=4)["loss"]
     assert got.mean().item() == pytest.approx(overall, rel=1e-5)
-    first_two = code.position_losses(model, windows, max_windows=2)
-    assert first_two.shape == (12,) and not torch.allclose(first_two, got)
+    first_two = code.window_losses(model, windows, max_windows=2)
+    assert first_two.shape == (2, 12)
+    torch.testing.assert_close(first_two.mean(0), code.position_losses(model, windows,
+                                                                       max_windows=2))
 
 
-def test_spans_and_span_mean():
+def test_spans_span_mean_and_span_drop():
     assert code.spans(512) == [(1, 8), (64, 128), (448, 512)]
     assert code.span_mean([1.0, 2.0, 3.0, 4.0], 2, 3) == 2.5
+    losses = torch.tensor([[3.0, 3.0, 1.0, 2.0], [4.0, 4.0, 1.0, 1.0]], dtype=torch.float64)
+    drop, se = code.span_drop(losses, (1, 2), (3, 4))  # per-window drops 1.5 and 3
+    assert drop == pytest.approx(2.25)
+    assert se == pytest.approx(torch.tensor([1.5, 3.0]).std().item() / 2 ** 0.5)
 
 
 def _check_result(result: RowResult, out) -> None:
@@ -74,6 +80,7 @@ def _check_result(result: RowResult, out) -> None:
     json.dumps(result.data)
 
 
+@pytest.mark.slow  # tokenizes part of the stdlib corpus and trains three models
 def test_code_row_runs_on_tiny_settings(tmp_path, monkeypatch):
     monkeypatch.setattr(code, "QUICK", code.Sizes(
         max_bytes=60_000, vocab_size=300, seq_len=16, d_model=32, n_layers=1, n_heads=2,
@@ -83,7 +90,7 @@ def test_code_row_runs_on_tiny_settings(tmp_path, monkeypatch):
     models = result.data["models"]
     assert set(models) == {"transformer", "lstm", "tcn"}
     assert all(len(m["position_loss"]) == 16 and len(m["train_losses"]) == 2
-               for m in models.values())
+               and m["test_windows"] == 4 for m in models.values())
     assert code.ROW.name == "code" and code.ROW.title == "Real code"
 
 
