@@ -113,9 +113,19 @@ def test_recall_cells_keep_only_those_that_fit():
 TINY_MODEL = ModelSize(d_model=16, n_layers=1, n_heads=2)
 
 
-def _run(name: str, out, calls: list):
+class _Unsaved(Context):
+    """A context that draws but does not write figures (saves time in a repeated run)."""
+
+    def save_figure(self, fig, name: str) -> str:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+        return name
+
+
+def _run(name: str, out, calls: list, context=Context):
     progress = lambda *args: calls.append(args)  # noqa: E731
-    return load_row(name).run(Context(Settings(quick=True, seed=3), out, progress=progress))
+    return load_row(name).run(context(Settings(quick=True, seed=3), out, progress=progress))
 
 
 def _check(result, out, figures: int):
@@ -152,7 +162,7 @@ def test_path_row_runs_small_and_is_deterministic(tmp_path, monkeypatch):
     assert len(grads["grad_init"]) == len(grads["grad_trained"]) == 6 + 20
     assert "grad_init" not in runs["4"]["models"]["lstm"] and len(grads["train_loss"]) == 3
     assert math.isclose(runs["6"]["no_memory_loss"], 10 * math.log(8) / 26)
-    second = _run("path", tmp_path / "b", [])
+    second = _run("path", tmp_path / "b", [], context=_Unsaved)
     assert _without_seconds(first.data) == _without_seconds(second.data)
 
 
