@@ -38,3 +38,13 @@ def format_bytes(n: float) -> str:
         if n < 999.5 or unit == "PB":
             return f"{n:.3g} {unit}" if n < 999.5 else f"{n:,.0f} {unit}"
     raise AssertionError
+
+
+def exact_size(n: int) -> str:
+    """A byte count as parse_bytes reads it back exactly: the largest unit that divides it, else
+    plain bytes ("8GiB", "2GB", "512MiB", "1234")."""
+    for unit, scale in (("TiB", 1 << 40), ("TB", 1000**4), ("GiB", 1 << 30), ("GB", 1000**3),
+                        ("MiB", 1 << 20), ("MB", 1000**2), ("KiB", 1 << 10), ("kB", 1000)):
+        if n % scale == 0:
+            return f"{n // scale}{unit}"
+    return str(n)

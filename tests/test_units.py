@@ -2,7 +2,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from qkv.units import format_bytes, parse_bytes
+from qkv.units import exact_size, format_bytes, parse_bytes
 
 
 @pytest.mark.parametrize(("text", "expected"), [
@@ -32,3 +32,10 @@ def test_format_then_parse_is_within_rounding(n):
     number, unit = format_bytes(n).split(" ")
     back = parse_bytes(number.replace(",", "") + ("" if unit == "bytes" else unit))
     assert abs(back - n) <= 0.005 * n + 1
+
+
+def test_exact_size_reads_back_exactly():
+    for n in (8 << 30, 512 << 20, 2 * 10**9, 1536, 7, 1234):
+        assert parse_bytes(exact_size(n)) == n
+    assert exact_size(8 << 30) == "8GiB" and exact_size(2 * 10**9) == "2GB"
+    assert exact_size(1234) == "1234"

@@ -39,6 +39,7 @@ def compare(
 
     with user_errors():
         from qkv.compare import Settings, runner
+        from qkv.units import parse_bytes
 
         rows = [name.strip() for value in only or () for name in value.split(",")
                 if name.strip()]
@@ -47,7 +48,7 @@ def compare(
         except ValueError as e:
             raise typer.BadParameter(str(e), param_hint="--only") from None
         try:
-            budget = runner.parse_size(memory)
+            budget = parse_bytes(memory, "it")
         except ValueError as e:
             raise typer.BadParameter(str(e), param_hint="--memory") from None
         settings = Settings(quick=quick, seed=seed, max_len=max_len, memory_budget=budget)

@@ -24,9 +24,9 @@ def _cell(text: str) -> str:
 
 def _setting(key: str, value) -> str:
     if key == "memory_budget" and isinstance(value, int):
-        from qkv.compare.runner import format_size
+        from qkv.units import exact_size
 
-        return format_size(value)
+        return exact_size(value)
     return str(value)
 
 

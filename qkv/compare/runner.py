@@ -13,8 +13,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
-import math
-import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -22,6 +20,7 @@ from pathlib import Path
 
 from qkv.compare import ROW_NAMES, Context, RowResult, Settings, load_row
 from qkv.io import atomic_write_text
+from qkv.units import exact_size
 
 ROWS_DIR = "rows"
 RESULTS_FILE = "results.json"
@@ -30,33 +29,6 @@ SMALLEST_N = 256  # the shortest sequence of the cost and scale rows
 
 # progress(rows_done, rows_total, row_name, description, completed, total)
 ProgressFn = Callable[[int, int, str, str, "float | None", "float | None"], None]
-
-_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3,
-          "gb": 1000**3, "t": 1000**4, "tb": 1000**4, "kib": 1 << 10, "mib": 1 << 20,
-          "gib": 1 << 30, "tib": 1 << 40}
-
-
-def parse_size(text: str) -> int:
-    """Bytes in a size such as "8GiB", "512MiB", "2GB", "1.5G" or "4096" (GB = 10^9 bytes,
-    GiB = 2^30; a bare K/M/G/T is decimal like kB/MB/GB/TB); ValueError if it is not one."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*", str(text))
-    unit = match.group(2).lower() if match else None
-    if match is None or unit not in _UNITS:
-        raise ValueError(f"{text!r} is not a size; write it like 8GiB, 512MiB, 2GB or 1.5G")
-    size = float(match.group(1)) * _UNITS[unit]
-    if not math.isfinite(size) or size < 1:
-        raise ValueError(f"{text!r} is not a size of at least one byte")
-    return int(size)
-
-
-def format_size(size: int) -> str:
-    """A size as parse_size reads it back: the largest binary unit that divides it, else bytes
-    ("8GiB", "512MiB", "2000000000")."""
-    for unit, scale in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if size % scale == 0:
-            return f"{size // scale}{unit}"
-    return str(size)
-
 
 class SettingError(ValueError):
     """A setting that no run can use; `setting` names it (a field of Settings)."""
@@ -90,7 +62,7 @@ def check_settings(settings: Settings, rows: Sequence[str]) -> None:
     for name in rows:
         need = getattr(sys.modules.get(load_row(name).run.__module__), "min_memory", None)
         if need is not None and settings.memory_budget < (least := need(settings)):
-            budget = format_size(settings.memory_budget)
+            budget = exact_size(settings.memory_budget)
             raise SettingError("memory_budget", f"memory budget {budget} is too small for even "
                                f"the smallest case of row {name!r}, "
                                f"which needs about {least / 2**20:.0f} MiB")
@@ -165,7 +137,7 @@ def command_line(out: Path, settings: Settings, rows: Sequence[str]) -> str:
     if settings.max_len is not None:
         parts += ["--max-len", str(settings.max_len)]
     if settings.memory_budget != Settings().memory_budget:
-        parts += ["--memory", format_size(settings.memory_budget)]
+        parts += ["--memory", exact_size(settings.memory_budget)]
     parts += ["--out", str(out)]
     return " ".join(parts)
 

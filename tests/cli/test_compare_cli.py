@@ -27,7 +27,7 @@ def _one_error_line(result, words: str) -> None:
 @pytest.mark.parametrize("args, words", [
     (["--only", "nope"], "unknown row 'nope'"),
     (["--only", "cost,magic"], "unknown row 'magic'"),
-    (["--memory", "lots"], "'lots' is not a size"),
+    (["--memory", "lots"], "--memory: it must be a size such as 8GiB"),
     (["--memory", "1KiB"], "too small for even the smallest case"),
     (["--max-len", "100"], "max_len must be at least 256"),
     (["--seed", "-1"], "seed must be an integer >= 0"),

@@ -5,7 +5,7 @@ import pytest
 import qkv.compare.runner as runner
 from qkv.compare import ROW_NAMES, Row, RowResult, Settings
 from qkv.compare.report import render
-from qkv.compare.runner import format_size, parse_size, run_compare
+from qkv.compare.runner import run_compare
 from qkv.io import atomic_path
 
 QUICK = Settings(quick=True)
@@ -124,23 +124,6 @@ def test_the_report_lists_rows_not_run():
     assert "**Anchor.** LRA, Table 2" in text and "rows finished: 1 of 2" in text
 
 
-@pytest.mark.parametrize("text, size", [("8GiB", 8 << 30), ("512MiB", 512 << 20),
-                                        ("2GB", 2 * 10**9), ("1.5G", 1_500_000_000),
-                                        ("4096", 4096), ("1 kib", 1024)])
-def test_parse_size(text, size):
-    assert parse_size(text) == size
-
-
-@pytest.mark.parametrize("text", ["", "GiB", "8XB", "-1GiB", "0", "1e3", "nan"])
-def test_parse_size_refuses(text):
-    with pytest.raises(ValueError, match="size"):
-        parse_size(text)
-
-
-def test_format_size_reads_back():
-    for size in (8 << 30, 512 << 20, 2 * 10**9, 1536):
-        assert parse_size(format_size(size)) == size
-    assert format_size(8 << 30) == "8GiB"
 
 
 def test_a_folder_with_someone_elses_report_is_refused(tmp_path, fake):
