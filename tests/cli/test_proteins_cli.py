@@ -70,3 +70,22 @@ def test_residue_tokenizer_on_text_is_refused(tmp_path):
     message = _error(runner.invoke(app, ["train", "--tokenizer", "residue", "--out-dir",
                                          str(tmp_path / "run")]))
     assert "tokenizer 'residue' is for protein corpora" in message
+
+
+README_TRAIN = ("train --corpus proteins --seq-len 4560 --set max_tokens=8192 "
+                "--set model.backend=chunked --max-steps 60 --threads 1 --out-dir runs/proteins")
+
+
+@pytest.mark.slow
+def test_readme_protein_commands(tmp_path, monkeypatch):
+    """The README's protein commands, cut to two steps and one validation batch."""
+    monkeypatch.chdir(tmp_path)
+    args = README_TRAIN.split()
+    args[args.index("--max-steps") + 1] = "2"
+    result = runner.invoke(app, [*args, "--no-progress", "--set", "eval_batches=1"])
+    assert result.exit_code == 0, result.output
+    assert "0 longer than seq_len cut into pieces" in " ".join(result.output.split())
+    for command in ("eval --checkpoint runs/proteins --max-batches 1",
+                    "generate --checkpoint runs/proteins --prompt M --max-new-tokens 20"):
+        result = runner.invoke(app, command.split())
+        assert result.exit_code == 0, result.output
