@@ -47,7 +47,8 @@ def train(
         "--config", "-c", help="TOML file of TrainConfig keys (model settings in a \\[model] "
         "table); flags override it")] = None,
     corpus: Annotated[str | None, _setting(
-        "'stdlib', a folder, a glob, or a .jsonl file", "stdlib")] = None,
+        "'stdlib', 'proteins', a folder, a glob, a .jsonl file, or a FASTA file (.fa, .fasta, "
+        ".faa; .gz too)", "stdlib")] = None,
     out_dir: Annotated[str | None, _setting(
         "run folder: checkpoints/, metrics.jsonl, tokenizer.json", "runs/train")] = None,
     max_steps: Annotated[int | None, _setting("optimizer steps", "1000")] = None,
@@ -56,7 +57,8 @@ def train(
     grad_accum: Annotated[int | None, _setting("micro-batches per step", "1")] = None,
     seq_len: Annotated[int | None, _setting("tokens per window", "128")] = None,
     lr: Annotated[float | None, _setting("peak learning rate", "0.002")] = None,
-    tokenizer: Annotated[str | None, _setting("bpe or byte", "bpe")] = None,
+    tokenizer: Annotated[str | None, _setting(
+        "bpe, byte, or residue (protein corpora, where it is the default)", "bpe")] = None,
     vocab_size: Annotated[int | None, _setting("BPE vocabulary size", "2048")] = None,
     max_bytes: Annotated[int | None, _setting("corpus size cap", "3000000")] = None,
     precision: Annotated[str | None, _setting(

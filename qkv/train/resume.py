@@ -23,7 +23,7 @@ from qkv.train.rng import rank_prefix, rng_state, seed_everything, set_rng_state
 # data than the checkpoint, so it is refused. Every other setting may change and is logged.
 RUN_DEFINING = ("corpus", "suffixes", "text_key", "split", "split_fractions", "max_bytes",
                 "max_files", "tokenizer", "vocab_size", "seq_len", "model", "seed", "batch_size",
-                "grad_accum")
+                "grad_accum", "max_tokens")
 _NOT_LOGGED = ("out_dir", "progress")
 
 

@@ -23,6 +23,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from qkv.nn import IGNORE_INDEX
 from qkv.train import checkpoint as ckpt
 from qkv.train import distributed
 from qkv.train.data import BatchStream, TrainData
@@ -96,14 +97,17 @@ class StepLoop:
         self.last_checkpoint = resumed_from
         self.last_eval: tuple[int, dict[str, float]] | None = None
 
-    def train_step(self, step: int) -> tuple[float, float]:
-        """One optimizer step of grad_accum micro-batches; (mean loss over ranks, grad norm)."""
+    def train_step(self, step: int) -> tuple[float, float, int]:
+        """One optimizer step of grad_accum micro-batches; (mean loss over ranks, grad norm,
+        tokens scored on all ranks: targets other than IGNORE_INDEX, so padding is not
+        counted)."""
         c, device = self.c, self.t.device
         lr = lr_at(step, lr=c.lr, min_lr=c.min_lr, warmup_steps=c.warmup_steps,
                    max_steps=c.max_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         total = torch.zeros((), device=device)
+        tokens = torch.zeros((), device=device, dtype=torch.float64)
         for micro in range(c.grad_accum):
             x, y = self.stream.next()
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -114,14 +118,16 @@ class StepLoop:
                     _, loss = self.ddp(x, y)
                 self.scaler.scale(loss / c.grad_accum).backward()
             total += loss.detach() / c.grad_accum
+            tokens += (y != IGNORE_INDEX).sum()
         self.scaler.unscale_(self.optimizer)
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
                                               c.grad_clip if c.grad_clip is not None else math.inf)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        distributed.all_reduce_sum(total, self.t.dist)
-        return float(total) / self.t.dist.world_size, float(norm)
+        sums = torch.stack([total.double(), tokens])
+        distributed.all_reduce_sum(sums, self.t.dist)
+        return float(sums[0]) / self.t.dist.world_size, float(norm), int(sums[1])
 
     def evaluate(self, step: int) -> dict[str, float]:
         metrics = evaluate(self.model, self.val_windows, self.data.token_bytes,
@@ -170,8 +176,7 @@ class StepLoop:
         behind it, carried over on resume) to max_steps, the time limit, or Ctrl-C."""
         c, t = self.c, self.t
         result = TrainResult(t.run_dir, step, self.last_checkpoint)
-        tokens_per_step = c.batch_size * c.grad_accum * t.dist.world_size * c.seq_len
-        session_seconds, session_steps = 0.0, 0
+        session_seconds, session_tokens = 0.0, 0
         progress = Progress(
             TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
             TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]} tok/s"),
@@ -186,14 +191,14 @@ class StepLoop:
                                          speed="-")
                 while step < c.max_steps:
                     start = time.perf_counter()
-                    loss, norm = self.train_step(step)
+                    loss, norm, tokens = self.train_step(step)
                     step += 1
-                    tokens_seen += tokens_per_step
+                    tokens_seen += tokens
+                    session_tokens += tokens
                     elapsed = time.perf_counter() - start
                     train_seconds += elapsed
                     session_seconds += elapsed
-                    session_steps += 1
-                    speed = session_steps * tokens_per_step / session_seconds  # no eval, saves
+                    speed = session_tokens / session_seconds  # no eval, saves
                     result.losses[step] = loss
                     progress.update(task, completed=step, loss=f"{loss:.3f}",
                                     speed=f"{speed:,.0f}")
@@ -233,5 +238,5 @@ class StepLoop:
                                                         self.last_checkpoint)) from None
         result.train_seconds = train_seconds
         if session_seconds:
-            result.tokens_per_s = session_steps * tokens_per_step / session_seconds
+            result.tokens_per_s = session_tokens / session_seconds
         return result

@@ -98,3 +98,18 @@ def test_train_and_load_the_checkpoint(fasta, tmp_path):
     assert result.losses[8] < result.losses[1]
     model, tokenizer, _ = load_model(result.checkpoint)
     assert isinstance(tokenizer, ResidueTokenizer) and model.config.vocab_size == 29
+
+
+def test_tokens_in_the_metrics_are_the_scored_ones_not_the_padding(fasta, tmp_path):
+    import json
+
+    config = protein_config(fasta, tmp_path / "run", max_steps=6, log_interval=1,
+                            eval_interval=100)
+    train(config)
+    stream = BatchStream(prepare_data(config).windows("train", config.seq_len),
+                         config.batch_size, seed=config.seed)
+    scored = [int((stream.next()[1] != IGNORE_INDEX).sum()) for _ in range(6)]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    tokens = [r["tokens"] for r in records if r["kind"] == "train"]
+    assert tokens == list(np.cumsum(scored))
+    assert tokens[-1] < 6 * config.max_tokens  # padded slots are not counted
