@@ -5,8 +5,8 @@ Three sources, in order of preference:
   plan` looks in runs/bench/results.json unless told otherwise) give the attention backends'
   FLOP rates, by mode, causality and the sequence length nearest the plan's;
 - a quick measurement on the plan's device (a second or a few): a matmul of the model's widths,
-  one attention call per backend at min(n, 1024), a memory-bound add and a tiny op's overhead,
-  and, for layers up to 50M parameters, one of the model's own layers, its LM head and its
+  one attention call per backend at min(n, 1024 or 4096), a memory-bound add and a tiny op's
+  overhead, and, for layers up to 50M parameters, one of the model's own layers, its LM head and its
   optimizer step (qkv.plan.layer_timing), which the plan scales to the whole step;
 - nominal figures, when nothing is measured: the estimate is then marked "uncalibrated".
 """
@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 DEFAULT_BENCH_RESULTS = Path("runs/bench/results.json")
-QUICK_MAX_N = 1024
+QUICK_MAX_N = 1024  # tokens of the quick attention call on `reference`
+QUICK_LINEAR_MAX_N = 4096  # and on the backends whose memory is linear in n
 QUICK_FLOPS = 1.5e9  # the largest attention call the quick measurement makes
 _NOMINAL_ATTENTION = {"reference": 5e9, "chunked": 30e9, "sdpa": 60e9, "triton": 100e12}
 
@@ -107,12 +108,15 @@ def _attention_rate(backend: str, heads: int, head_dim: int, n: int, causal: boo
     return attention_flops(1, heads, n, n, head_dim, causal=causal, mode=mode) / seconds
 
 
-def quick(d_model: int, d_ff: int, rows: int, head_dim: int, n: int, causal: bool,
+def quick(d_model: int, d_ff: int, batch_heads: int, head_dim: int, n: int, causal: bool,
           backends: list[str], modes: list[str], dtype: torch.dtype = torch.float32,
           device: str | torch.device = "cpu") -> Rates:
     """Measure the rates here (about a second on a CPU): a (1024 x d_model) @ (d_model x d_ff)
-    matmul, one attention call per backend and mode over `rows` heads of min(n, 1024) tokens,
-    a 32 MB add and a tiny add's overhead."""
+    matmul, one attention call per backend and mode over min(n, 1024) tokens (4096 for the
+    backends linear in n) and as many of the step's `batch_heads` heads as QUICK_FLOPS
+    allows, a 32 MB add and a tiny add's overhead."""
+    from qkv.attention.flops import attention_flops
+
     device = torch.device(device)
     a = torch.randn(1024, d_model, device=device, dtype=dtype)
     w = torch.randn(d_model, min(d_ff, 4096), device=device, dtype=dtype)
@@ -122,9 +126,13 @@ def quick(d_model: int, d_ff: int, rows: int, head_dim: int, n: int, causal: boo
                                                        _sync(device)))
     tiny = torch.ones(8, device=device)
     op = _seconds(lambda: [tiny.add(1.0) for _ in range(200)]) / 200
-    m = max(1, min(n, QUICK_MAX_N))
-    attention = {b: {mode: _attention_rate(b, rows, head_dim, m, causal, mode, dtype, device)
-                     for mode in modes} for b in backends}
+    attention = {}
+    for b in backends:
+        m = max(1, min(n, QUICK_MAX_N if b == "reference" else QUICK_LINEAR_MAX_N))
+        one = attention_flops(1, 1, m, m, head_dim, causal=causal, mode=modes[0])
+        rows = max(1, min(batch_heads, int(QUICK_FLOPS // one)))
+        attention[b] = {mode: _attention_rate(b, rows, head_dim, m, causal, mode, dtype, device)
+                        for mode in modes}
     return Rates(matmul, attention, bandwidth, op, f"quick measurement on {device}")
 
 
@@ -172,14 +180,8 @@ def rates_for(spec, n: int, batch: int, mode: str, dtype: str, device: torch.dev
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     if device.type == "cpu" and dtype == "fp16":
         torch_dtype["fp16"] = torch.float32  # CPU fp16 kernels are no guide; time fp32
-    from qkv.attention.flops import attention_flops
-
-    # As many (batch, head) rows as the step has, up to about QUICK_FLOPS per call
-    m = max(1, min(n, QUICK_MAX_N))
-    one = attention_flops(1, 1, m, m, c.head_dim, causal=causal, mode=modes[0])
-    rows = max(1, min(batch * c.n_heads, int(QUICK_FLOPS // one)))
-    rates = quick(spec.config.d_model, spec.config.feed_forward().d_ff, rows, c.head_dim, n,
-                  causal, backends, modes, torch_dtype[dtype], device)
+    rates = quick(spec.config.d_model, spec.config.feed_forward().d_ff, batch * c.n_heads,
+                  c.head_dim, n, causal, backends, modes, torch_dtype[dtype], device)
     from qkv.plan.layer_timing import time_layer
 
     layer = time_layer(spec, n, batch, mode, torch_dtype[dtype], device, backends,

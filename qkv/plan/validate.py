@@ -234,6 +234,19 @@ VALIDATION_CASES = (
 )
 
 
+def calibrated_prediction(case: Case, cpu_time: bool = True) -> dict:
+    """The plan's prediction for `case` as `qkv plan` makes it: calibrated here by the quick
+    measurement (on case.threads threads; CPU seconds with `cpu_time`)."""
+    from qkv.plan.calibrate import rates_for
+
+    if case.threads:
+        torch.set_num_threads(case.threads)
+    with cpu_clock() if cpu_time else contextlib.nullcontext():
+        rates = rates_for(case.spec, case.n, case.batch, case.mode, case.dtype,
+                          torch.device("cpu"), bench=None)
+    return predict(case, rates)
+
+
 def predict(case: Case, rates) -> dict:
     """The plan's peak bytes and seconds for `case` on its backend, with `rates`."""
     from qkv.plan.estimate import make_plan
@@ -249,22 +262,17 @@ def validate(cases=VALIDATION_CASES, *, threads: int = 1, cpu_time: bool = True,
     threads (the plan calibrated here on as many), timed in CPU seconds with `cpu_time` (see
     cpu_clock; for one thread on a shared machine) or else wall-clock seconds.
 
-    Each case runs twice, each time in a fresh process: once with glibc's mmap threshold fixed
+    Each case is planned in a fresh process, as `qkv plan` would (calibrated_prediction), then
+    runs twice, each time in a fresh process: once with glibc's mmap threshold fixed
     (fix_mmap_threshold), for the peak of the live tensors, and once under glibc's default
     settings, for the time and for the peak a user's process shows (`default_malloc_bytes`).
     Rows: label, predicted and measured bytes and seconds, and their ratios (predicted /
     measured)."""
-    from qkv.plan.calibrate import rates_for
-
-    torch.set_num_threads(threads)
     rows = []
     with fresh_processes() as processes:
         for case in cases:
             case = replace(case, threads=threads)
-            with cpu_clock() if cpu_time else contextlib.nullcontext():
-                rates = rates_for(case.spec, case.n, case.batch, case.mode, case.dtype,
-                                  torch.device("cpu"), bench=None)
-            predicted = predict(case, rates)
+            predicted = processes.submit(calibrated_prediction, case, cpu_time).result()
             tensors = measure(case, processes, cpu_time=cpu_time)
             default = measure(case, processes, fixed_mmap=False, cpu_time=cpu_time)
             rows.append({"case": case.label(), "mode": case.mode, "backend": case.backend,
