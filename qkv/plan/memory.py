@@ -26,7 +26,6 @@ from qkv.plan.presets import ModelSpec
 
 MODES = ("train", "prefill", "decode")
 BACKENDS = ("reference", "chunked", "sdpa", "triton")
-LINEAR_BACKENDS = ("chunked", "sdpa", "triton")  # no (n x n) matrix
 DTYPES = {"fp32": 4, "bf16": 2, "fp16": 2}
 ADAM_BYTES_PER_PARAM = 8  # two fp32 moments
 FP32 = 4  # scores, softmax, logits for the loss, gradients and optimizer state stay fp32

@@ -115,7 +115,3 @@ def count_params(spec: ModelSpec) -> int:
     """Parameters of the spec's model, tied weights once, counted on the meta device."""
     return sum(p.numel() for p in build(spec).parameters())
 
-
-def largest_param(spec: ModelSpec) -> int:
-    """Elements of the spec's largest single parameter (the optimizer's per-tensor scratch)."""
-    return max(p.numel() for p in build(spec).parameters())

@@ -15,7 +15,7 @@ import gc
 import multiprocessing
 import statistics
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -206,10 +206,6 @@ def measure(case: Case, processes: ProcessPoolExecutor | None = None, *,
             processes = stack.enter_context(fresh_processes())
         return processes.submit(measure_in_process, case, fixed_mmap,
                                 cpu_time).result(timeout=timeout)
-
-
-def case_dict(case: Case) -> dict:
-    return asdict(case)
 
 
 _BASE = {"vocab_size": 2048, "d_model": 256, "n_layers": 4, "n_heads": 4, "max_len": 8192}
