@@ -204,6 +204,7 @@ def run_compare(settings: Settings, rows: Sequence[str] | None, out: Path, *,
     (or Ctrl-C) leaves the finished rows and a report of them, and the error propagates.
     `progress(rows_done, rows_total, row, description, completed, total)` hears of each step.
     """
+    from qkv.compare.measure import threads
     from qkv.train.runfolder import RunLock
 
     names = check_rows(rows)
@@ -214,7 +215,8 @@ def run_compare(settings: Settings, rows: Sequence[str] | None, out: Path, *,
     lock = RunLock(out)
     lock.acquire()
     try:
-        return _run_locked(settings, names, out, overwrite, progress)
+        with threads():  # every row on one thread (qkv.compare.measure.THREADS says why)
+            return _run_locked(settings, names, out, overwrite, progress)
     finally:
         lock.release()
 
