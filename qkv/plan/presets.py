@@ -94,11 +94,10 @@ def load_model(model: str, seq_len: int = 1024) -> ModelSpec:
     if not model.endswith(".toml"):
         raise ValueError(f"unknown model {model!r}; choose a preset ({', '.join(PRESETS)}) "
                          "or give a config.toml")
-    from qkv.train.config import TrainConfig
+    from qkv.train.config import TrainConfig, largest_vocab
 
     train = TrainConfig.from_toml(model)
-    vocab = train.vocab_size if train.tokenizer == "bpe" else 258
-    return ModelSpec(Path(model).name, "decoder", train.model_config(vocab))
+    return ModelSpec(Path(model).name, "decoder", train.model_config(largest_vocab(train)))
 
 
 def build(spec: ModelSpec, device: str | torch.device = "meta",

@@ -196,15 +196,19 @@ class TrainConfig:
 TRAINING_BYTES_PER_PARAM = 16
 
 
+def largest_vocab(config: TrainConfig) -> int:
+    """The largest vocabulary `config`'s tokenizer can give: vocab_size for BPE, 258 for bytes,
+    29 for residues."""
+    return {"bpe": config.vocab_size, "byte": 258, "residue": RESIDUE_VOCAB_SIZE}[config.tokenizer]
+
+
 def count_params(config: TrainConfig, vocab_size: int | None = None) -> int:
     """Parameters of the DecoderLM that `config` trains, counted on the meta device (nothing is
-    allocated). vocab_size defaults to the largest the tokenizer can give: vocab_size for BPE,
-    258 for bytes, 29 for residues."""
+    allocated). vocab_size defaults to largest_vocab(config)."""
     from qkv.nn import DecoderLM
 
     if vocab_size is None:
-        vocab_size = {"bpe": config.vocab_size, "byte": 258,
-                      "residue": RESIDUE_VOCAB_SIZE}[config.tokenizer]
+        vocab_size = largest_vocab(config)
     with torch.device("meta"):
         return DecoderLM(config.model_config(vocab_size)).num_params()
 

@@ -33,3 +33,13 @@ def test_unknown_model_names_the_presets(tmp_path):
     spec = load_model(str(toml))
     assert spec.config.d_model == 64 and spec.config.max_len == 64
     assert spec.config.vocab_size == 2048
+
+
+def test_a_training_config_plans_its_tokenizers_vocabulary(tmp_path):
+    for tokenizer, vocab in (("byte", 258), ("bpe", 512)):
+        toml = tmp_path / f"{tokenizer}.toml"
+        toml.write_text(f'tokenizer = "{tokenizer}"\nvocab_size = 512\n')
+        assert load_model(str(toml)).config.vocab_size == vocab
+    toml = tmp_path / "proteins.toml"
+    toml.write_text('corpus = "proteins"\n')
+    assert load_model(str(toml)).config.vocab_size == 29  # the residue tokenizer
