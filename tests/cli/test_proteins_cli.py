@@ -2,6 +2,7 @@
 on the protein checkpoint, and the errors a bad FASTA file gives."""
 
 import gzip
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -72,8 +73,10 @@ def test_residue_tokenizer_on_text_is_refused(tmp_path):
     assert "tokenizer 'residue' is for protein corpora" in message
 
 
-README_TRAIN = ("train --corpus proteins --seq-len 4560 --set max_tokens=8192 "
-                "--set model.backend=chunked --max-steps 60 --threads 1 --out-dir runs/proteins")
+README = Path(__file__).resolve().parents[2] / "README.md"
+README_TRAIN = next(line.removeprefix("qkv ").split("#")[0].strip()
+                    for line in README.read_text(encoding="utf-8").splitlines()
+                    if line.startswith("qkv train --corpus proteins"))
 
 
 @pytest.mark.slow
