@@ -42,7 +42,7 @@ class Sizes:
     steps: int = 120
     batch_size: int = 8
     lr: float = 2e-3
-    test_windows: int | None = None  # None: every whole test window
+    test_windows: int | None = None  # the first this many test windows; None: every one
     eval_batch: int = 16
 
 
@@ -83,13 +83,46 @@ def position_losses(model: torch.nn.Module, windows: LMWindows, *, batch_size: i
     return window_losses(model, windows, batch_size=batch_size, max_windows=max_windows).mean(0)
 
 
-def span_drop(losses: torch.Tensor, early: tuple[int, int], late: tuple[int, int]
-              ) -> tuple[float, float]:
-    """(mean, standard error) over windows of how much lower the loss is in span `late` than in
-    span `early` (positions from 1, inclusive); losses (N, L) from window_losses."""
+def first_windows(windows: LMWindows, n: int | None) -> LMWindows:
+    """The first n windows (all of them when n is None or at least their number)."""
+    if n is None or n >= len(windows):
+        return windows
+    if n < 1:
+        raise ValueError(f"n must be a positive number of windows, got {n}")
+    return LMWindows(windows.tokens[:(n - 1) * windows.stride + windows.seq_len + 1],
+                     windows.seq_len, windows.stride)
+
+
+def window_files(windows: LMWindows, eos_id: int) -> torch.Tensor:
+    """(N,) long: for each window, the index of the file its first token belongs to (the number
+    of eos tokens before it; the stream is the files end to end, each followed by eos)."""
+    before = torch.cumsum(windows.tokens == eos_id, 0) - (windows.tokens == eos_id).long()
+    return before[torch.arange(len(windows)) * windows.stride]
+
+
+def span_drop(losses: torch.Tensor, early: tuple[int, int], late: tuple[int, int],
+              files: torch.Tensor | None = None) -> tuple[float, float, int]:
+    """(mean over windows, standard error, independent units) of how much lower the loss is in
+    span `late` than in span `early` (positions from 1, inclusive); losses (N, L) from
+    window_losses.
+
+    Neighbouring windows of one file are not independent, so with `files` ((N,), from
+    window_files) the standard error is cluster-robust with each file's windows one cluster:
+    sqrt(G / (G - 1) * sum over files of (the file's summed deviations from the mean)^2) / N,
+    over G files. Without it (or with one file per window) it is the usual std / sqrt(N).
+    """
     drop = (losses[:, early[0] - 1:early[1]].mean(1) - losses[:, late[0] - 1:late[1]].mean(1))
-    n = drop.numel()
-    return float(drop.mean()), float(drop.std() / n ** 0.5) if n > 1 else float("nan")
+    n, mean = drop.numel(), drop.mean()
+    if files is None:
+        files = torch.arange(n)
+    if files.shape != drop.shape:
+        raise ValueError(f"files must give one file per window ({n}), "
+                         f"got shape {tuple(files.shape)}")
+    _, group = torch.unique(files, return_inverse=True)
+    g = int(group.max()) + 1
+    sums = torch.zeros(g, dtype=drop.dtype).index_add_(0, group, drop - mean)
+    se = float((g / (g - 1) * (sums ** 2).sum()).sqrt() / n) if g > 1 else float("nan")
+    return float(mean), se, g
 
 
 def span_mean(losses: torch.Tensor | list[float], first: int, last: int) -> float:
@@ -154,7 +187,8 @@ def _train_and_test(ctx: Context, sizes: Sizes, data, total: int) -> dict:
                             n_heads=s.n_heads, seq_len=s.seq_len)
     counts = parameter_counts(models)
     train, test = data.windows("train", s.seq_len), data.windows("test", s.seq_len)
-    max_batches = None if s.test_windows is None else -(-s.test_windows // s.eval_batch)
+    test = first_windows(test, s.test_windows)
+    files = window_files(test, data.tokenizer.eos_id)
     results = {}
     for i, kind in enumerate(MODEL_KINDS):
         model = models[kind]
@@ -165,19 +199,17 @@ def _train_and_test(ctx: Context, sizes: Sizes, data, total: int) -> dict:
                          f"code: training {kind}", i * s.steps + step, total))
         seconds = time.perf_counter() - start
         ctx.progress(f"code: testing {kind}", (i + 1) * s.steps, total)
-        metrics = evaluate(model, test, data.token_bytes, batch_size=s.eval_batch,
-                           max_batches=max_batches)
-        per_window = window_losses(model, test, batch_size=s.eval_batch,
-                                   max_windows=metrics["tokens"] // s.seq_len)  # (N, L)
+        metrics = evaluate(model, test, data.token_bytes, batch_size=s.eval_batch)
+        per_window = window_losses(model, test, batch_size=s.eval_batch)  # (N, L)
         (_, _), mid, late = spans(s.seq_len)
-        drop, drop_se = span_drop(per_window, mid, late)
+        drop, drop_se, n_files = span_drop(per_window, mid, late, files)
         results[kind] = {"params": counts[kind], "config": asdict(model.config),
                          "train_losses": losses, "train_seconds": seconds,
                          "test_loss": metrics["loss"], "test_bpb": metrics["bpb"],
                          "test_tokens": metrics["tokens"], "test_bytes": metrics["bytes"],
                          "position_loss": per_window.mean(0).tolist(),
                          "long_range_drop": drop, "long_range_drop_se": drop_se,
-                         "test_windows": per_window.shape[0]}
+                         "test_windows": per_window.shape[0], "test_files": n_files}
     return results
 
 
@@ -187,12 +219,15 @@ def _findings(results: dict, bigram: float, span_list) -> tuple[str, bool]:
     gain = {k: results[k]["long_range_drop"] for k in MODEL_KINDS}
     se = {k: results[k]["long_range_drop_se"] for k in MODEL_KINDS}
     bpb = {k: results[k]["test_bpb"] for k in MODEL_KINDS}
+    n_files = results[MODEL_KINDS[0]]["test_files"]
     best_bpb = min(bpb, key=bpb.get)
     using = [k for k in MODEL_KINDS if gain[k] > 2 * se[k]]  # a drop of two standard errors
     text = ("Bits per byte on the test split: " + ", ".join(f"{k} {bpb[k]:.3f}" for k in bpb)
             + f" (byte bigram {bigram:.3f}); from positions {m0}-{m1} to {l0}-{l1} the loss "
             "falls by " + ", ".join(f"{gain[k]:+.3f} ± {se[k]:.3f}" for k in gain) + " nats "
-            f"({'/'.join(MODEL_KINDS)}, ± one standard error over test windows). ")
+            f"({'/'.join(MODEL_KINDS)}; ± one standard error with the test windows clustered "
+            f"by file ({n_files} files{'; one gives no error' if n_files == 1 else ''}), since "
+            "neighbouring windows of one file are not independent). ")
     agrees = best_bpb == "transformer" and "transformer" in using and \
         gain["transformer"] == max(gain.values())
     if agrees:
@@ -235,7 +270,8 @@ def run(ctx: Context) -> RowResult:
     a, m, last = span_names
     table = markdown_table(
         ["model", "params", "test bits/byte", "test loss (nats/token)", *span_names,
-         f"drop {a[5:]} to {last[5:]}", f"drop {m[5:]} to {last[5:]}", "± s.e.", "train s"],
+         f"drop {a[5:]} to {last[5:]}", f"drop {m[5:]} to {last[5:]}", "± s.e. (by file)",
+         "train s"],
         rows)
     headline = ("bits/byte " + ", ".join(f"{k} {results[k]['test_bpb']:.3f}" for k in MODEL_KINDS)
                 + f", bigram {bigram:.3f}; loss at {m[5:]} -> {last[5:]}: "

@@ -65,9 +65,42 @@ def test_spans_span_mean_and_span_drop():
     assert code.spans(512) == [(1, 8), (64, 128), (448, 512)]
     assert code.span_mean([1.0, 2.0, 3.0, 4.0], 2, 3) == 2.5
     losses = torch.tensor([[3.0, 3.0, 1.0, 2.0], [4.0, 4.0, 1.0, 1.0]], dtype=torch.float64)
-    drop, se = code.span_drop(losses, (1, 2), (3, 4))  # per-window drops 1.5 and 3
-    assert drop == pytest.approx(2.25)
+    drop, se, units = code.span_drop(losses, (1, 2), (3, 4))  # per-window drops 1.5 and 3
+    assert drop == pytest.approx(2.25) and units == 2
     assert se == pytest.approx(torch.tensor([1.5, 3.0]).std().item() / 2 ** 0.5)
+
+
+def test_span_drop_clusters_the_windows_of_one_file():
+    # Windows 0-3 in file 0 drop by 1, windows 4-7 in file 1 by 3: two independent units,
+    # not eight.
+    drops = torch.tensor([1.0] * 4 + [3.0] * 4, dtype=torch.float64)
+    losses = torch.stack([drops, torch.zeros(8, dtype=torch.float64)], 1)  # (8, 2)
+    files = torch.tensor([0, 0, 0, 0, 5, 5, 5, 5])
+    drop, se, units = code.span_drop(losses, (1, 1), (2, 2), files)
+    assert drop == pytest.approx(2.0) and units == 2
+    # Cluster-robust: sqrt(G / (G - 1) * sum_g (sum_i (d_i - mean))^2) / N = sqrt(2 * 32) / 8.
+    assert se == pytest.approx(1.0)
+    assert se > 2 * code.span_drop(losses, (1, 1), (2, 2))[1]  # the per-window SE is too small
+    # One file per window gives the usual standard error.
+    alone = code.span_drop(losses, (1, 1), (2, 2), torch.arange(8))
+    assert alone[1] == pytest.approx(drops.std().item() / 8 ** 0.5) and alone[2] == 8
+    with pytest.raises(ValueError, match="files must give one file per window"):
+        code.span_drop(losses, (1, 1), (2, 2), torch.arange(3))
+
+
+def test_window_files_and_first_windows():
+    eos = 9
+    tokens = torch.tensor([1, 2, 3, eos, 4, 5, eos, 6, 7, 8, 1, 2, eos])  # 3 files, 13 tokens
+    windows = LMWindows(tokens, 3)  # starts 0, 3, 6, 9 (4 windows)
+    assert code.window_files(windows, eos).tolist() == [0, 0, 1, 2]
+    for n in (1, 3):
+        first = code.first_windows(windows, n)
+        assert len(first) == n
+        assert all(torch.equal(first[i][1], windows[i][1]) for i in range(n))
+    assert code.first_windows(windows, None) is windows
+    assert len(code.first_windows(windows, 99)) == 4
+    with pytest.raises(ValueError, match="n must be a positive"):
+        code.first_windows(windows, 0)
 
 
 def _check_result(result: RowResult, out) -> None:
@@ -84,13 +117,14 @@ def _check_result(result: RowResult, out) -> None:
 def test_code_row_runs_on_tiny_settings(tmp_path, monkeypatch):
     monkeypatch.setattr(code, "QUICK", code.Sizes(
         max_bytes=60_000, vocab_size=300, seq_len=16, d_model=32, n_layers=1, n_heads=2,
-        steps=2, batch_size=2, test_windows=4, eval_batch=4))
+        steps=2, batch_size=2, test_windows=5, eval_batch=4))  # exactly 5, not 2 batches of 4
     result = code.ROW.run(Context(Settings(quick=True), tmp_path))
     _check_result(result, tmp_path)
     models = result.data["models"]
     assert set(models) == {"transformer", "lstm", "tcn"}
     assert all(len(m["position_loss"]) == 16 and len(m["train_losses"]) == 2
-               and m["test_windows"] == 4 for m in models.values())
+               and m["test_windows"] == 5 and m["test_tokens"] == 5 * 16
+               and m["test_files"] >= 1 for m in models.values())
     assert code.ROW.name == "code" and code.ROW.title == "Real code"
 
 
