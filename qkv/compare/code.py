@@ -148,9 +148,16 @@ def _log_bins(losses: list[float]) -> tuple[list[float], list[float]]:
     return centres, means
 
 
-def _smooth(values: list[float], window: int) -> list[float]:
-    kernel = np.ones(window) / window
-    return np.convolve(values, kernel, mode="valid").tolist() if len(values) >= window else values
+def moving_average(values: list[float], window: int) -> list[float]:
+    """Trailing moving average over `window` values, one per value (the first window - 1 average
+    over the values so far). Smooths the training-loss curves of the code and position rows."""
+    if window < 1:
+        raise ValueError(f"window must be at least 1, got {window}")
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v - (values[i - window] if i >= window else 0.0)
+        out.append(total / min(i + 1, window))
+    return out
 
 
 def _figure(ctx: Context, results: dict, sizes: Sizes) -> str:
@@ -165,8 +172,8 @@ def _figure(ctx: Context, results: dict, sizes: Sizes) -> str:
         centres, means = _log_bins(r["position_loss"])
         left.plot(centres, means, marker=".", label=f"{kind} ({r['params'] / 1e6:.2f}M)")
         window = max(1, sizes.steps // 20)
-        smoothed = _smooth(r["train_losses"], window)
-        right.plot(range(window, window + len(smoothed)), smoothed, label=kind)
+        smoothed = moving_average(r["train_losses"], window)
+        right.plot(range(1, len(smoothed) + 1), smoothed, label=kind)
     left.set_xscale("log")
     left.set_xlabel("position in the test window (tokens, log scale)")
     left.set_ylabel("test loss (nats per token, log-binned)")

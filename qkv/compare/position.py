@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from qkv.compare.code import moving_average
 from qkv.compare.core import Context, Row, RowResult, evaluate_task, fit, markdown_table
 from qkv.data.tasks import induction, planted_keyword
 from qkv.nn import DecoderLM, Encoder, TransformerConfig
@@ -151,15 +152,6 @@ def extrapolation(ctx: Context, sizes: Sizes, done: int, total: int) -> dict:
     return {"lengths": lengths, "schemes": results}
 
 
-def _smooth(values: list[float], window: int) -> list[float]:
-    """Trailing moving average over `window` values."""
-    out, total = [], 0.0
-    for i, v in enumerate(values):
-        total += v - (values[i - window] if i >= window else 0.0)
-        out.append(total / min(i + 1, window))
-    return out
-
-
 def _figures(ctx: Context, eq: dict, ex: dict, sizes: Sizes) -> list[str]:
     import matplotlib
 
@@ -183,7 +175,7 @@ def _figures(ctx: Context, eq: dict, ex: dict, sizes: Sizes) -> list[str]:
         r = ex["schemes"][scheme]
         left.plot(lengths, [100 * a for a in r["accuracy"]], marker="o", label=scheme)
         window = max(1, sizes.steps // 20)
-        right.plot(range(1, sizes.steps + 1), _smooth(r["losses"], window), label=scheme)
+        right.plot(range(1, sizes.steps + 1), moving_average(r["losses"], window), label=scheme)
     left.axhline(100 / (sizes.vocab_size - 1), color="gray", ls=":", label="chance")
     left.axvline(sizes.seq_len, color="k", ls="--", lw=1, label=f"training length {lengths[0]}")
     left.set_xscale("log", base=2)

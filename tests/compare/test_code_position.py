@@ -88,6 +88,16 @@ def test_span_drop_clusters_the_windows_of_one_file():
         code.span_drop(losses, (1, 1), (2, 2), torch.arange(3))
 
 
+def test_moving_average_is_the_one_both_rows_use():
+    assert code.moving_average([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
+    assert code.moving_average([2.0, 4.0], 5) == [2.0, 3.0]
+    assert code.moving_average([], 3) == []
+    assert position.moving_average is code.moving_average
+    assert not hasattr(code, "_smooth") and not hasattr(position, "_smooth")
+    with pytest.raises(ValueError, match="window must be at least 1"):
+        code.moving_average([1.0], 0)
+
+
 def test_window_files_and_first_windows():
     eos = 9
     tokens = torch.tensor([1, 2, 3, eos, 4, 5, eos, 6, 7, 8, 1, 2, eos])  # 3 files, 13 tokens
