@@ -146,3 +146,42 @@ def test_run_under_tiny_settings(tmp_path, monkeypatch):
             assert len(got["tau"]["gradient_input"]) == data["examples"][task]["test"]
     assert set(data["results"]["planted"]["bilstm"]["recovery"]) == set(explain.MEASURES)
     assert data["seconds"] > 0 and explain.ROW.name == "explain"
+
+
+def _results(tau: float, *, transformer_tau: float = 0.2, tvd: float = 0.01) -> dict:
+    """Per-model results as `study` returns them, with the given mean taus and shuffling TVD."""
+    def one(model: str) -> dict:
+        mean = tau if model == "bilstm" else transformer_tau
+        summary = {"mean": mean, "median": mean, "q25": mean, "q75": mean, "significant": 0.1}
+        return {"accuracy": 0.9, "seconds": {"train": 1.0},
+                "tau_summary": {p: dict(summary) for p in explain.PAIRS},
+                "permutation": {"median_max_attention": 0.3, "median_tvd": tvd,
+                                "mean_tvd": tvd, "flipped": 0.0},
+                "recovery": {m: 0.5 for m in explain.MEASURES}, "recovery_chance": 0.1}
+    return {task: {m: one(m) for m in explain.MODELS} for task in ("planted", "code")}
+
+
+def test_a_tau_below_the_anchor_range_still_supports_the_claim():
+    data = {}
+    result = explain.summarise(_results(0.05), data)
+    assert result.agrees is True  # weights disagree with the other measures: the claim holds
+    assert data["verdicts"] == {"claim": True, "anchor_range": False, "permutation": True}
+    assert result.findings.startswith("(a) The claim holds")
+    assert "outside Jain & Wallace's 0.1–0.4, below it" in result.findings
+    assert "here it does." in data["verdict"] and "both tasks? no" in data["verdict"]
+
+
+def test_the_claim_verdict_is_separate_from_the_anchor_and_the_permutation_test():
+    data = {}
+    result = explain.summarise(_results(0.3, tvd=0.2), data)  # in range, but shuffling moves
+    assert result.agrees is True
+    assert data["verdicts"] == {"claim": True, "anchor_range": True, "permutation": False}
+    assert "does move the BiLSTM's output" in result.findings
+    assert "below 0.05 on both tasks? no" in data["verdict"]
+    data = {}
+    result = explain.summarise(_results(0.3, transformer_tau=0.7), data)  # one model agrees
+    assert result.agrees is False and data["verdicts"]["claim"] is False
+    assert result.findings.startswith("(a) The claim is NOT shown")
+    assert "for the Transformer + additive attention on code (mean τ 0.70)" in result.findings
+    verdicts = explain.judge(_results(float("nan")))
+    assert verdicts["claim"] is False  # an undefined tau does not show the claim
