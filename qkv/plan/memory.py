@@ -181,16 +181,23 @@ def step_flops(s: Shapes, n: int, batch: int, mode: str) -> dict[str, float]:
 
 
 def crossover(s: Shapes, mode: str) -> int:
-    """The smallest n at which attention's FLOPs per token exceed everything else's.
+    """The smallest n at which attention's share of step_flops passes half (attention's FLOPs
+    exceed everything else's), so it agrees with the share a plan prints at any n.
 
-    Per token and layer, attention costs 4·n·H·D forward (halved for a causal prefill or
-    training step, whose queries see n/2 keys on average; a decode step sees all n) and 3.5x
-    that in training; the rest costs 2·(matmul weights) forward, 3x in training, with the LM
-    head on every token.
+    Attention grows as n² (n for decode), the rest as n plus a constant (the LM head, on the
+    last position only in prefill), so their difference is convex in n and changes sign once
+    for n >= 1: an exponential search, then bisection.
     """
-    causal_share = 0.5 if s.causal and mode != "decode" else 1.0
-    train = mode == "train"
-    per_n = s.layers * 4.0 * s.heads * s.head_dim * causal_share * (3.5 if train else 1.0)
-    rest = 2.0 * (s.layers * s.matmul_params_per_layer()
-                  + (s.d * s.vocab if s.lm_head else 0)) * (3.0 if train else 1.0)
-    return int(rest // per_n) + 1
+    def passes(n: int) -> bool:
+        flops = step_flops(s, n, 1, mode)
+        return flops["attention"] > flops["linear"]
+
+    if passes(1):
+        return 1
+    lo, hi = 1, 2  # passes(lo) is False
+    while not passes(hi):
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if passes(mid) else (mid, hi)
+    return hi

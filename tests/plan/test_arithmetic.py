@@ -115,3 +115,17 @@ def test_plan_reports_every_cpu_backend_and_refuses_bad_arguments():
     encoder = ModelSpec("enc", "encoder", TINY.config)
     with pytest.raises(ValueError, match="decode"):
         make_plan(encoder, 4, mode="decode")
+
+
+@pytest.mark.parametrize("mode", ["train", "prefill", "decode"])
+@pytest.mark.parametrize("name", ["gpt2", "tiny", "gqa"])
+def test_crossover_is_where_the_printed_share_passes_half(mode, name):
+    from qkv.plan.presets import load_model
+
+    spec = {"tiny": TINY, "gqa": GQA}.get(name) or load_model(name)
+    n = crossover(Shapes.of(spec), mode)
+    assert make_plan(spec, n, mode=mode).attention_share > 0.5
+    if n > 1:
+        assert make_plan(spec, n - 1, mode=mode).attention_share <= 0.5
+    if name == "gpt2" and mode == "prefill":  # the LM head counts on the last position only
+        assert make_plan(spec, 11_000, mode=mode).attention_share > 0.5 and n < 11_000
