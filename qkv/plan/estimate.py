@@ -138,22 +138,34 @@ def make_plan(spec: ModelSpec, seq_len: int, batch: int = 1, dtype: str = "fp32"
     if positions in ("learned", "sinusoidal") and seq_len > spec.config.max_len:
         notes.append(f"{spec.name}'s {positions} positions stop at {spec.config.max_len} "
                      f"tokens; seq_len {seq_len} needs a longer table")
+    at_one = None
     if budget is not None and all(p.max_seq_len == 0 for p in plans):
-        least = min(p.memory["total"] for p in plans)
-        notes.append(f"the budget is too small for even n = 1: one step of {spec.name} needs "
-                     f"more than {least:,} bytes at n = 1 on every backend")
+        at_one = {p.backend: memory(spec, s, params, 1, batch, dtype, mode, p.backend)["total"]
+                  for p in plans}
+        least = min(at_one, key=at_one.get)
+        notes.append(f"the budget ({budget:,} bytes) is too small for even n = 1: one step of "
+                     f"{spec.name} needs at least {at_one[least]:,} bytes at n = 1 (with "
+                     f"{least}, the least of every backend)")
     return Plan(spec.name, spec.kind, mode, seq_len, batch, dtype, device, params, flops,
                 per_token, flops["attention"] / flops["total"], crossover(s, mode), budget,
-                budget_source, plans, suggest(plans, batch, s.heads), rates.source, notes)
+                budget_source, plans, suggest(plans, batch, s.heads, at_one), rates.source,
+                notes)
 
 
-def suggest(plans: list[BackendPlan], batch: int, heads: int) -> dict:
+def suggest(plans: list[BackendPlan], batch: int, heads: int,
+            at_one: dict[str, int] | None = None) -> dict:
     """The fastest backend that fits (every backend when there is no budget), else the one
-    that allows the longest sequence; with its block size and why."""
+    that allows the longest sequence, else (nothing fits even n = 1) the one that needs the
+    least memory at n = 1 (`at_one`: bytes by backend); with its block size and why."""
     fitting = [p for p in plans if p.fits is not False]
     if fitting:
         best = min(fitting, key=lambda p: p.seconds)
         reason = "fastest estimate" + (" that fits the budget" if best.fits else "")
+    elif all(p.max_seq_len == 0 for p in plans):
+        need = at_one or {p.backend: p.memory["total"] for p in plans}
+        best = min(plans, key=lambda p: (need[p.backend], p.seconds))
+        reason = (f"nothing fits the budget, not even n = 1; {best.backend} needs the least "
+                  f"memory: {need[best.backend]:,} bytes at {'n = 1' if at_one else 'this n'}")
     else:
         best = max(plans, key=lambda p: (p.max_seq_len or 0, -p.seconds))
         reason = (f"nothing fits the budget at this length; {best.backend} allows the longest "

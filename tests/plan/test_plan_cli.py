@@ -59,6 +59,28 @@ def test_a_budget_too_small_for_one_token_says_so():
     assert "too small for even n = 1" in result.output
 
 
+def test_too_small_a_budget_quotes_the_need_at_n_1_and_suggests_the_leanest_backend():
+    from qkv.plan import make_plan
+    from qkv.plan.memory import Shapes, memory
+    from qkv.plan.presets import count_params, load_model
+
+    spec = load_model("gpt2")
+    at_one = min(memory(spec, Shapes.of(spec), count_params(spec), 1, 1, "fp32", "train",
+                        b)["total"] for b in ("sdpa", "chunked", "reference"))
+    assert 1.9e9 < at_one < 2.1e9  # about 2 GB at n = 1; 2.93 GB at n = 1024
+    result = plan("--model", "gpt2", "--seq-len", "1024", "--memory", "1KiB", "--no-calibrate",
+                  "--json")
+    assert result.exit_code == 0, result.output
+    p = json.loads(result.output)
+    assert f"needs at least {at_one:,} bytes at n = 1" in p["notes"][-1]
+    reason = p["suggestion"]["reason"]
+    assert "not even n = 1" in reason and f"{at_one:,} bytes at n = 1" in reason
+    assert "longest sequence" not in reason and "(0)" not in reason
+    # a budget that fits some n on one backend only still suggests the longest sequence
+    between = make_plan(spec, 1024, budget=at_one + 10_000_000, mode="train")
+    assert "allows the longest sequence" in between.suggestion["reason"]
+
+
 @pytest.mark.parametrize("args, words", [
     (["--model", "gpt5", "--seq-len", "8"], "gpt2, gpt2-medium"),
     (["--model", "{tmp}/shape.toml", "--seq-len", "8"], "divisible"),
