@@ -30,9 +30,10 @@ def plan(
     device: Annotated[str | None, typer.Option(help="cpu or cuda: the budget (unless --memory) "
                                                     "and where times are measured",
                                                show_default="cpu, no budget")] = None,
-    bench: Annotated[Path, typer.Option(help="`qkv bench --out` results to calibrate the "
-                                             "attention times from, when the file exists")]
-        = Path("runs/bench/results.json"),
+    bench: Annotated[Path | None, typer.Option(
+        help="`qkv bench --out` results to calibrate the attention times from, when the file "
+             "exists (not with --no-calibrate)", show_default="runs/bench/results.json")]
+        = None,
     calibrate: Annotated[bool, typer.Option(help="measure throughput here (about a second); "
                                                  "--no-calibrate marks times uncalibrated")]
         = True,
@@ -42,11 +43,16 @@ def plan(
     from qkv.cli._errors import user_errors
 
     with user_errors():
+        if bench is not None and not calibrate:
+            raise typer.BadParameter("calibrates the times from a `qkv bench` file, which "
+                                     "--no-calibrate turns off: give one of the two",
+                                     param_hint="--bench")
         spec, budget, source, resolved = _inputs(model, seq_len, batch, dtype, mode, memory,
                                                  device)
-        from qkv.plan import make_plan, rates_for
+        from qkv.plan import DEFAULT_BENCH_RESULTS, make_plan, rates_for
 
-        rates = rates_for(spec, seq_len, batch, mode, dtype, resolved, bench, calibrate)
+        rates = rates_for(spec, seq_len, batch, mode, dtype, resolved,
+                          DEFAULT_BENCH_RESULTS if bench is None else bench, calibrate)
         result = make_plan(spec, seq_len, batch, dtype, mode, budget, source, rates,
                            resolved.type)
     if as_json:

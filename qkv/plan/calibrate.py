@@ -136,20 +136,43 @@ def quick(d_model: int, d_ff: int, batch_heads: int, head_dim: int, n: int, caus
     return Rates(matmul, attention, bandwidth, op, f"quick measurement on {device}")
 
 
+def _usable_rows(path: Path, causal: bool) -> list[dict]:
+    """The rows of the `qkv bench` results at `path` that have a rate and match `causal`, each
+    checked: a positive sequence length n and a positive, finite tflops. ValueError naming the
+    file and the row otherwise."""
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+            raise ValueError("not a list of objects")
+    except ValueError as e:
+        raise ValueError(f"{path} is not `qkv bench` results (a JSON list of rows): {e}") from None
+    usable = []
+    for i, r in enumerate(rows):
+        if not r.get("tflops") or r.get("causal") != causal:
+            continue
+        n, tflops = r.get("n"), r["tflops"]
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"{path}: row {i} is not a `qkv bench` result: its sequence length "
+                             f"n must be a positive integer, got {n!r}")
+        if (isinstance(tflops, bool) or not isinstance(tflops, int | float)
+                or not math.isfinite(tflops) or tflops <= 0):
+            raise ValueError(f"{path}: row {i} is not a `qkv bench` result: tflops must be a "
+                             f"positive number, got {tflops!r}")
+        usable.append(r)
+    return usable
+
+
 def from_bench(rates: Rates, path: str | Path, n: int, causal: bool) -> Rates | None:
     """`rates` with the attention rates of `qkv bench` results at `path` (the row of each
     backend, mode and causality at the sequence length nearest n), or None when the file does
-    not exist or holds no usable row. A file that is not such results raises ValueError."""
+    not exist or holds no usable row. A file that is not such results, or a row with a rate but
+    no positive n or tflops, raises ValueError naming the file."""
     path = Path(path)
     if path.is_dir():
         path = path / "results.json"
     if not path.is_file():
         return None
-    try:
-        rows = json.loads(path.read_text(encoding="utf-8"))
-        usable = [r for r in rows if r.get("tflops") and r.get("causal") == causal]
-    except (ValueError, AttributeError, TypeError) as e:
-        raise ValueError(f"{path} is not `qkv bench` results (a JSON list of rows): {e}") from None
+    usable = _usable_rows(path, causal)
     attention = {b: dict(modes) for b, modes in rates.attention.items()}
     found = False
     for backend in attention:
@@ -168,10 +191,15 @@ def rates_for(spec, n: int, batch: int, mode: str, dtype: str, device: torch.dev
               bench: str | Path | None = DEFAULT_BENCH_RESULTS, measure: bool = True) -> Rates:
     """The rates `qkv plan` uses for `spec`: a quick measurement on `device` (unless
     `measure` is false: nominal, uncalibrated), its attention rates replaced by `qkv bench`
-    results where `bench` names an existing results file (CPU results, for a CPU device)."""
+    results where `bench` names an existing results file (CPU results, for a CPU device).
+    Without a measurement no bench file is read, so `measure=False` with a `bench` other than
+    None or the default raises ValueError rather than ignore it."""
     from qkv.plan.estimate import DEVICE_BACKENDS
 
     if not measure:
+        if bench is not None and Path(bench) != DEFAULT_BENCH_RESULTS:
+            raise ValueError(f"bench {str(bench)!r} is read only when the rates are measured "
+                             "(measure=True)")
         return nominal()
     c = spec.config.attention()
     causal = spec.kind == "decoder"

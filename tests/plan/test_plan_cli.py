@@ -97,3 +97,41 @@ def test_bad_input_is_one_error_line_and_exit_2(tmp_path, args, words):
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], lines
     assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("row, words", [
+    ({"backend": "sdpa", "mode": "fwd", "causal": True, "tflops": 1.0}, "n must be a positive"),
+    ({"backend": "sdpa", "mode": "fwd", "causal": True, "tflops": 1.0, "n": 0},
+     "n must be a positive"),
+    ({"backend": "sdpa", "mode": "fwd", "causal": True, "tflops": "fast", "n": 64},
+     "tflops must be a positive"),
+])
+def test_a_bench_row_without_a_usable_n_is_an_error_naming_the_file(tmp_path, row, words):
+    from qkv.plan.calibrate import from_bench, nominal
+
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps([row]))
+    with pytest.raises(ValueError, match=words) as caught:
+        from_bench(nominal(), path, 64, causal=True)
+    assert str(path) in str(caught.value) and "row 0" in str(caught.value)
+    result = plan("--model", "demo", "--seq-len", "64", "--mode", "decode", "--bench", str(path))
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.output.startswith(f"error: {path}: row 0")
+    good = {**row, "n": 64, "tflops": 2.0}
+    path.write_text(json.dumps([good]))
+    rates = from_bench(nominal(), path, 100, causal=True)
+    assert rates.attention["sdpa"]["fwd"] == 2e12 and str(path) in rates.source
+
+
+def test_bench_with_no_calibrate_is_refused(tmp_path):
+    from qkv.plan import rates_for
+    from qkv.plan.presets import load_model
+
+    result = plan("--model", "demo", "--seq-len", "64", "--bench", str(tmp_path / "r.json"),
+                  "--no-calibrate")
+    assert result.exit_code == 2
+    assert "--bench" in result.output and "--no-calibrate" in result.output
+    with pytest.raises(ValueError, match="read only when the rates are measured"):
+        rates_for(load_model("demo"), 64, 1, "train", "fp32", "cpu", tmp_path / "r.json",
+                  measure=False)
+    assert plan("--model", "demo", "--seq-len", "64", "--no-calibrate").exit_code == 0
