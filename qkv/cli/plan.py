@@ -89,7 +89,7 @@ def _inputs(model, seq_len, batch, dtype, mode, memory, device):
         raise typer.BadParameter(str(e), param_hint="--device") from None
     if memory is not None:
         try:
-            budget = parse_bytes(memory, "--memory")
+            budget = parse_bytes(memory, "it")
         except ValueError as e:
             raise typer.BadParameter(str(e), param_hint="--memory") from None
         return spec, budget, f"--memory {memory} ({format_bytes(budget)})", resolved
@@ -132,19 +132,18 @@ def render(p) -> str:
              f"attention's share passes half at n = {p.crossover_seq_len:,}",
              "budget              " + (p.budget_source or "none (give --memory or --device)"),
              ""]
-    names = [b.backend for b in p.backends]
-    width = max(12, *(len(n) + 2 for n in names))
-    row = lambda label, cells: f"{label:<20}" + "".join(f"{c:>{width}}" for c in cells)
-    lines.append(row("peak memory", names))
+    table = [("peak memory", [b.backend for b in p.backends])]
     for key, label in ROWS:
         if any(b.memory[key] for b in p.backends):
-            lines.append(row("  " + label, [_cell(b.memory[key]) for b in p.backends]))
-    lines.append(row("  total (peak)", [_cell(b.memory["total"]) for b in p.backends]))
+            table.append(("  " + label, [_cell(b.memory[key]) for b in p.backends]))
+    table.append(("  total (peak)", [_cell(b.memory["total"]) for b in p.backends]))
     if p.budget is not None:
-        lines.append(row("fits the budget", ["yes" if b.fits else "no" for b in p.backends]))
-        lines.append(row("largest n that fits", [f"{b.max_seq_len:,}" for b in p.backends]))
+        table.append(("fits the budget", ["yes" if b.fits else "no" for b in p.backends]))
+        table.append(("largest n that fits", [f"{b.max_seq_len:,}" for b in p.backends]))
     per = "token step" if p.mode == "decode" else "step"
-    lines.append(row(f"time per {per}", [_seconds(b.seconds) for b in p.backends]))
+    table.append((f"time per {per}", [_seconds(b.seconds) for b in p.backends]))
+    width = max(12, *(len(c) + 2 for _, cells in table for c in cells))  # 2 spaces at least
+    lines += [f"{label:<20}" + "".join(f"{c:>{width}}" for c in cells) for label, cells in table]
     s = p.suggestion
     lines += ["", f"suggested backend   {s['backend']} ({s['reason']}); block {s['block']}",
               f"times               {p.time_source}"]

@@ -85,7 +85,8 @@ def test_too_small_a_budget_quotes_the_need_at_n_1_and_suggests_the_leanest_back
     (["--model", "gpt5", "--seq-len", "8"], "gpt2, gpt2-medium"),
     (["--model", "{tmp}/shape.toml", "--seq-len", "8"], "divisible"),
     (["--model", "{tmp}/missing.toml", "--seq-len", "8"], "does not exist"),
-    (["--model", "gpt2", "--seq-len", "8", "--memory", "lots"], "--memory must be a size"),
+    (["--model", "gpt2", "--seq-len", "8", "--memory", "lots"],
+     "Invalid value for --memory: it must be a size"),
     (["--model", "gpt2", "--seq-len", "0"], "--seq-len"),
     (["--model", "gpt2", "--seq-len", "8", "--mode", "serve"], "--mode"),
     (["--model", "minilm", "--seq-len", "8", "--mode", "decode"], "encoder"),
@@ -135,3 +136,18 @@ def test_bench_with_no_calibrate_is_refused(tmp_path):
         rates_for(load_model("demo"), 64, 1, "train", "fp32", "cpu", tmp_path / "r.json",
                   measure=False)
     assert plan("--model", "demo", "--seq-len", "64", "--no-calibrate").exit_code == 0
+
+
+def test_the_table_columns_stay_apart_at_an_absurd_length():
+    import re
+
+    result = plan("--model", "gpt2", "--seq-len", "100000000000", "--memory", "80GB",
+                  "--no-calibrate")
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("peak memory"))
+    table = lines[start:lines.index("", start)]
+    assert len(table) >= 8
+    for line in table:  # the label, then three cells, at least two spaces apart
+        assert len(re.split(r" {2,}", line.strip())) == 4, line
+    assert "13,090,000,000 PB" in result.output
