@@ -96,8 +96,9 @@ class _Reader:
     def where(self, lineno: int) -> str:
         return f"{self.name} line {lineno}"
 
-    def line(self, lineno: int, text: str) -> None:
-        text = text.strip()
+    def line(self, lineno: int, raw: str) -> None:
+        text = raw.strip()
+        indent = len(raw) - len(raw.lstrip())  # columns count from the start of the raw line
         if not text:
             return
         if text.startswith(">"):
@@ -118,11 +119,11 @@ class _Reader:
             raise _bad_char("*", self.where(self.stop_at), self.stop_column)
         residues = "".join(text.split())
         if residues.endswith("*"):
-            self.stop_at, self.stop_column = lineno, text.rfind("*") + 1
+            self.stop_at, self.stop_column = lineno, indent + text.rfind("*") + 1
             residues = residues[:-1]
         bad = next((i for i, ch in enumerate(residues) if ch not in _ALLOWED), None)
         if bad is not None:
-            column = _column(text, bad)
+            column = indent + _column(text, bad)
             raise _bad_char(residues[bad], self.where(lineno), column)
         if not residues.isupper():
             self.summary.uppercased += sum(ch.islower() for ch in residues)
@@ -193,4 +194,9 @@ def read_fasta(path: str | os.PathLike) -> tuple[list[FastaRecord], FastaSummary
     except UnicodeDecodeError as e:
         lineno = data.count(b"\n", 0, e.start) + 1
         raise CorpusError(f"{path} line {lineno} is not UTF-8 text: {e.reason}") from None
-    return parse_fasta(text.splitlines(), str(path))
+    # Lines end at "\n" only (with a "\r" before it dropped), as editors count them;
+    # str.splitlines would also split at \x0b, \x0c, \x1c-\x1e, \x85, \u2028 and \u2029.
+    lines = [line.removesuffix("\r") for line in text.split("\n")]
+    if lines[-1] == "":  # the newline that ends the last line
+        lines.pop()
+    return parse_fasta(lines, str(path))

@@ -50,6 +50,10 @@ def test_every_letter_is_a_residue():
     ([">a", "M K*V"], "x.fa line 2, column 4", "'*' stop inside the sequence"),
     ([">a", "MK*", "AC"], "x.fa line 2, column 3", "'*' stop inside the sequence"),
     ([">a", "MK**"], "x.fa line 2, column 3", "'*' stop inside the sequence"),
+    # columns count the line's leading whitespace
+    ([">a", "   MK1V"], "x.fa line 2, column 6", "'1' is not a residue letter"),
+    ([">a", "\t M K-"], "x.fa line 2, column 6", "gap '-'"),
+    ([">a", "  MK*", "AC"], "x.fa line 2, column 5", "'*' stop inside the sequence"),
 ])
 def test_bad_input_names_the_line(lines, where, says):
     with pytest.raises(CorpusError) as e:
@@ -64,6 +68,17 @@ def test_read_plain_and_gzip_files(tmp_path):
         records, summary = read_fasta(_write(tmp_path, text, name))
         assert [r.sequence for r in records] == ["MKV", "AC"]
         assert (summary.stops_removed, summary.uppercased) == (1, 2)
+
+
+def test_lines_end_at_newlines_only(tmp_path):
+    # \x0c, \x0b, \x1c and \u2028 are not line ends to an editor: the '1' is on line 4.
+    text = ">a\r\nMK\x0cV\r\nAC\x0bD\u2028E\x1cF\nMK1\n"
+    with pytest.raises(CorpusError, match=r"x.fa line 4, column 3: '1'"):
+        read_fasta(_write(tmp_path, text, "x.fa"))
+    records, _ = read_fasta(_write(tmp_path, text.replace("MK1", "MKL"), "y.fa"))
+    assert records[0].sequence == "MKVACDEFMKL"
+    with pytest.raises(CorpusError, match="none of its 2 line"):  # a final newline ends line 2
+        read_fasta(_write(tmp_path, "\n\n", "z.fa"))
 
 
 def test_file_errors_name_the_file(tmp_path):
