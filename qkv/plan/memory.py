@@ -186,18 +186,10 @@ def crossover(s: Shapes, mode: str) -> int:
 
     Attention grows as n² (n for decode), the rest as n plus a constant (the LM head, on the
     last position only in prefill), so their difference is convex in n and changes sign once
-    for n >= 1: an exponential search, then bisection.
+    for n >= 1: one past the largest n where attention has not passed (`fits`' search).
     """
-    def passes(n: int) -> bool:
+    def passes(n: int) -> int:
         flops = step_flops(s, n, 1, mode)
-        return flops["attention"] > flops["linear"]
+        return int(flops["attention"] > flops["linear"])
 
-    if passes(1):
-        return 1
-    lo, hi = 1, 2  # passes(lo) is False
-    while not passes(hi):
-        lo, hi = hi, hi * 2
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (lo, mid) if passes(mid) else (mid, hi)
-    return hi
+    return fits(passes, 0) + 1
