@@ -41,8 +41,8 @@ def compare(
         from qkv.compare import Settings, runner
         from qkv.units import parse_bytes
 
-        rows = [name.strip() for value in only or () for name in value.split(",")
-                if name.strip()]
+        rows = None if only is None else [name.strip() for value in only
+                                          for name in value.split(",") if name.strip()]
         try:
             names = runner.check_rows(rows)
         except ValueError as e:

@@ -39,12 +39,14 @@ class SettingError(ValueError):
 
 
 def check_rows(rows: Sequence[str] | None) -> list[str]:
-    """The rows asked for, in report order, each once (all rows for None or empty); ValueError
-    naming the known rows for an unknown name."""
+    """The rows asked for, in report order, each once (all rows for None); ValueError naming
+    the known rows for an unknown name, or for an empty list (it asks for no row)."""
+    if rows is not None and not list(rows):
+        raise ValueError(f"no row named; choose from {list(ROW_NAMES)}")
     unknown = [name for name in rows or () if name not in ROW_NAMES]
     if unknown:
         raise ValueError(f"unknown row {unknown[0]!r}; choose from {list(ROW_NAMES)}")
-    return [name for name in ROW_NAMES if not rows or name in rows]
+    return [name for name in ROW_NAMES if rows is None or name in rows]
 
 
 def check_settings(settings: Settings, rows: Sequence[str]) -> None:

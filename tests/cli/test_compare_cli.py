@@ -63,6 +63,15 @@ def _fake_load(name):
     return Row(name=name, title=name, run=run, minutes=0.0)
 
 
+@pytest.mark.parametrize("only", [",,", " , ", ""])
+def test_only_naming_no_row_is_refused(only, tmp_path, monkeypatch):
+    monkeypatch.setattr(runner, "load_row", _fake_load)  # were every row to run, fast
+    result = CliRunner().invoke(app, ["compare", "--only", only, "--out", str(tmp_path / "o")])
+    _one_error_line(result, "--only")
+    assert "no row named" in result.stderr
+    assert not (tmp_path / "o").exists()
+
+
 def test_other_settings_in_the_folder_are_refused_untouched(tmp_path, monkeypatch):
     monkeypatch.setattr(runner, "load_row", _fake_load)
     out = tmp_path / "out"

@@ -90,6 +90,12 @@ def test_unknown_row_is_refused_before_the_disk_is_touched(tmp_path, fake):
     assert not (tmp_path / "out").exists()
 
 
+def test_an_empty_row_list_is_refused_not_taken_for_all_rows(tmp_path, fake):
+    with pytest.raises(ValueError, match="no row named"):
+        run_compare(QUICK, [], tmp_path / "out")
+    assert not (tmp_path / "out").exists() and fake.runs == {"cost": 0, "path": 0}
+
+
 def test_a_failed_write_keeps_the_previous_report(tmp_path, fake, monkeypatch):
     run_compare(QUICK, ["cost"], tmp_path)
     good = {f: (tmp_path / f).read_text() for f in ("results.json", "report.md")}
