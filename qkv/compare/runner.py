@@ -20,12 +20,17 @@ from pathlib import Path
 
 from qkv.compare import ROW_NAMES, Context, RowResult, Settings, load_row
 from qkv.io import atomic_write_text
+from qkv.train.config import MAX_SEED
 from qkv.units import exact_size
 
 ROWS_DIR = "rows"
 RESULTS_FILE = "results.json"
 REPORT_FILE = "report.md"
 SMALLEST_N = 256  # the shortest sequence of the cost and scale rows
+# Rows seed their generators with the seed plus offsets (up to a few million, plus step
+# numbers); the largest seed leaves that much room below what a torch generator takes.
+SEED_ROOM = 10**7
+LARGEST_SEED = MAX_SEED - SEED_ROOM
 
 # progress(rows_done, rows_total, row_name, description, completed, total)
 ProgressFn = Callable[[int, int, str, str, "float | None", "float | None"], None]
@@ -50,11 +55,13 @@ def check_rows(rows: Sequence[str] | None) -> list[str]:
 
 
 def check_settings(settings: Settings, rows: Sequence[str]) -> None:
-    """SettingError for settings no run can use: a negative seed, a longest n below the cost
-    and scale rows' smallest, or a memory budget too small for any case of a row asked for (a
-    row module may define `min_memory(settings) -> bytes`)."""
-    if not isinstance(settings.seed, int) or settings.seed < 0:
-        raise SettingError("seed", f"seed must be an integer >= 0, got {settings.seed!r}")
+    """SettingError for settings no run can use: a seed below 0 or above LARGEST_SEED, a
+    longest n below the cost and scale rows' smallest, or a memory budget too small for any
+    case of a row asked for (a row module may define `min_memory(settings) -> bytes`)."""
+    if not isinstance(settings.seed, int) or not 0 <= settings.seed <= LARGEST_SEED:
+        raise SettingError("seed", f"seed must be an integer >= 0 and at most {LARGEST_SEED} "
+                           f"(2**63 - 1 - 10**7: the rows add offsets to it), got "
+                           f"{settings.seed!r}")
     if settings.max_len is not None and settings.max_len < SMALLEST_N:
         raise SettingError("max_len", f"max_len must be at least {SMALLEST_N} (the shortest "
                            f"sequence of the cost and scale rows), got {settings.max_len}")

@@ -72,6 +72,14 @@ def test_only_naming_no_row_is_refused(only, tmp_path, monkeypatch):
     assert not (tmp_path / "o").exists()
 
 
+def test_a_seed_too_large_for_torch_is_refused_naming_seed(tmp_path, monkeypatch):
+    monkeypatch.setattr(runner, "load_row", _fake_load)
+    result = CliRunner().invoke(app, ["compare", "--only", "path", "--seed",
+                                      "99999999999999999999", "--out", str(tmp_path / "o")])
+    _one_error_line(result, "--seed")
+    assert "at most" in result.stderr and not (tmp_path / "o").exists()
+
+
 def test_other_settings_in_the_folder_are_refused_untouched(tmp_path, monkeypatch):
     monkeypatch.setattr(runner, "load_row", _fake_load)
     out = tmp_path / "out"

@@ -96,6 +96,21 @@ def test_an_empty_row_list_is_refused_not_taken_for_all_rows(tmp_path, fake):
     assert not (tmp_path / "out").exists() and fake.runs == {"cost": 0, "path": 0}
 
 
+@pytest.mark.parametrize("seed", [-1, 2**63 - 1, 2**63 - 10**6, 99999999999999999999])
+def test_a_seed_out_of_range_is_refused_before_any_row(seed, tmp_path, fake):
+    with pytest.raises(runner.SettingError, match=r"seed must be .* at most") as error:
+        run_compare(Settings(quick=True, seed=seed), ["cost"], tmp_path / "out")
+    assert error.value.setting == "seed" and fake.runs["cost"] == 0
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_largest_seed_leaves_room_for_every_offset():
+    import torch
+
+    torch.Generator().manual_seed(runner.LARGEST_SEED + runner.SEED_ROOM)
+    runner.check_settings(Settings(quick=True, seed=runner.LARGEST_SEED), ["cost"])
+
+
 def test_a_failed_write_keeps_the_previous_report(tmp_path, fake, monkeypatch):
     run_compare(QUICK, ["cost"], tmp_path)
     good = {f: (tmp_path / f).read_text() for f in ("results.json", "report.md")}
