@@ -30,7 +30,9 @@ def compare(
         help="memory budget of the scale row and cap of the cost row, e.g. 8GiB, 512MiB, 2GB")]
         = "8GiB",
     overwrite: Annotated[bool, typer.Option(
-        help="rerun the rows asked for, and replace rows in --out run under other settings")]
+        help="rerun the rows asked for, even where --out holds them run under other "
+             "settings; rows not asked for are kept (the report marks those run under other "
+             "settings)")]
         = False,
 ) -> None:
     """Measure attention against an LSTM and a TCN, test three beliefs about attention, and

@@ -105,12 +105,24 @@ class RowResult:
         return cls(**{k: values[k] for k in cls.__dataclass_fields__})
 
 
+SEEDED = ("quick", "seed")  # what a row depends on by default
+SIZED = ("quick", "max_len", "memory_budget")  # what the cost and scale rows depend on
+
+
 @dataclass(frozen=True)
 class Row:
     name: str
     title: str
     run: Callable[[Context], RowResult]
     minutes: float  # full-mode estimate on 2 CPU cores
+    # The settings (fields of Settings) the row's result depends on: a row saved under settings
+    # that differ only in others is reused as it is.
+    depends_on: tuple[str, ...] = SEEDED
+
+    def __post_init__(self):
+        unknown = set(self.depends_on) - set(Settings().as_dict())
+        if unknown:
+            raise ValueError(f"depends_on must name fields of Settings, got {sorted(unknown)}")
 
 
 def fmt(x) -> str:

@@ -37,8 +37,9 @@ def _summary(rows: dict) -> str:
         if result is None:
             lines.append([f"{record['title']} (`{name}`)", "not run", "—"])
         else:
+            stale = " (run under other settings)" if record.get("stale") else ""
             lines.append([f"[{record['title']}](#{_anchor(name)}) (`{name}`)",
-                          _cell(result["headline"]), verdict(result["agrees"])])
+                          _cell(result["headline"]), verdict(result["agrees"]) + stale])
     return markdown_table(["row", "headline", "verdict"], lines)
 
 
@@ -46,7 +47,18 @@ def _anchor(name: str) -> str:
     return f"row-{name}"
 
 
-def _section(number: int, name: str, record: dict) -> list[str]:
+def _stale(name: str, record: dict, settings: dict) -> list[str]:
+    """The note on a row run under other settings than the report's (none for the others)."""
+    keys = record.get("stale") or []
+    if not keys:
+        return []
+    there = ", ".join(f"{k}={_setting(k, record['settings'].get(k))}" for k in keys)
+    now = ", ".join(f"{k}={_setting(k, settings.get(k))}" for k in keys)
+    return [f"**Run under other settings:** {there} (this report: {now}). Rerun it with "
+            f"`--only {name} --overwrite` to bring it up to date.", ""]
+
+
+def _section(number: int, name: str, record: dict, settings: dict) -> list[str]:
     result = record.get("result")
     lines = [f'<a id="{_anchor(name)}"></a>', "",
              f"## {number}. {record['title']} (`{name}`)", ""]
@@ -54,6 +66,7 @@ def _section(number: int, name: str, record: dict) -> list[str]:
         return lines + ["Not run: run `qkv compare` with this row (`--only "
                         f"{name}`) to fill this section in.", ""]
     seconds = record.get("seconds")
+    lines += _stale(name, record, settings)
     lines += [f"**Claim.** {result['claim']}", ""]
     for table in result.get("tables", []):
         lines += [table, ""]
@@ -82,5 +95,5 @@ def render(document: dict) -> str:
              f"- written: {document['date']}; rows finished: {done} of {len(rows)}", "",
              "## Summary", "", _summary(rows), ""]
     for number, (name, record) in enumerate(rows.items(), start=1):
-        lines += _section(number, name, record)
+        lines += _section(number, name, record, document["settings"])
     return "\n".join(lines).rstrip() + "\n"

@@ -92,16 +92,28 @@ def saved_rows(out: Path) -> dict[str, dict]:
     return saved
 
 
-def settings_conflicts(out: Path, settings: Settings) -> dict[str, list[str]]:
-    """For each row saved in `out` under other settings, the settings that differ."""
+def depends_on(name: str) -> tuple[str, ...]:
+    """The settings row `name` depends on (every setting if its module cannot be imported)."""
+    try:
+        return tuple(load_row(name).depends_on)
+    except ImportError:
+        return tuple(Settings().as_dict())
+
+
+def stale_rows(out: Path, settings: Settings) -> dict[str, list[str]]:
+    """For each row saved in `out` under settings that differ in one it depends on, those
+    settings; a row saved under settings that differ only in others is reused as it is."""
     wanted = settings.as_dict()
-    conflicts = {}
+    stale = {}
     for name, record in saved_rows(out).items():
-        differ = sorted(k for k in wanted.keys() | record["settings"].keys()
-                        if record["settings"].get(k) != wanted.get(k))
+        differ = [k for k in depends_on(name) if record["settings"].get(k) != wanted.get(k)]
         if differ:
-            conflicts[name] = differ
-    return conflicts
+            stale[name] = differ
+    return stale
+
+
+def _setting(key: str, value) -> str:
+    return exact_size(value) if key == "memory_budget" and isinstance(value, int) else repr(value)
 
 
 def _ours(out: Path) -> bool:
@@ -117,18 +129,23 @@ def _ours(out: Path) -> bool:
 
 def check_folder(out: Path, settings: Settings, overwrite: bool = False) -> None:
     """ValueError if `out` holds a results.json or report.md that qkv compare did not write,
-    or rows run under other settings and `overwrite` is not set."""
+    or rows that are stale under these settings (see stale_rows) and `overwrite` is not set."""
     if not _ours(out):
         raise ValueError(f"{out} holds a {RESULTS_FILE} or {REPORT_FILE} that qkv compare did "
                          "not write; pick another --out")
-    conflicts = settings_conflicts(out, settings)
-    if conflicts and not overwrite:
-        differ = sorted({k for keys in conflicts.values() for k in keys})
-        saved = saved_rows(out)[next(iter(conflicts))]["settings"]
-        here = ", ".join(f"{k} {saved.get(k)!r} there, {settings.as_dict().get(k)!r} now"
-                         for k in differ)
-        raise ValueError(f"{out} holds rows {sorted(conflicts)} run under other settings "
-                         f"({here}); pass --overwrite to replace them, or pick another --out")
+    stale = stale_rows(out, settings)
+    if stale and not overwrite:
+        saved, wanted = saved_rows(out), settings.as_dict()
+
+        def differ(name: str, keys: list[str]) -> str:
+            there = saved[name]["settings"]
+            return ", ".join(f"{k} {_setting(k, there.get(k))} there, "
+                             f"{_setting(k, wanted[k])} now" for k in keys)
+
+        rows = "; ".join(f"{name} ({differ(name, keys)})" for name, keys in stale.items())
+        raise ValueError(f"{out} holds rows run under other settings: {rows}; pass --overwrite "
+                         "to rerun the rows asked for (the others are kept, marked in the "
+                         "report as run under other settings), or pick another --out")
 
 
 def _now() -> str:
@@ -160,18 +177,20 @@ def _title(name: str) -> str:
 
 def results_document(out: Path, settings: Settings) -> dict:
     """What results.json holds: the run's settings, machine and versions, and every row saved
-    in `out` under these settings (rows not run are listed with their titles only)."""
+    in `out`; a row saved under other settings it depends on carries `stale`, the names of
+    those settings (rows not run are listed with their titles only)."""
     import torch
 
     import qkv
     from qkv.bench.cpu import machine_description
 
     wanted = settings.as_dict()
-    saved = {name: record for name, record in saved_rows(out).items()
-             if record["settings"] == wanted}
+    stale = stale_rows(out, settings)
+    saved = {name: {**record, "stale": stale[name]} if name in stale else record
+             for name, record in saved_rows(out).items()}
     return {
-        "command": command_line(out, settings, [n for n in ROW_NAMES if n in saved]
-                                or ROW_NAMES),
+        "command": command_line(out, settings, [n for n in ROW_NAMES
+                                                if n in saved and n not in stale] or ROW_NAMES),
         "settings": wanted,
         "seed": settings.seed,
         "machine": machine_description(),
@@ -195,20 +214,15 @@ def write_outputs(out: Path, settings: Settings) -> dict:
     return document
 
 
-def _forget(out: Path, name: str, record: dict) -> None:
-    """Remove a saved row and its figures (replaced under --overwrite)."""
-    for figure in record["result"].get("figures", []):
-        (Path(out) / figure).unlink(missing_ok=True)
-    row_file(out, name).unlink(missing_ok=True)
-
-
 def run_compare(settings: Settings, rows: Sequence[str] | None, out: Path, *,
                 overwrite: bool = False, progress: ProgressFn | None = None) -> dict:
     """Run `rows` (all for None) into the folder `out`; return results.json's content.
 
-    A row saved in `out` under equal settings is reused, not run (unless `overwrite`). Rows
-    saved under other settings make this a ValueError naming the settings that differ; with
-    `overwrite` they are removed and the rows asked for run again. After every row, its record
+    A row saved in `out` under the settings it depends on (Row.depends_on) is reused, not run
+    (unless `overwrite`). Rows saved under others (stale_rows) make this a ValueError naming
+    the rows and settings; with `overwrite` the rows asked for run again, each replacing its
+    saved row only once it has finished, and stale rows not asked for are kept (the report
+    marks them as run under other settings). After every row, its record
     goes to rows/<name>.json and results.json and report.md are rewritten, so a row that raises
     (or Ctrl-C) leaves the finished rows and a report of them, and the error propagates.
     `progress(rows_done, rows_total, row, description, completed, total)` hears of each step.
@@ -234,13 +248,10 @@ def _run_locked(settings, names, out, overwrite, progress) -> dict:
     report = progress or (lambda *args: None)
     wanted = settings.as_dict()
     check_folder(out, settings, overwrite)  # again, now that no other run can write here
-    for name, record in saved_rows(out).items():
-        if record["settings"] != wanted:  # only under overwrite
-            _forget(out, name, record)
-    saved = saved_rows(out)
+    saved, stale = saved_rows(out), stale_rows(out, settings)
     document = None
     for index, name in enumerate(names):
-        if name in saved and not overwrite:  # under overwrite, replaced when the rerun ends
+        if name in saved and name not in stale and not overwrite:
             report(index + 1, len(names), name, "already done", None, None)
             continue
         row = load_row(name)

@@ -27,6 +27,15 @@ def test_settings_longest():
     assert Settings(max_len=300).longest == 300
 
 
+def test_rows_depend_on_quick_and_seed_unless_they_say_otherwise():
+    from qkv.compare import Row
+
+    assert Row("x", "X", run=lambda ctx: None, minutes=1).depends_on == ("quick", "seed")
+    assert "seed" not in load_row("cost").depends_on
+    with pytest.raises(ValueError, match="depends_on must name fields of Settings.*'speed'"):
+        Row("x", "X", run=lambda ctx: None, minutes=1, depends_on=("quick", "speed"))
+
+
 def test_unknown_row_names_the_known_ones():
     with pytest.raises(ValueError, match="unknown row 'nope'.*cost"):
         load_row("nope")

@@ -32,7 +32,8 @@ class FakeRows:
                              headline=f"{name} headline {self.runs[name]}",
                              tables=["| a |\n|---|\n| 1 |"], figures=[], data={"x": [1, 2]})
 
-        return Row(name=name, title=f"{name.title()} row", run=run, minutes=0.1)
+        depends = {"depends_on": ("quick", "max_len", "memory_budget")} if name == "cost" else {}
+        return Row(name=name, title=f"{name.title()} row", run=run, minutes=0.1, **depends)
 
 
 @pytest.fixture
@@ -60,16 +61,44 @@ def test_a_finished_row_is_saved_and_reused(tmp_path, fake):
 
 
 def test_other_settings_are_refused_naming_them_and_overwrite_reruns(tmp_path, fake):
-    run_compare(QUICK, ["cost"], tmp_path)
+    run_compare(QUICK, ["path"], tmp_path)
     before = (tmp_path / "report.md").read_text()
-    with pytest.raises(ValueError, match=r"seed 0 there, 3 now.*--overwrite.*--out"):
+    with pytest.raises(ValueError, match=r"path \(seed 0 there, 3 now\).*--overwrite.*--out"):
         run_compare(Settings(quick=True, seed=3), ["path"], tmp_path)
-    assert (tmp_path / "report.md").read_text() == before and fake.runs["path"] == 0
-    run_compare(QUICK, ["cost"], tmp_path, overwrite=True)
-    assert fake.runs["cost"] == 2
+    assert (tmp_path / "report.md").read_text() == before and fake.runs["path"] == 1
+    run_compare(QUICK, ["path"], tmp_path, overwrite=True)
+    assert fake.runs["path"] == 2
     doc = run_compare(Settings(quick=True, seed=3), ["path"], tmp_path, overwrite=True)
-    assert doc["rows"]["cost"]["result"] is None  # the seed-0 row is gone, not mixed in
-    assert not (tmp_path / "rows" / "cost.json").exists()
+    assert fake.runs["path"] == 3 and "stale" not in doc["rows"]["path"]
+    assert json.loads((tmp_path / "rows" / "path.json").read_text())["settings"]["seed"] == 3
+
+
+def test_a_setting_a_row_does_not_depend_on_leaves_it_current(tmp_path, fake):
+    run_compare(QUICK, ["cost"], tmp_path)
+    doc = run_compare(Settings(quick=True, seed=8), ["cost"], tmp_path)  # cost ignores seeds
+    assert fake.runs == {"cost": 1, "path": 0} and "stale" not in doc["rows"]["cost"]
+    assert doc["rows"]["cost"]["result"]["headline"] == "cost headline 1"
+    with pytest.raises(ValueError, match=r"holds rows run under other settings: cost "
+                                         r"\(memory_budget 8GiB there, 1GiB now\)"):
+        run_compare(Settings(quick=True, memory_budget=1 << 30), ["path"], tmp_path)
+
+
+def test_overwrite_keeps_stale_rows_not_asked_for_and_marks_them(tmp_path, fake):
+    run_compare(QUICK, ["cost", "path"], tmp_path)
+    small = Settings(quick=True, memory_budget=1 << 30)
+    doc = run_compare(small, ["cost"], tmp_path, overwrite=True)
+    assert fake.runs == {"cost": 2, "path": 1}
+    assert "stale" not in doc["rows"]["cost"] and doc["rows"]["path"].get("stale") is None
+    doc = run_compare(Settings(quick=True, seed=4, memory_budget=1 << 30), ["cost"], tmp_path,
+                      overwrite=True)
+    assert fake.runs == {"cost": 3, "path": 1}  # the seed-0 path row is kept, not deleted
+    assert doc["rows"]["path"]["stale"] == ["seed"]
+    assert doc["rows"]["path"]["result"]["headline"] == "path headline 1"
+    assert (tmp_path / "rows" / "path.json").exists()
+    report = (tmp_path / "report.md").read_text()
+    assert "disagrees (run under other settings)" in report
+    assert "**Run under other settings:** seed=0 (this report: seed=4)" in report
+    assert "--only cost" in doc["command"] and "--only path" not in doc["command"]
 
 
 def test_a_row_that_raises_leaves_the_finished_rows_and_a_report(tmp_path, fake):
