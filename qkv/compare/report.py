@@ -71,7 +71,7 @@ def _section(number: int, name: str, record: dict, settings: dict) -> list[str]:
     for table in result.get("tables", []):
         lines += [table, ""]
     for figure in result.get("figures", []):
-        stem = figure.rsplit(".", 1)[0].replace("_", " ")
+        stem = figure.rsplit("/", 1)[-1].rsplit(".", 1)[0].replace("_", " ")
         lines += [f"![{record['title']}: {stem}]({figure})", ""]
     lines += [f"**Anchor.** {result['anchor']}", "",
               f"**Findings.** {result['findings']}", "",

@@ -6,6 +6,14 @@ under, its start date and seconds), the figures the rows drew, and `results.json
 consistent report of what finished, and running the same command again resumes: a row saved
 under equal settings is not run again. A folder holding rows run under other settings is
 refused, unless `overwrite` asks to replace them. A lock on the folder keeps a second run out.
+
+A row draws its figures into `.pending/<name>/`. When it ends, its record is saved pointing at
+them there (the switch from the old row to the new one, old figures untouched) and the outputs
+are rewritten; then the figures are copied to their own names in the folder, the record is
+saved again pointing at those, the outputs are rewritten, and the pending folder and the old
+figures the new row does not draw are removed. A crash at any step leaves the old row with its
+old figures or the new row with its new ones (and a report of one of them); the next run
+finishes a switch left half done.
 """
 
 from __future__ import annotations
@@ -13,19 +21,21 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
+import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from qkv.compare import ROW_NAMES, Context, RowResult, Settings, load_row
-from qkv.io import atomic_write_text
+from qkv.io import atomic_path, atomic_write_text
 from qkv.train.config import MAX_SEED
 from qkv.units import exact_size
 
 ROWS_DIR = "rows"
 RESULTS_FILE = "results.json"
 REPORT_FILE = "report.md"
+PENDING_DIR = ".pending"  # rows draw their figures in PENDING_DIR/<row>/ (see above)
 SMALLEST_N = 256  # the shortest sequence of the cost and scale rows
 # Rows seed their generators with the seed plus offsets (up to a few million, plus step
 # numbers); the largest seed leaves that much room below what a torch generator takes.
@@ -214,6 +224,81 @@ def write_outputs(out: Path, settings: Settings) -> dict:
     return document
 
 
+def _copy_figure(source: Path, target: Path) -> None:
+    """Copy a figure onto `target` atomically."""
+    with atomic_path(target) as tmp:
+        shutil.copyfile(source, tmp)
+
+
+def _remove(path: Path) -> None:
+    """Remove a file, or a folder and everything in it."""
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _save_row(out: Path, record: dict) -> None:
+    atomic_write_text(row_file(out, record["name"]), json.dumps(record, indent=2) + "\n")
+
+
+def _figures_in(record: dict) -> list[str]:
+    return list(record["result"].get("figures") or [])
+
+
+def _own_figures(out: Path, name: str, record: dict) -> None:
+    """Finish switching to a saved row whose figures are still in its pending folder: copy
+    them to their own names, then save the record pointing at those."""
+    prefix = f"{PENDING_DIR}/{name}/"
+    figures = _figures_in(record)
+    own = [figure.removeprefix(prefix) for figure in figures]
+    if own != figures:
+        for figure, target in zip(figures, own, strict=True):
+            if figure != target:
+                _copy_figure(out / figure, out / target)
+        _save_row(out, {**record, "result": {**record["result"], "figures": own}})
+
+
+def _tidy(out: Path, drop: Sequence[str] = ()) -> None:
+    """Remove the figures in `drop` that no saved row draws, and the pending folders (none is
+    a saved row's once _own_figures has run and the outputs have been rewritten)."""
+    drawn = {figure for record in saved_rows(out).values() for figure in _figures_in(record)}
+    for figure in drop:
+        if figure not in drawn and (out / figure).exists():
+            _remove(out / figure)
+    if (out / PENDING_DIR).exists():
+        _remove(out / PENDING_DIR)
+
+
+def _settle(out: Path, settings: Settings) -> None:
+    """Finish every switch a crash left half done (rewriting the outputs), and remove pending
+    figures no saved row owns."""
+    if not (out / PENDING_DIR).exists():
+        return
+    for name, record in saved_rows(out).items():
+        if any(f.startswith(f"{PENDING_DIR}/{name}/") for f in _figures_in(record)):
+            _own_figures(out, name, record)
+            write_outputs(out, settings)
+    _tidy(out)
+
+
+def _replace_row(out: Path, record: dict, settings: Settings) -> dict:
+    """Save a finished row whose figures are in its pending folder in place of the saved one
+    (see the module's docstring), rewriting the outputs; return results.json's content."""
+    name = record["name"]
+    old = saved_rows(out).get(name)
+    figures = _figures_in(record)
+    staged = {**record, "result": {**record["result"],
+                                   "figures": [f"{PENDING_DIR}/{name}/{f}" for f in figures]}}
+    _save_row(out, staged)  # the switch: the new row, its figures still pending
+    if figures:
+        write_outputs(out, settings)  # a report of the new row, while the old figures change
+    _own_figures(out, name, staged)
+    document = write_outputs(out, settings)
+    _tidy(out, [f for f in _figures_in(old) if f not in figures] if old else [])
+    return document
+
+
 def run_compare(settings: Settings, rows: Sequence[str] | None, out: Path, *,
                 overwrite: bool = False, progress: ProgressFn | None = None) -> dict:
     """Run `rows` (all for None) into the folder `out`; return results.json's content.
@@ -248,6 +333,7 @@ def _run_locked(settings, names, out, overwrite, progress) -> dict:
     report = progress or (lambda *args: None)
     wanted = settings.as_dict()
     check_folder(out, settings, overwrite)  # again, now that no other run can write here
+    _settle(out, settings)
     saved, stale = saved_rows(out), stale_rows(out, settings)
     document = None
     for index, name in enumerate(names):
@@ -256,7 +342,8 @@ def _run_locked(settings, names, out, overwrite, progress) -> dict:
             continue
         row = load_row(name)
         report(index, len(names), name, row.title, None, None)
-        ctx = Context(settings, out, lambda text, done=None, total=None, i=index, n=name:
+        pending = out / PENDING_DIR / name
+        ctx = Context(settings, pending, lambda text, done=None, total=None, i=index, n=name:
                       report(i, len(names), n, text, done, total))
         started, start = _now(), time.perf_counter()
         try:
@@ -264,10 +351,10 @@ def _run_locked(settings, names, out, overwrite, progress) -> dict:
         except BaseException:
             with contextlib.suppress(Exception):  # the row's own error is the one to see
                 write_outputs(out, settings)
+                _tidy(out)  # its half-drawn figures go
             raise
         record = {"name": name, "title": row.title, "settings": wanted, "started": started,
                   "seconds": time.perf_counter() - start, "result": result.as_dict()}
-        atomic_write_text(row_file(out, name), json.dumps(record, indent=2) + "\n")
-        document = write_outputs(out, settings)
+        document = _replace_row(out, record, settings)
         report(index + 1, len(names), name, "done", None, None)
     return document if document is not None else write_outputs(out, settings)

@@ -1,4 +1,6 @@
+import contextlib
 import json
+import re
 
 import pytest
 
@@ -25,12 +27,15 @@ class FakeRows:
         def run(ctx):
             self.runs[name] += 1
             ctx.progress("measuring", 1, 2)
+            ctx.out.mkdir(parents=True, exist_ok=True)
+            (ctx.out / f"{name}_plot.png").write_text(f"{name} {self.runs[name]}")
             if name == "path" and self.fail:
                 raise RuntimeError("the row broke")
             return RowResult(claim=f"{name} claim", anchor="a paper, Table 1",
                              findings="the numbers agree", agrees=name == "cost",
                              headline=f"{name} headline {self.runs[name]}",
-                             tables=["| a |\n|---|\n| 1 |"], figures=[], data={"x": [1, 2]})
+                             tables=["| a |\n|---|\n| 1 |"], figures=[f"{name}_plot.png"],
+                             data={"x": [1, 2]})
 
         depends = {"depends_on": ("quick", "max_len", "memory_budget")} if name == "cost" else {}
         return Row(name=name, title=f"{name.title()} row", run=run, minutes=0.1, **depends)
@@ -192,3 +197,58 @@ def test_overwrite_keeps_the_old_row_until_its_rerun_ends(tmp_path, fake):
     saved = json.loads((tmp_path / "rows" / "path.json").read_text())
     assert saved["result"]["headline"] == "path headline 1"
     assert "path headline 1" in (tmp_path / "report.md").read_text()
+
+
+def _assert_whole(out, name="path") -> int:
+    """The saved row's figures exist and are the ones its run drew; the report's too. Returns
+    the number of the run the saved row is."""
+    record = json.loads((out / "rows" / f"{name}.json").read_text())
+    run = int(record["result"]["headline"].split()[-1])
+    for figure in record["result"]["figures"]:
+        assert (out / figure).read_text() == f"{name} {run}", figure
+    report = (out / "report.md").read_text()  # rewritten after the row: of it or the old one
+    shown = int(re.search(rf"{name} headline (\d+)", report).group(1))
+    figures = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
+    assert figures and all((out / f).read_text() == f"{name} {shown}" for f in figures)
+    return run
+
+
+@pytest.mark.parametrize("step", range(12))
+def test_a_crash_at_any_step_of_replacing_a_row_leaves_old_or_new_whole(step, tmp_path, fake,
+                                                                        monkeypatch):
+    run_compare(QUICK, ["path"], tmp_path)
+    assert _assert_whole(tmp_path) == 1
+    calls = []
+
+    def crashing(real):
+        def wrapper(*args, **kwargs):
+            calls.append(real.__name__)
+            if len(calls) == step + 1:
+                raise OSError(5, "the disk went away")
+            return real(*args, **kwargs)
+        return wrapper
+
+    for function in ("atomic_write_text", "_copy_figure", "_remove"):
+        monkeypatch.setattr(runner, function, crashing(getattr(runner, function)))
+    with contextlib.suppress(OSError):
+        run_compare(QUICK, ["path"], tmp_path, overwrite=True)
+    assert _assert_whole(tmp_path) in (1, 2), calls
+    monkeypatch.undo()
+    monkeypatch.setattr(runner, "load_row", fake.load)
+    run_compare(QUICK, ["path"], tmp_path)  # resumes: finishes a switch left half done
+    assert _assert_whole(tmp_path) in (1, 2)
+    assert (tmp_path / "path_plot.png").exists() and not (tmp_path / ".pending").exists()
+    assert json.loads((tmp_path / "rows" / "path.json").read_text())["result"]["figures"] == [
+        "path_plot.png"]
+
+
+def test_figures_are_drawn_aside_until_the_row_is_saved(tmp_path, fake):
+    run_compare(QUICK, ["path"], tmp_path)
+    fake.fail = True  # the rerun draws its figure and then raises
+    with pytest.raises(RuntimeError):
+        run_compare(QUICK, ["path"], tmp_path, overwrite=True)
+    assert (tmp_path / "path_plot.png").read_text() == "path 1"
+    assert not (tmp_path / ".pending").exists()
+    fake.fail = False
+    run_compare(QUICK, ["path"], tmp_path, overwrite=True)
+    assert _assert_whole(tmp_path) == 3
