@@ -14,6 +14,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 
 TIME_CAP = 2.0  # seconds of timed runs per case before the repetitions stop
 # A case predicted to need more memory than this runs without a warm-up: the first call's
@@ -44,10 +45,18 @@ def fresh_processes(preload: Sequence[str]) -> ProcessPoolExecutor:
 
 
 def run_elsewhere(function: Callable, case, processes: ProcessPoolExecutor | None):
-    """function(case) in a fresh process of `processes`, or here when it is None."""
+    """function(case) in a fresh process of `processes`, or here when it is None.
+
+    ChildProcessError (an OSError) naming the case if that process dies before it answers:
+    most likely the system killed it for want of memory."""
     if processes is None:
         return function(case)
-    return processes.submit(function, case).result(timeout=1800)
+    try:
+        return processes.submit(function, case).result(timeout=1800)
+    except BrokenProcessPool:
+        raise ChildProcessError(f"the process measuring {case} died before it finished (the "
+                                "system may have killed it for want of memory); try a smaller "
+                                "memory budget or max_len") from None
 
 
 def reset_peak_rss() -> int:

@@ -30,7 +30,7 @@ from pathlib import Path
 from qkv.compare import ROW_NAMES, Context, RowResult, Settings, load_row
 from qkv.io import atomic_path, atomic_write_text
 from qkv.train.config import MAX_SEED
-from qkv.units import exact_size
+from qkv.units import exact_size, format_bytes
 
 ROWS_DIR = "rows"
 RESULTS_FILE = "results.json"
@@ -78,6 +78,7 @@ def check_settings(settings: Settings, rows: Sequence[str]) -> None:
     if settings.memory_budget < 1:
         raise SettingError("memory_budget", "memory budget must be positive, got "
                            f"{settings.memory_budget}")
+    _check_budget_fits(settings, rows)
     for name in rows:
         need = getattr(sys.modules.get(load_row(name).run.__module__), "min_memory", None)
         if need is not None and settings.memory_budget < (least := need(settings)):
@@ -85,6 +86,20 @@ def check_settings(settings: Settings, rows: Sequence[str]) -> None:
             raise SettingError("memory_budget", f"memory budget {budget} is too small for even "
                                f"the smallest case of row {name!r}, "
                                f"which needs about {least / 2**20:.0f} MiB")
+
+
+def _check_budget_fits(settings: Settings, rows: Sequence[str]) -> None:
+    """SettingError if a row asked for depends on the memory budget and it is more than this
+    machine has available now (a case measured past that would be killed by the system)."""
+    from qkv.bench import cpu
+
+    if not any("memory_budget" in depends_on(name) for name in rows):
+        return
+    available = cpu.machine_memory_bytes()
+    if settings.memory_budget > available:
+        raise SettingError("memory_budget", f"memory budget {exact_size(settings.memory_budget)}"
+                           f" is more than the {format_bytes(available)} this machine has "
+                           f"available; pick at most {available >> 20}MiB")
 
 
 def row_file(out: Path, name: str) -> Path:

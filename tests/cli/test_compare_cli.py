@@ -80,6 +80,43 @@ def test_a_seed_too_large_for_torch_is_refused_naming_seed(tmp_path, monkeypatch
     assert "at most" in result.stderr and not (tmp_path / "o").exists()
 
 
+def test_a_budget_over_the_machines_memory_is_refused_naming_memory(tmp_path, monkeypatch):
+    from qkv.bench import cpu
+
+    def load(name):  # fast, were it to run
+        return Row(**{**vars(_fake_load(name)), "depends_on": ("quick", "memory_budget")})
+
+    monkeypatch.setattr(runner, "load_row", load)
+    monkeypatch.setattr(cpu, "machine_memory_bytes", lambda: 1 << 30)
+    result = CliRunner().invoke(app, ["compare", "--only", "cost", "--out", str(tmp_path / "o")])
+    _one_error_line(result, "--memory: memory budget 8GiB is more than the 1.07 GB")
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_killed_measuring_process_is_one_error_line(tmp_path, monkeypatch):
+    from concurrent.futures import Future
+    from concurrent.futures.process import BrokenProcessPool
+
+    from qkv.compare import measure
+
+    class DeadPool:
+        def submit(self, function, case):
+            future = Future()
+            future.set_exception(BrokenProcessPool("terminated abruptly"))
+            return future
+
+    def load(name):
+        return Row(name=name, title=name, minutes=0.0,
+                   run=lambda ctx: measure.run_elsewhere(print, "case n=16384", DeadPool()))
+
+    monkeypatch.setattr(runner, "load_row", load)
+    result = CliRunner().invoke(app, ["compare", "--only", "path", "--out", str(tmp_path)])
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: the process measuring case n=16384 "
+                                                   "died"), result.stderr
+
+
 def test_other_settings_in_the_folder_are_refused_untouched(tmp_path, monkeypatch):
     monkeypatch.setattr(runner, "load_row", _fake_load)
     out = tmp_path / "out"

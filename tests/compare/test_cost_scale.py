@@ -143,3 +143,23 @@ def test_the_scale_row_stops_each_backend_at_its_wall(tmp_path, in_process):
 def test_min_memory_is_the_smallest_case():
     assert 0 < cost.min_memory(Settings()) < scale.min_memory(Settings()) < 1 << 30
     assert measure.THREADS == 1
+
+
+class _DeadPool:
+    """A process pool whose worker the system killed."""
+
+    def submit(self, function, case):
+        from concurrent.futures import Future
+        from concurrent.futures.process import BrokenProcessPool
+
+        future = Future()
+        future.set_exception(BrokenProcessPool("A process in the process pool was terminated"))
+        return future
+
+
+def test_a_killed_worker_is_an_error_naming_the_case():
+    case = cost.LayerCase("reference", 16384, 128)
+    with pytest.raises(ChildProcessError, match=r"measuring LayerCase\(kind='reference', "
+                                                r"n=16384.*died.*memory") as error:
+        measure.run_elsewhere(cost.measure_layer, case, _DeadPool())
+    assert isinstance(error.value, OSError)  # the command prints it as one error line

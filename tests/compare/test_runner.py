@@ -43,8 +43,11 @@ class FakeRows:
 
 @pytest.fixture
 def fake(monkeypatch):
+    from qkv.bench import cpu
+
     rows = FakeRows()
     monkeypatch.setattr(runner, "load_row", rows.load)
+    monkeypatch.setattr(cpu, "machine_memory_bytes", lambda: 1 << 40)  # any budget fits
     return rows
 
 
@@ -252,3 +255,19 @@ def test_figures_are_drawn_aside_until_the_row_is_saved(tmp_path, fake):
     fake.fail = False
     run_compare(QUICK, ["path"], tmp_path, overwrite=True)
     assert _assert_whole(tmp_path) == 3
+
+
+def test_a_budget_over_the_machines_memory_is_refused_for_rows_that_use_it(tmp_path, fake,
+                                                                          monkeypatch):
+    from qkv.bench import cpu
+
+    monkeypatch.setattr(cpu, "machine_memory_bytes", lambda: 3 << 30)
+    with pytest.raises(runner.SettingError, match=r"memory budget 8GiB is more than the 3.22 GB "
+                                                  r"this machine has available; pick at most "
+                                                  r"3072MiB") as error:
+        run_compare(QUICK, ["path", "cost"], tmp_path / "out")
+    assert error.value.setting == "memory_budget" and fake.runs["cost"] == 0
+    assert not (tmp_path / "out").exists()
+    run_compare(QUICK, ["path"], tmp_path / "out")  # path does not use the budget
+    run_compare(Settings(quick=True, memory_budget=2 << 30), ["cost"], tmp_path / "out")
+    assert fake.runs == {"cost": 1, "path": 1}
