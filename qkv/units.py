@@ -15,8 +15,8 @@ _SIZE = re.compile(r"\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-z]*)\s*", re.IG
 def parse_bytes(text: str, name: str = "size") -> int:
     """Bytes in a size such as 8GiB, 512 MiB, 2GB, 1.5G or 1000000 (GB, G: 10^9; GiB: 2^30).
 
-    ValueError naming `name` and the accepted forms for anything else, and for sizes below one
-    byte.
+    ValueError naming `name` and the accepted forms for anything else, for sizes below one
+    byte, and for sizes too large to be finite (1e400GiB).
     """
     match = _SIZE.fullmatch(str(text))
     unit = match.group(2).lower() if match else None
@@ -24,7 +24,9 @@ def parse_bytes(text: str, name: str = "size") -> int:
         raise ValueError(f"{name} must be a size such as 8GiB, 512MiB, 2GB or 1.5G, "
                          f"got {text!r}")
     value = float(match.group(1)) * _UNITS[unit]
-    if not math.isfinite(value) or value < 1:
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite size, got {text!r}")
+    if value < 1:
         raise ValueError(f"{name} must be at least one byte, got {text!r}")
     return int(value)
 
@@ -48,3 +50,11 @@ def exact_size(n: int) -> str:
         if n % scale == 0:
             return f"{n // scale}{unit}"
     return str(n)
+
+
+def readable_size(n: int) -> str:
+    """exact_size where it has a unit ("8GiB"), else a count of bytes ("1 byte", "1,234 bytes")."""
+    exact = exact_size(n)
+    if not exact.isdigit():
+        return exact
+    return "1 byte" if n == 1 else f"{n:,} bytes"

@@ -2,7 +2,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from qkv.units import exact_size, format_bytes, parse_bytes
+from qkv.units import exact_size, format_bytes, parse_bytes, readable_size
 
 
 @pytest.mark.parametrize(("text", "expected"), [
@@ -32,6 +32,17 @@ def test_format_then_parse_is_within_rounding(n):
     number, unit = format_bytes(n).split(" ")
     back = parse_bytes(number.replace(",", "") + ("" if unit == "bytes" else unit))
     assert abs(back - n) <= 0.005 * n + 1
+
+
+@pytest.mark.parametrize("text", ["1e400GiB", "1e309", "9" * 400])
+def test_parse_bytes_says_an_infinite_size_is_not_finite(text):
+    with pytest.raises(ValueError, match=r"--memory must be a finite size, got"):
+        parse_bytes(text, "--memory")
+
+
+def test_readable_size():
+    assert [readable_size(n) for n in (1, 1234, 8 << 30, 2000)] == [
+        "1 byte", "1,234 bytes", "8GiB", "2kB"]
 
 
 def test_exact_size_reads_back_exactly():
