@@ -22,7 +22,9 @@ def compare(
         help="folder for report.md, results.json and the plots; a folder holding a finished "
              "row resumes it", show_default="compare, in the current folder")]
         = Path("compare"),
-    seed: Annotated[int, typer.Option(help="seed of every row")] = 0,
+    seed: Annotated[int, typer.Option(
+        help="seed of the rows that train models (path, recall, code, position, explain); the "
+             "cost and scale rows always use seed 0, so it does not change them")] = 0,
     max_len: Annotated[int | None, typer.Option(
         "--max-len", show_default="16384; 1024 with --quick",
         help="longest sequence of the cost and scale rows (at least 256)")] = None,

@@ -19,6 +19,7 @@ import torch
 
 from qkv.compare.core import SIZED, Context, Row, RowResult, markdown_table
 from qkv.compare.measure import (
+    SMALLEST_N,
     THREADS,
     WARMUP_BELOW,
     doubling,
@@ -33,7 +34,6 @@ from qkv.compare.measure import (
 KINDS = ("reference", "chunked", "lstm", "tcn")
 LABELS = {"reference": "attention (reference)", "chunked": "attention (chunked)",
           "lstm": "LSTM", "tcn": "TCN block"}
-SMALLEST_N = 256
 D_FIXED, N_FIXED, QUICK_N_FIXED = 128, 1024, 512
 FULL_DS, QUICK_DS = (64, 128, 256, 512, 1024), (64, 128, 256)
 LINEAR_FLOATS = 40  # floats per token and channel a layer may hold in fwd+bwd (measured 4-15)

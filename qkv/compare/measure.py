@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
+SMALLEST_N = 256  # the shortest sequence of the cost and scale rows
 TIME_CAP = 2.0  # seconds of timed runs per case before the repetitions stop
 # A case predicted to need more memory than this runs without a warm-up: the first call's
 # one-time costs (some tens of MB) are lost in its peak, and the warm-up would double its time.

@@ -28,15 +28,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from qkv.compare import ROW_NAMES, Context, RowResult, Settings, load_row
+from qkv.compare.measure import SMALLEST_N
 from qkv.io import atomic_path, atomic_write_text
 from qkv.train.config import MAX_SEED
-from qkv.units import exact_size, format_bytes
+from qkv.units import exact_size, format_bytes, readable_size
 
 ROWS_DIR = "rows"
 RESULTS_FILE = "results.json"
 REPORT_FILE = "report.md"
 PENDING_DIR = ".pending"  # rows draw their figures in PENDING_DIR/<row>/ (see above)
-SMALLEST_N = 256  # the shortest sequence of the cost and scale rows
 # Rows seed their generators with the seed plus offsets (up to a few million, plus step
 # numbers); the largest seed leaves that much room below what a torch generator takes.
 SEED_ROOM = 10**7
@@ -76,13 +76,13 @@ def check_settings(settings: Settings, rows: Sequence[str]) -> None:
         raise SettingError("max_len", f"max_len must be at least {SMALLEST_N} (the shortest "
                            f"sequence of the cost and scale rows), got {settings.max_len}")
     if settings.memory_budget < 1:
-        raise SettingError("memory_budget", "memory budget must be positive, got "
+        raise SettingError("memory_budget", "memory budget must be at least one byte, got "
                            f"{settings.memory_budget}")
     _check_budget_fits(settings, rows)
     for name in rows:
         need = getattr(sys.modules.get(load_row(name).run.__module__), "min_memory", None)
         if need is not None and settings.memory_budget < (least := need(settings)):
-            budget = exact_size(settings.memory_budget)
+            budget = readable_size(settings.memory_budget)
             raise SettingError("memory_budget", f"memory budget {budget} is too small for even "
                                f"the smallest case of row {name!r}, "
                                f"which needs about {least / 2**20:.0f} MiB")
@@ -97,7 +97,7 @@ def _check_budget_fits(settings: Settings, rows: Sequence[str]) -> None:
         return
     available = cpu.machine_memory_bytes()
     if settings.memory_budget > available:
-        raise SettingError("memory_budget", f"memory budget {exact_size(settings.memory_budget)}"
+        raise SettingError("memory_budget", f"memory budget {readable_size(settings.memory_budget)}"
                            f" is more than the {format_bytes(available)} this machine has "
                            f"available; pick at most {available >> 20}MiB")
 
@@ -138,7 +138,9 @@ def stale_rows(out: Path, settings: Settings) -> dict[str, list[str]]:
 
 
 def _setting(key: str, value) -> str:
-    return exact_size(value) if key == "memory_budget" and isinstance(value, int) else repr(value)
+    if key == "memory_budget" and isinstance(value, int):
+        return readable_size(value)
+    return repr(value)
 
 
 def _ours(out: Path) -> bool:

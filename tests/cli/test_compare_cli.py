@@ -49,6 +49,12 @@ def test_bad_input_is_one_error_line_and_leaves_nothing(args, words, tmp_path):
     assert sorted(tmp_path.rglob("*")) == before
 
 
+def test_help_says_the_seed_does_not_change_cost_and_scale():
+    result = CliRunner().invoke(app, ["compare", "--help"], env={"COLUMNS": "200"})
+    text = " ".join(result.stdout.replace("│", " ").split())
+    assert "cost and scale rows always use seed 0" in text, text
+
+
 def test_the_options_are_named_in_the_error(tmp_path):
     result = CliRunner().invoke(app, ["compare", "--memory", "lots", "--out", str(tmp_path)])
     assert "Invalid value for --memory" in result.stderr

@@ -257,6 +257,31 @@ def test_figures_are_drawn_aside_until_the_row_is_saved(tmp_path, fake):
     assert _assert_whole(tmp_path) == 3
 
 
+def test_a_budget_too_small_is_refused_in_readable_bytes(monkeypatch):
+    import sys
+    import types
+
+    module = types.ModuleType("fake_sized_row")
+    module.min_memory = lambda settings: 256 << 20
+    monkeypatch.setitem(sys.modules, "fake_sized_row", module)
+
+    def run(ctx):
+        return None
+
+    run.__module__ = "fake_sized_row"
+    monkeypatch.setattr(runner, "load_row", lambda name: Row(name, name, run, 0.1))
+    with pytest.raises(runner.SettingError, match=r"memory budget 1 byte is too small"):
+        runner.check_settings(Settings(memory_budget=1), ["cost"])
+    with pytest.raises(runner.SettingError, match=r"memory budget 1,234 bytes is too small"):
+        runner.check_settings(Settings(memory_budget=1234), ["cost"])
+
+
+def test_the_shortest_sequence_is_defined_once():
+    from qkv.compare import cost, measure
+
+    assert runner.SMALLEST_N is cost.SMALLEST_N is measure.SMALLEST_N == 256
+
+
 def test_a_budget_over_the_machines_memory_is_refused_for_rows_that_use_it(tmp_path, fake,
                                                                           monkeypatch):
     from qkv.bench import cpu
