@@ -28,9 +28,10 @@ def compare(
     max_len: Annotated[int | None, typer.Option(
         "--max-len", show_default="16384; 1024 with --quick",
         help="longest sequence of the cost and scale rows (at least 256)")] = None,
-    memory: Annotated[str, typer.Option(
-        help="memory budget of the scale row and cap of the cost row, e.g. 8GiB, 512MiB, 2GB")]
-        = "8GiB",
+    memory: Annotated[str | None, typer.Option(
+        help="memory budget of the scale row and cap of the cost row, e.g. 8GiB, 512MiB, 2GB; "
+             "at most what the machine has available",
+        show_default="8GiB, or the whole GiB the machine has available if less")] = None,
     overwrite: Annotated[bool, typer.Option(
         help="rerun the rows asked for, even where --out holds them run under other "
              "settings; rows not asked for are kept (the report marks those run under other "
@@ -52,7 +53,7 @@ def compare(
         except ValueError as e:
             raise typer.BadParameter(str(e), param_hint="--only") from None
         try:
-            budget = parse_bytes(memory, "it")
+            budget = _default_budget(names) if memory is None else parse_bytes(memory, "it")
         except ValueError as e:
             raise typer.BadParameter(str(e), param_hint="--memory") from None
         settings = Settings(quick=quick, seed=seed, max_len=max_len, memory_budget=budget)
@@ -62,6 +63,26 @@ def compare(
             raise typer.BadParameter(str(e), param_hint=_OPTIONS[e.setting]) from None
         _check_out(out, settings, overwrite)
         _run(settings, names, out, overwrite)
+
+
+def _default_budget(names: list[str]) -> int:
+    """8GiB, or the whole GiB (else MiB) this machine has available if that is less and a row
+    asked for uses the budget (saying so on stderr)."""
+    from qkv.bench import cpu
+    from qkv.cli._errors import warn
+    from qkv.compare import Settings, runner
+    from qkv.units import format_bytes, readable_size
+
+    budget = Settings().memory_budget
+    if not any("memory_budget" in runner.depends_on(name) for name in names):
+        return budget
+    available = cpu.machine_memory_bytes()
+    if budget <= available:
+        return budget
+    fits = (available >> 30 << 30) or (available >> 20 << 20) or 1
+    warn(f"this machine has {format_bytes(available)} of memory available, less than the "
+         f"default budget {readable_size(budget)}: using --memory {readable_size(fits)}")
+    return fits
 
 
 def _check_out(out: Path, settings, overwrite: bool) -> None:

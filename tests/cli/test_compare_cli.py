@@ -94,9 +94,27 @@ def test_a_budget_over_the_machines_memory_is_refused_naming_memory(tmp_path, mo
 
     monkeypatch.setattr(runner, "load_row", load)
     monkeypatch.setattr(cpu, "machine_memory_bytes", lambda: 1 << 30)
-    result = CliRunner().invoke(app, ["compare", "--only", "cost", "--out", str(tmp_path / "o")])
+    result = CliRunner().invoke(app, ["compare", "--only", "cost", "--memory", "8GiB", "--out",
+                                      str(tmp_path / "o")])
     _one_error_line(result, "--memory: memory budget 8GiB is more than the 1.07 GB")
     assert not (tmp_path / "o").exists()
+
+
+def test_the_default_budget_is_clamped_to_the_machines_memory(tmp_path, monkeypatch):
+    from qkv.bench import cpu
+
+    def load(name):
+        return Row(**{**vars(_fake_load(name)), "depends_on": ("quick", "memory_budget")})
+
+    monkeypatch.setattr(runner, "load_row", load)
+    monkeypatch.setattr(cpu, "machine_memory_bytes", lambda: 5 << 30 | 12345)
+    result = CliRunner().invoke(app, ["compare", "--only", "cost", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert result.stderr.splitlines() == [
+        "warning: this machine has 5.37 GB of memory available, less than the default budget "
+        "8GiB: using --memory 5GiB"]
+    assert json.loads((tmp_path / "results.json").read_text())["settings"]["memory_budget"] == (
+        5 << 30)
 
 
 def test_a_killed_measuring_process_is_one_error_line(tmp_path, monkeypatch):
