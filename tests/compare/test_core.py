@@ -31,7 +31,8 @@ def test_rows_depend_on_quick_and_seed_unless_they_say_otherwise():
     from qkv.compare import Row
 
     assert Row("x", "X", run=lambda ctx: None, minutes=1).depends_on == ("quick", "seed")
-    assert "seed" not in load_row("cost").depends_on
+    for name in ("cost", "scale"):  # they seed a fixed 0
+        assert load_row(name).depends_on == ("quick", "max_len", "memory_budget"), name
     with pytest.raises(ValueError, match="depends_on must name fields of Settings.*'speed'"):
         Row("x", "X", run=lambda ctx: None, minutes=1, depends_on=("quick", "speed"))
 

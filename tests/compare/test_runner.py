@@ -277,9 +277,13 @@ def test_a_budget_too_small_is_refused_in_readable_bytes(monkeypatch):
 
 
 def test_the_shortest_sequence_is_defined_once():
-    from qkv.compare import cost, measure
+    import inspect
 
-    assert runner.SMALLEST_N is cost.SMALLEST_N is measure.SMALLEST_N == 256
+    from qkv.compare import cost, measure, scale
+
+    assert runner.SMALLEST_N is cost.SMALLEST_N is scale.SMALLEST_N is measure.SMALLEST_N == 256
+    for module in (runner, cost, scale):
+        assert "SMALLEST_N = " not in inspect.getsource(module), module.__name__
 
 
 def test_a_budget_over_the_machines_memory_is_refused_for_rows_that_use_it(tmp_path, fake,
