@@ -1,5 +1,5 @@
 # make demo   -- set up (first time) and run qkv's main job on the embedded default
-# make test   -- set up (first time) and run the test suite (2.5 minutes on 2 cores; 3.5 with set-up)
+# make test   -- set up (first time) and run the test suite (3 minutes on 2 cores; 4 with set-up)
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
