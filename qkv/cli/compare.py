@@ -13,7 +13,7 @@ _OPTIONS = {"seed": "--seed", "max_len": "--max-len", "memory_budget": "--memory
 
 def compare(
     quick: Annotated[bool, typer.Option(
-        help="every row on tiny settings (a few minutes in all)")] = False,
+        help="every row on tiny settings (under a minute on a quiet core)")] = False,
     only: Annotated[list[str] | None, typer.Option(
         "--only", metavar="ROW", show_default="all rows",
         help="run only this row (repeatable, or comma-separated): cost, path, recall, code, "
