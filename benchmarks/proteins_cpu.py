@@ -39,6 +39,7 @@ def step_memory(model_config: dict, n: int, backend: str) -> dict:
     """Peak resident memory growth of one forward + backward of DecoderLM(model_config) on one
     sequence of n tokens with `backend`, over the model and its inputs (run in a fresh
     process)."""
+    from qkv.bench import memory
     from qkv.nn import DecoderLM, TransformerConfig
 
     torch.set_num_threads(1)
@@ -47,28 +48,15 @@ def step_memory(model_config: dict, n: int, backend: str) -> dict:
     _, loss = model(x[:, :64], x[:, 1:65])  # warm-up: code, thread pools
     loss.backward()
     model.zero_grad(set_to_none=False)
-    rss0 = _status_bytes("VmRSS")
-    _reset_peak()
+    rss0 = memory.resident_bytes()
+    if not memory.reset_peak():  # the peak must be this step's, not the imports'
+        raise OSError("cannot reset the memory high-water mark (/proc/self/clear_refs)")
     start = time.perf_counter()
     _, loss = model(x[:, :-1], x[:, 1:])
     loss.backward()
     seconds = time.perf_counter() - start
-    peak = _status_bytes("VmHWM") - rss0
+    peak = memory.peak_resident_bytes() - rss0
     return {"backend": backend, "n": n, "peak_bytes": peak, "seconds": seconds}
-
-
-def _status_bytes(field: str) -> int:
-    """A memory figure of this process from /proc/self/status (Linux), in bytes."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
-def _reset_peak() -> None:
-    """Reset the resident high-water mark (VmHWM) to the current resident size, so that the
-    peak read after a step is that step's, not the imports' (Linux 4.0 and later)."""
-    Path("/proc/self/clear_refs").write_text("5")
 
 
 def measure_memory(model_config: dict, n: int) -> list[dict]:

@@ -2,7 +2,7 @@
 (the backend "sdpa", as qkv.backends() names it).
 
 When memory is measured, each case runs in a fresh process so that its peak resident memory can
-be read from the kernel (`ru_maxrss`) without earlier cases' allocations in the way; the peak
+be read from the kernel (qkv.bench.memory) without earlier cases' allocations in the way; the peak
 growth above the inputs is reported. The processes fork from a server that imported torch once
 (multiprocessing's forkserver), so a case does not pay for the imports. Timing-only sweeps
 (`memory=False`) run every case in this process. Times are medians of repeated runs after a
@@ -12,9 +12,7 @@ warm-up, and every row carries its ratio to sdpa's time on the same case, in the
 from __future__ import annotations
 
 import contextlib
-import multiprocessing
 import os
-import resource
 import statistics
 import sys
 import time
@@ -25,7 +23,8 @@ import torch
 
 import qkv
 from qkv.attention.flops import attention_flops
-from qkv.bench import CPU_BACKENDS, CPU_REPS, CPU_SEQLENS
+from qkv.bench import CPU_BACKENDS, CPU_REPS, CPU_SEQLENS, memory
+from qkv.bench.memory import peak_resident_bytes
 from qkv.units import format_bytes
 
 BACKENDS = CPU_BACKENDS
@@ -59,10 +58,6 @@ def _run_once(case: CpuCase, q, k, v, grad):
     return out
 
 
-def _rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
 def _inputs(case: CpuCase, n: int):
     gen = torch.Generator().manual_seed(0)
     shape = (case.batch, case.heads, n, case.head_dim)
@@ -85,11 +80,11 @@ def measure_in_process(case: CpuCase) -> dict:
     with torch.enable_grad() if need_grad else torch.no_grad():
         _run_once(case, *_inputs(case, min(case.n, 256)))
     q, k, v, grad = _inputs(case, case.n)
-    rss0 = _rss_bytes()
+    rss0 = peak_resident_bytes()
     context = torch.enable_grad() if need_grad else torch.no_grad()
     with context:
         _run_once(case, q, k, v, grad)  # warm-up, and the memory high-water mark
-        peak = _rss_bytes() - rss0
+        peak = peak_resident_bytes() - rss0
         times = []
         for _ in range(case.reps):
             for t in (q, k, v):
@@ -108,9 +103,7 @@ def fresh_processes() -> ProcessPoolExecutor:
     """An executor that runs each case in a process of its own, forked from a server process
     that has imported torch and qkv once: a clean memory high-water mark per case without
     paying the imports per case."""
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["qkv.bench.cpu"])
-    return ProcessPoolExecutor(max_workers=1, mp_context=context, max_tasks_per_child=1)
+    return memory.fresh_processes(["qkv.bench.cpu"])
 
 
 def measure(case: CpuCase, processes: ProcessPoolExecutor | None = None,

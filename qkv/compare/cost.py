@@ -17,13 +17,13 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from qkv.bench.memory import fresh_processes
 from qkv.compare.core import SIZED, Context, Row, RowResult, markdown_table
 from qkv.compare.measure import (
     SMALLEST_N,
     THREADS,
     WARMUP_BELOW,
     doubling,
-    fresh_processes,
     loglog_figure,
     loglog_slope,
     run_elsewhere,

@@ -3,18 +3,19 @@ doubling sizes, log-log slopes and log-log plots.
 
 A case's peak memory is the growth of the process's resident high-water mark over what it held
 just before its first call (the mark is reset first where Linux lets us, via clear_refs), read
-in a process of its own, forked from a server that imported torch once (as qkv.bench.cpu does).
+in a process of its own, forked from a server that imported torch once (qkv.bench.memory).
 """
 
 from __future__ import annotations
 
 import contextlib
-import multiprocessing
 import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+
+from qkv.bench.memory import peak_resident_bytes, reset_peak, return_freed_memory
 
 SMALLEST_N = 256  # the shortest sequence of the cost and scale rows
 TIME_CAP = 2.0  # seconds of timed runs per case before the repetitions stop
@@ -38,13 +39,6 @@ def threads(count: int = THREADS) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def fresh_processes(preload: Sequence[str]) -> ProcessPoolExecutor:
-    """Each task in a process of its own, forked from a server that imported `preload` once."""
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(list(preload))
-    return ProcessPoolExecutor(max_workers=1, mp_context=context, max_tasks_per_child=1)
-
-
 def run_elsewhere(function: Callable, case, processes: ProcessPoolExecutor | None):
     """function(case) in a fresh process of `processes`, or here when it is None.
 
@@ -60,28 +54,6 @@ def run_elsewhere(function: Callable, case, processes: ProcessPoolExecutor | Non
                                 "memory budget or max_len") from None
 
 
-def reset_peak_rss() -> int:
-    """Reset this process's resident high-water mark where the system lets us (Linux
-    clear_refs); return the mark now: the baseline a peak is measured from."""
-    from qkv.bench.cpu import _rss_bytes
-
-    with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return _rss_bytes()
-
-
-def return_freed_memory() -> None:
-    """Have glibc's malloc give every block of 64 KiB or more back to the system when it is
-    freed (a fixed mmap threshold), so that the resident size follows the live tensors; without
-    it, freed blocks stay in the heap and a later peak hides in them."""
-    import ctypes
-
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 64 << 10)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 128 << 10)  # M_TRIM_THRESHOLD
-
-
 def timed_runs(step: Callable[[], None], reps: int, *, memory: bool, warmup: bool = True,
                cap: float = TIME_CAP) -> dict:
     """Run `step` once untimed if `warmup` (the first call of a size pays one-time costs, tens
@@ -89,17 +61,17 @@ def timed_runs(step: Callable[[], None], reps: int, *, memory: bool, warmup: boo
     `memory`), then more, up to `reps` timed runs in all, until `cap` seconds are spent (none
     after a first timed run over 2 * cap). Returns seconds (the median of the timed runs),
     times and peak_bytes (None without `memory`)."""
-    from qkv.bench.cpu import _rss_bytes
-
     if memory:
         return_freed_memory()
     if warmup:
         step()
-    baseline = reset_peak_rss() if memory else 0
+    if memory:
+        reset_peak()
+    baseline = peak_resident_bytes() if memory else 0
     start = time.perf_counter()
     step()
     first = time.perf_counter() - start
-    peak = _rss_bytes() - baseline if memory else None
+    peak = peak_resident_bytes() - baseline if memory else None
     times = [first]
     while len(times) < reps and sum(times) < cap and first < 2 * cap:
         start = time.perf_counter()

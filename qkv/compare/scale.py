@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from qkv.bench.memory import fresh_processes
 from qkv.compare.core import SIZED, Context, Row, RowResult, markdown_table
 from qkv.compare.measure import (
     SMALLEST_N,
@@ -23,7 +24,6 @@ from qkv.compare.measure import (
     TIME_CAP,
     WARMUP_BELOW,
     doubling,
-    fresh_processes,
     loglog_figure,
     loglog_slope,
     run_elsewhere,

@@ -1,7 +1,7 @@
 """Measuring what the plan predicts: peak memory and time of one step on this CPU.
 
 Each case runs in a fresh process (forked from a server that imported torch and qkv once; see
-qkv.bench.cpu.fresh_processes), so that its memory high-water mark is its own. The peak is the
+qkv.bench.memory), so that its memory high-water mark is its own. The peak is the
 growth of the resident high-water mark (VmHWM) over the resident memory after imports and a
 small warm-up run of the same code (thread pools, kernels loaded), so it counts the model's
 weights, optimizer state, activations and cache: what the plan's total counts.
@@ -10,20 +10,18 @@ weights, optimizer state, activations and cache: what the plan's total counts.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import gc
-import multiprocessing
 import statistics
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 
 import torch
 
+from qkv.bench import memory
 from qkv.nn import TransformerConfig
 from qkv.plan.calibrate import clock, cpu_clock
 from qkv.plan.presets import ModelSpec, build
 
-_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -51,31 +49,6 @@ class Case:
         return (f"{self.mode} {self.backend} n={self.n} B={self.batch} d={c['d_model']} "
                 f"L={c['n_layers']} H={c['n_heads']}"
                 + (f"/{c['n_kv_heads']}" if c.get("n_kv_heads") else ""))
-
-
-def _rss() -> int:
-    """Resident bytes now."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096
-
-
-def _hwm() -> int:
-    """The resident high-water mark (VmHWM) in bytes."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise OSError("no VmHWM in /proc/self/status")
-
-
-def _reset_hwm() -> bool:
-    """Set the high-water mark to the resident memory now (Linux: clear_refs 5)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def _train_steps(model, case: Case, reps: int) -> list[float]:
@@ -156,46 +129,34 @@ def _run(case: Case, reps: int) -> list[float]:
         return _STEPS[case.mode](model, case, reps)
 
 
-def fix_mmap_threshold(threshold: int = 1 << 16) -> bool:
-    """Have glibc's malloc serve every block of `threshold` bytes or more by mmap and return it
-    to the system when freed (mallopt M_MMAP_THRESHOLD; a fixed threshold also stops glibc
-    raising it after each free). The resident memory then follows the live tensors instead of
-    the heap's history. False where this is not glibc."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold))
-    except (OSError, AttributeError):
-        return False
-
-
 def measure_in_process(case: Case, fixed_mmap: bool = True, cpu_time: bool = False) -> dict:
     """Run `case` here: {"peak_bytes", "seconds", "fixed_mmap"} (seconds: the median step
     after the first; train and prefill repeat the step, decode takes `reps` steps). With
-    `fixed_mmap`, see fix_mmap_threshold; else glibc's default, whose freed blocks may stay
-    resident. With `cpu_time`, seconds are this process's CPU seconds (see cpu_clock)."""
-    fixed_mmap = fix_mmap_threshold() if fixed_mmap else False
+    `fixed_mmap`, see qkv.bench.memory.return_freed_memory; else glibc's default, whose freed
+    blocks may stay resident. With `cpu_time`, seconds are this process's CPU seconds (see
+    cpu_clock)."""
+    fixed_mmap = memory.return_freed_memory() if fixed_mmap else False
     if case.threads:
         torch.set_num_threads(case.threads)
     small = replace(case, n=min(case.n, 16), batch=1,
                     model={**case.model, "n_layers": 1}, reps=2)
     _run(small, 2)  # warm-up: code paths, thread pools
     gc.collect()
-    base = _rss()
-    if not _reset_hwm():
+    base = memory.resident_bytes()
+    if not memory.reset_peak():
         raise OSError("cannot reset the memory high-water mark (/proc/self/clear_refs)")
     with cpu_clock() if cpu_time else contextlib.nullcontext():
         times = _run(case, max(case.reps, 2))
     steady = times[1:] if len(times) > 1 else times
-    return {"peak_bytes": max(_hwm() - base, 0), "seconds": statistics.median(steady),
+    peak = memory.peak_resident_bytes() - base
+    return {"peak_bytes": max(peak, 0), "seconds": statistics.median(steady),
             "fixed_mmap": fixed_mmap}
 
 
 def fresh_processes() -> ProcessPoolExecutor:
     """An executor running each case in a process of its own, forked from a server that has
     imported torch and qkv.plan once."""
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["qkv.plan.validate"])
-    return ProcessPoolExecutor(max_workers=1, mp_context=context, max_tasks_per_child=1)
+    return memory.fresh_processes(["qkv.plan.validate"])
 
 
 def measure(case: Case, processes: ProcessPoolExecutor | None = None, *,
@@ -260,10 +221,10 @@ def validate(cases=VALIDATION_CASES, *, threads: int = 1, cpu_time: bool = True,
 
     Each case is planned in a fresh process, as `qkv plan` would (calibrated_prediction), then
     runs twice, each time in a fresh process: once with glibc's mmap threshold fixed
-    (fix_mmap_threshold), for the peak of the live tensors, and once under glibc's default
-    settings, for the time and for the peak a user's process shows (`default_malloc_bytes`).
-    Rows: label, predicted and measured bytes and seconds, and their ratios (predicted /
-    measured)."""
+    (qkv.bench.memory.return_freed_memory), for the peak of the live tensors, and once under
+    glibc's default settings, for the time and for the peak a user's process shows
+    (`default_malloc_bytes`). Rows: label, predicted and measured bytes and seconds, and their
+    ratios (predicted / measured)."""
     rows = []
     with fresh_processes() as processes:
         for case in cases:
