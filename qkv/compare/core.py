@@ -43,6 +43,16 @@ class Settings:
                 "memory_budget": self.memory_budget}
 
 
+def setting_text(key: str, value) -> str:
+    """A setting's value as messages and the report show it: the memory budget as a size
+    ("8GiB", "1,234 bytes"), anything else as it is."""
+    if key == "memory_budget" and isinstance(value, int):
+        from qkv.units import readable_size
+
+        return readable_size(value)
+    return str(value)
+
+
 def _ignore_progress(description: str, completed: float | None = None,
                      total: float | None = None) -> None:
     pass

@@ -7,7 +7,7 @@ row with its claim, tables, figures, the published anchor and what the numbers s
 
 from __future__ import annotations
 
-from qkv.compare.core import markdown_table
+from qkv.compare.core import markdown_table, setting_text
 
 TITLE = "qkv compare: attention against recurrence and convolution"
 
@@ -20,14 +20,6 @@ def verdict(agrees: bool | None) -> str:
 def _cell(text: str) -> str:
     """Text safe inside a markdown table cell: one line, no bare pipes."""
     return " ".join(str(text).split()).replace("|", "\\|")
-
-
-def _setting(key: str, value) -> str:
-    if key == "memory_budget" and isinstance(value, int):
-        from qkv.units import exact_size
-
-        return exact_size(value)
-    return str(value)
 
 
 def _summary(rows: dict) -> str:
@@ -52,8 +44,8 @@ def _stale(name: str, record: dict, settings: dict) -> list[str]:
     keys = record.get("stale") or []
     if not keys:
         return []
-    there = ", ".join(f"{k}={_setting(k, record['settings'].get(k))}" for k in keys)
-    now = ", ".join(f"{k}={_setting(k, settings.get(k))}" for k in keys)
+    there = ", ".join(f"{k}={setting_text(k, record['settings'].get(k))}" for k in keys)
+    now = ", ".join(f"{k}={setting_text(k, settings.get(k))}" for k in keys)
     return [f"**Run under other settings:** {there} (this report: {now}). Rerun it with "
             f"`--only {name} --overwrite` to bring it up to date.", ""]
 
@@ -91,7 +83,7 @@ def render(document: dict) -> str:
              "- versions: " + ", ".join(f"{k} {v}" for k, v in document["versions"].items()),
              f"- torch threads: {document['threads']}",
              f"- seed: {document['seed']}; settings: " + ", ".join(
-                 f"{k}={_setting(k, v)}" for k, v in document["settings"].items()),
+                 f"{k}={setting_text(k, v)}" for k, v in document["settings"].items()),
              f"- written: {document['date']}; rows finished: {done} of {len(rows)}", "",
              "## Summary", "", _summary(rows), ""]
     for number, (name, record) in enumerate(rows.items(), start=1):

@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from qkv.compare import ROW_NAMES, Context, RowResult, Settings, load_row
+from qkv.compare.core import setting_text
 from qkv.compare.measure import SMALLEST_N
 from qkv.io import atomic_path, atomic_write_text
 from qkv.train.config import MAX_SEED
@@ -137,12 +138,6 @@ def stale_rows(out: Path, settings: Settings) -> dict[str, list[str]]:
     return stale
 
 
-def _setting(key: str, value) -> str:
-    if key == "memory_budget" and isinstance(value, int):
-        return readable_size(value)
-    return repr(value)
-
-
 def _ours(out: Path) -> bool:
     """Whether results.json in `out` is absent or one that run_compare wrote."""
     try:
@@ -166,8 +161,8 @@ def check_folder(out: Path, settings: Settings, overwrite: bool = False) -> None
 
         def differ(name: str, keys: list[str]) -> str:
             there = saved[name]["settings"]
-            return ", ".join(f"{k} {_setting(k, there.get(k))} there, "
-                             f"{_setting(k, wanted[k])} now" for k in keys)
+            return ", ".join(f"{k} {setting_text(k, there.get(k))} there, "
+                             f"{setting_text(k, wanted[k])} now" for k in keys)
 
         rows = "; ".join(f"{name} ({differ(name, keys)})" for name, keys in stale.items())
         raise ValueError(f"{out} holds rows run under other settings: {rows}; pass --overwrite "
