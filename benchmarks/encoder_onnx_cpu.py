@@ -1,0 +1,373 @@
+"""all-MiniLM-L6-v2 throughput on this CPU: qkv's encoder beside ONNX Runtime and
+sentence-transformers, on the same token ids, batches and threads.
+
+    python benchmarks/encoder_onnx_cpu.py --threads 1
+    python benchmarks/encoder_onnx_cpu.py --threads 2 --json out.json
+    python benchmarks/encoder_onnx_cpu.py --quick          # small samples, one timed pass
+
+Runners (all in this process, each given the same token ids in the same length-sorted batches
+of 32, torch and ONNX Runtime both held to `--threads`):
+- qkv: `SentenceEncoder.encode_ids`, packed (no padding), the default path of `qkv.embed` and of
+  indexing;
+- ORT: the same weights (transformers' BertModel, eager attention, with mean pooling over the
+  attention mask and L2 normalisation) exported with `torch.onnx.export(..., dynamo=True)` and
+  dynamic batch and length axes, run by ONNX Runtime's CPUExecutionProvider with
+  intra_op threads = `--threads`, inter_op 1 and the default graph optimisation;
+- ORT fused: that graph after `onnxruntime.transformers.optimizer.optimize_model(model_type=
+  "bert")` (fused attention, layer norms and GELU), when the optimizer accepts it;
+- sentence-transformers: the SentenceTransformer from the same folder, its modules called on
+  the padded batches (so its tokenizer and its own sorting are left out, as for the others).
+
+Workloads: (a) passages, a fixed sample of real passages that `qkv.retrieval.passages.split_text`
+cuts from the largest standard-library modules (those of 1,000 lines or more, the first by
+name) at the default budget of 200 tokens; (b) queries, a fixed sample of the first lines of
+their docstrings. Every runner encodes each workload once to warm up; the timed passes are then
+interleaved across runners (so all see the same load on a shared machine) and the medians of
+wall and process CPU seconds are reported, with texts/s, real tokens/s, the ratio of qkv's speed
+to each runner's, and the largest absolute difference of its vectors from qkv's.
+
+The ONNX files are written under ~/.cache/qkv/onnx (keyed by the weights' sha256 and the torch
+and onnxruntime versions), never into the repository.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+BATCH = 32
+CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "qkv" / "onnx"
+
+
+# --- the ONNX model -------------------------------------------------------------------------
+
+class _Pooled(torch.nn.Module):
+    """BertModel -> mean over the attention mask -> unit vectors, as sentence-transformers."""
+
+    def __init__(self, bert):
+        super().__init__()
+        self.bert = bert
+
+    def forward(self, input_ids, attention_mask):
+        h = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(h.dtype)
+        mean = (h * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        return torch.nn.functional.normalize(mean, p=2.0, dim=-1)
+
+
+def export_onnx(path: str | os.PathLike, folder: str | os.PathLike | None = None) -> Path:
+    """Export all-MiniLM-L6-v2 (`folder`, default the shipped one) with mean pooling and L2
+    normalisation to ONNX at `path`: inputs input_ids and attention_mask (int64, (batch,
+    length), both axes dynamic), output `sentence_embedding` (batch, 384) float32. Uses the
+    dynamo exporter; the legacy one (dynamo=False) gives vectors off by up to 0.1 here."""
+    from transformers import BertModel
+
+    from qkv.interop.minilm import model_dir
+
+    path = Path(path)
+    bert = BertModel.from_pretrained(os.fspath(folder or model_dir()),
+                                     attn_implementation="eager", add_pooling_layer=False)
+    model = _Pooled(bert).eval()
+    ids = torch.tensor([[101, 7592, 2088, 102], [101, 7592, 102, 0]])
+    mask = (ids != 0).long()
+    batch, length = torch.export.Dim("batch"), torch.export.Dim("length", max=512)
+    tmp = path.with_name(path.name + ".part")
+    torch.onnx.export(model, (ids, mask), os.fspath(tmp), dynamo=True,
+                      input_names=["input_ids", "attention_mask"],
+                      output_names=["sentence_embedding"],
+                      dynamic_shapes={"input_ids": {0: batch, 1: length},
+                                      "attention_mask": {0: batch, 1: length}},
+                      external_data=False, verbose=False)
+    os.replace(tmp, path)
+    return path
+
+
+def ort_session(path: str | os.PathLike, threads: int):
+    """An ONNX Runtime CPU session: intra_op `threads`, inter_op 1, default optimisation."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    return ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])
+
+
+def padded(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded (b, L) int64 ids (0 is [PAD]) and their attention mask."""
+    L = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), L, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, :len(row)] = torch.as_tensor(row)
+    return ids, (ids != 0).long()
+
+
+def ort_encode(session, ids: list[list[int]], batch_size: int = BATCH) -> torch.Tensor:
+    """Unit vectors (N, dim) from an exported session, batches made as `encode_ids` makes them
+    (sorted by length, consecutive groups of batch_size), returned in the input order."""
+    return _by_batches(ids, batch_size, lambda i, m: torch.from_numpy(session.run(
+        ["sentence_embedding"], {"input_ids": i.numpy(), "attention_mask": m.numpy()})[0]))
+
+
+def _by_batches(ids, batch_size, run) -> torch.Tensor:
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    parts = []
+    for start in range(0, len(ids), batch_size):
+        parts.append(run(*padded([ids[i] for i in order[start:start + batch_size]])))
+    out = torch.empty(len(ids), parts[0].shape[1])
+    out[torch.tensor(order)] = torch.cat(parts).float()
+    return out
+
+
+def cached_models(optimize: bool) -> dict[str, Path]:
+    """{"ORT": exported, "ORT fused": optimized} (the second when asked for and when the
+    optimizer takes the graph), exported once per weights/torch/onnxruntime version."""
+    import onnxruntime as ort
+
+    from qkv.interop.minilm import MODEL_SHA256
+
+    CACHE.mkdir(parents=True, exist_ok=True)
+    stem = f"minilm-{MODEL_SHA256[:12]}-torch{torch.__version__}-ort{ort.__version__}"
+    plain = CACHE / f"{stem}.onnx"
+    if not plain.is_file():
+        print(f"exporting to {plain} ...", file=sys.stderr)
+        export_onnx(plain)
+    models = {"ORT": plain}
+    if optimize:
+        fused = CACHE / f"{stem}-bert-opt.onnx"
+        if not fused.is_file():
+            try:
+                from onnxruntime.transformers.optimizer import optimize_model
+
+                opt = optimize_model(os.fspath(plain), model_type="bert", num_heads=12,
+                                     hidden_size=384)
+                print(f"optimizer fusions: {opt.get_fused_operator_statistics()}",
+                      file=sys.stderr)
+                opt.save_model_to_file(os.fspath(fused) + ".part")
+                os.replace(os.fspath(fused) + ".part", fused)
+            except Exception as e:  # the optimizer's failures have no common type
+                print(f"ORT transformer optimizer failed on the dynamo graph: {e!r}",
+                      file=sys.stderr)
+                return models
+        models["ORT fused"] = fused
+    return models
+
+
+def op_counts(path: Path) -> dict[str, int]:
+    import onnx
+
+    counts: dict[str, int] = {}
+    for node in onnx.load(os.fspath(path), load_external_data=False).graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
+
+
+# --- the texts ------------------------------------------------------------------------------
+
+def big_modules(n: int, min_lines: int = 1000) -> list[tuple[str, str]]:
+    """The first n standard-library modules (by relative path) of min_lines lines or more, as
+    (name, source); test folders, site-packages, idlelib, lib2to3 and the generated
+    _sysconfigdata are left out."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root).as_posix()
+        if rel.startswith("_sysconfigdata") or any(
+                part in rel for part in ("site-packages", "test", "idlelib", "lib2to3")):
+            continue
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        if text.count("\n") + 1 >= min_lines:
+            found.append((rel, text))
+        if len(found) == n:
+            break
+    return found
+
+
+def _split(text: str, name: str, tokenizer) -> list[str]:
+    try:
+        from qkv.retrieval.passages import split_text
+    except ImportError:  # before qkv.retrieval exists: lines packed up to 200 tokens
+        lines = text.splitlines(keepends=True)
+        tokenizer.no_truncation()
+        tokenizer.no_padding()
+        counts = [len(e.ids) - 2 for e in tokenizer.encode_batch(lines)]
+        out, cur, used = [], [], 0
+        for line, count in zip(lines, counts, strict=True):
+            if cur and used + count > 200:
+                out.append("".join(cur))
+                cur, used = [], 0
+            cur.append(line)
+            used += count
+        return [p for p in out + ["".join(cur)] if p.strip()]
+    return [p.embed_text for p in split_text(text, "python", file=name)]
+
+
+def splitter() -> str:
+    try:
+        import qkv.retrieval.passages  # noqa: F401
+    except ImportError:
+        return "a stand-in splitter (lines packed up to 200 tokens)"
+    return "qkv.retrieval.passages.split_text (200 tokens, overlap 32)"
+
+
+def passages(n: int, tokenizer, modules: int = 12, seed: int = 0) -> list[str]:
+    """A fixed sample of n passages from the first `modules` big stdlib modules."""
+    texts = [p for name, src in big_modules(modules) for p in _split(src, name, tokenizer)]
+    rng = random.Random(seed)
+    return [texts[i] for i in sorted(rng.sample(range(len(texts)), min(n, len(texts))))]
+
+
+def queries(n: int, modules: int = 12, seed: int = 0) -> list[str]:
+    """A fixed sample of n docstring first lines of functions and classes in the same modules."""
+    out = []
+    for _, src in big_modules(modules):
+        for node in ast.walk(ast.parse(src)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                doc = ast.get_docstring(node)
+                if doc and doc.strip():
+                    out.append(doc.strip().splitlines()[0])
+    rng = random.Random(seed)
+    return [out[i] for i in sorted(rng.sample(range(len(out)), min(n, len(out))))]
+
+
+# --- timing ---------------------------------------------------------------------------------
+
+def timed(fns: dict, reps: int) -> dict[str, list[tuple[float, float]]]:
+    """(wall, process CPU) seconds of each pass, passes interleaved across the functions."""
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            wall, cpu = time.perf_counter(), time.process_time()
+            fn()
+            times[name].append((time.perf_counter() - wall, time.process_time() - cpu))
+    return times
+
+
+def runners(ours, ids: list[list[int]], threads: int, optimize: bool) -> dict:
+    from sentence_transformers import SentenceTransformer
+
+    from qkv.interop.minilm import model_dir
+
+    st = SentenceTransformer(str(model_dir()), device="cpu")
+
+    def st_batch(i, m):
+        with torch.inference_mode():
+            out = st({"input_ids": i, "attention_mask": m, "token_type_ids": torch.zeros_like(i)})
+        return out["sentence_embedding"]
+
+    fns = {"qkv (packed)": lambda: ours.encode_ids(ids, batch_size=BATCH)}
+    for name, path in cached_models(optimize).items():
+        session = ort_session(path, threads)
+        fns[name] = lambda s=session: ort_encode(s, ids)
+    fns["sentence-transformers"] = lambda: _by_batches(ids, BATCH, st_batch)
+    return fns
+
+
+def workload(label: str, ours, texts: list[str], threads: int, reps: int,
+             optimize: bool) -> dict:
+    ids = ours.tokenize(texts)
+    lengths = [len(r) for r in ids]
+    fns = runners(ours, ids, threads, optimize)
+    vectors = {name: fn() for name, fn in fns.items()}  # warm-up, and the vectors compared
+    times = timed(fns, reps)
+    base = statistics.median(t[0] for t in times["qkv (packed)"])
+    rows = []
+    for name, ts in times.items():
+        wall, cpu = statistics.median(t[0] for t in ts), statistics.median(t[1] for t in ts)
+        rows.append({"runner": name, "wall_s": wall, "cpu_s": cpu,
+                     "texts_per_s": len(ids) / wall, "tokens_per_s": sum(lengths) / wall,
+                     "qkv_speedup": wall / base, "passes_wall_s": [t[0] for t in ts],
+                     "max_abs_diff_vs_qkv": (vectors[name] - vectors["qkv (packed)"]
+                                             ).abs().max().item()})
+    return {"workload": label, "texts": len(ids), "tokens": sum(lengths),
+            "min_tokens": min(lengths), "max_tokens": max(lengths),
+            "mean_tokens": statistics.mean(lengths), "reps": reps, "rows": rows}
+
+
+def table(result: dict) -> str:
+    head = (f"{result['workload']}: {result['texts']} texts, {result['tokens']} tokens "
+            f"({result['min_tokens']}..{result['max_tokens']}, mean "
+            f"{result['mean_tokens']:.0f}), batches of {BATCH} sorted by length, median of "
+            f"{result['reps']} pass(es)")
+    lines = [head,
+             "| runner | texts/s | tokens/s | wall s | CPU s | qkv speed / this | "
+             "max abs diff vs qkv |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['runner']} | {r['texts_per_s']:.1f} | {r['tokens_per_s']:.0f} | "
+                     f"{r['wall_s']:.2f} | {r['cpu_s']:.2f} | {r['qkv_speedup']:.2f}x | "
+                     f"{r['max_abs_diff_vs_qkv']:.1e} |")
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        return next(line.split(":", 1)[1].strip() for line in out.splitlines()
+                    if line.startswith("Model name"))
+    except (OSError, subprocess.CalledProcessError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2,
+                        help="torch and ONNX Runtime intra-op threads (default 2)")
+    parser.add_argument("--quick", action="store_true",
+                        help="64 passages and 128 queries, one timed pass")
+    parser.add_argument("--passages", type=int, default=None, help="default 512")
+    parser.add_argument("--queries", type=int, default=None, help="default 512")
+    parser.add_argument("--reps", type=int, default=None, help="timed passes (default 3)")
+    parser.add_argument("--no-optimizer", action="store_true",
+                        help="skip the ORT transformer optimizer row")
+    parser.add_argument("--json", default=None, help="also write the results to this file")
+    args = parser.parse_args(argv)
+    if args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
+    torch.set_num_threads(args.threads)
+    reps = args.reps or (1 if args.quick else 3)
+    n_pass = args.passages or (64 if args.quick else 512)
+    n_query = args.queries or (128 if args.quick else 512)
+    import onnxruntime as ort
+
+    print(f"machine: {machine()}, {os.cpu_count()} CPUs; torch {torch.__version__}, "
+          f"onnxruntime {ort.__version__}; {args.threads} thread(s)")
+    from qkv.interop.minilm import load_minilm
+
+    ours = load_minilm(device="cpu")
+    print(f"passages from the first 12 stdlib modules of >= 1000 lines by {splitter()}")
+    results = []
+    for label, texts in (("passages", passages(n_pass, ours.tokenizer)),
+                         ("queries", queries(n_query))):
+        result = workload(label, ours, texts, args.threads, reps, not args.no_optimizer)
+        print(table(result), flush=True)
+        results.append(result)
+    if args.json:
+        Path(args.json).write_text(json.dumps(
+            {"machine": machine(), "threads": args.threads, "splitter": splitter(),
+             "torch": torch.__version__,
+             "onnxruntime": ort.__version__, "results": results}, indent=2) + "\n")
+    return results
+
+
+if __name__ == "__main__":
+    main()
