@@ -127,7 +127,7 @@ def _display_name(path: Path) -> str:
 def collect_files(paths: Sequence[str | os.PathLike]) -> list[Path]:
     """The files to index: each file named, whatever its suffix, and the files under each
     folder (recursively, sorted by path) whose suffix is in KINDS, hidden ones left out; each
-    file once."""
+    file once (a str or path alone is one path)."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     found, seen = [], set()
@@ -180,6 +180,7 @@ def build_index(paths: Sequence[str | os.PathLike], out: str | os.PathLike | Non
     ValueError for a missing path, nothing left to index, or an `out` that is a file or a
     non-empty folder without an index in it.
     """
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     encoder = default_encoder() if encoder is None else encoder
     _check_settings(max_tokens, overlap, batch_size, encoder)
     settings = {"max_tokens": max_tokens, "overlap": overlap}

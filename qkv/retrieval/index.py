@@ -56,7 +56,7 @@ class QueryTruncatedWarning(UserWarning):
     """A query had more tokens than the model takes; only the first max_length were used."""
 
 
-@dataclass(frozen=True)
+@dataclass
 class BuildReport:
     """What a build did: files embedded anew, files whose vectors were reused, files skipped
     (empty or binary), and the number of passages embedded."""

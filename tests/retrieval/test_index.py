@@ -312,3 +312,17 @@ def test_bad_arguments_are_refused(corpus, tmp_path):
     with pytest.raises(ValueError, match=r"holds no index but other files"):
         build_index([corpus], corpus, encoder=encoder)
     assert sorted(os.listdir(corpus)) == before  # nothing written into it
+
+
+def test_progress_follows_the_passages_embedded(corpus):
+    seen = []
+    index = build_index([corpus], encoder=FakeEncoder(), progress=lambda *a: seen.append(a))
+    assert seen[0] == (0, len(index)) and seen[-1] == (len(index), len(index))
+
+
+def test_an_index_of_blank_texts_has_no_passages_and_finds_nothing():
+    index = index_texts({"a.txt": "", "b.md": "  \n"}, encoder=FakeEncoder())
+    assert len(index) == 0 and [row["count"] for row in index.files] == [0, 0]
+    scores, ids = index.rank(["anything"], k=3)
+    assert scores.shape == ids.shape == (1, 0)
+    assert index.search("anything") == []

@@ -152,3 +152,18 @@ def test_the_default_encoder_is_checked_against_the_index(index, monkeypatch):
     monkeypatch.setattr(index, "encoder", None)
     with pytest.raises(IndexFormatError, match="built with sentence-transformers/all-MiniLM-L6"):
         index.search("text")
+
+
+def test_the_sentences_of_all_hits_are_embedded_in_one_call(index, monkeypatch):
+    calls = []
+    real = index.encoder.encode_ids
+
+    def counted(ids, **kwargs):
+        calls.append(len(ids))
+        return real(ids, **kwargs)
+
+    monkeypatch.setattr(index.encoder, "encode_ids", counted)
+    hits = index.search_many(list(QUESTIONS), k=3)
+    sentences_shown = {(h.passage, s) for row in hits for h in row
+                       for s in sentences(h.passage.text, h.passage.kind)}
+    assert calls == [len(QUESTIONS), len(sentences_shown)]
