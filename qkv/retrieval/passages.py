@@ -16,10 +16,9 @@ A unit that fits the token budget is one passage. A larger one is cut into windo
 boundaries, preferring (python) the start of a nested `def`/`class`, then a line after a blank
 line, then any statement start; (markdown, text) a paragraph or fence start. A window is at least
 a quarter full before a preferred cut is taken. Consecutive windows of one unit share whole
-trailing lines worth at most `overlap` tokens, except after a cut at a nested `def`/`class`
-start; units never overlap. A single line longer than the
-budget is cut at whitespace (at punctuation inside a word, if a word alone is too long) and its
-pieces do not overlap.
+trailing lines worth at most `overlap` tokens, except after a cut at a nested `def`/`class`;
+units never overlap. A single line longer than the budget is cut at whitespace (at punctuation
+inside a word, if a word alone is too long) into pieces that do not overlap.
 
 Tokens are MiniLM WordPiece tokens, counted without [CLS] and [SEP]. WordPiece counts add over
 whitespace-separated parts, so each line is counted once and a window's count is a sum.
@@ -32,6 +31,7 @@ import dataclasses
 import functools
 import os
 import re
+import warnings
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable
 from pathlib import Path
@@ -39,6 +39,7 @@ from pathlib import Path
 KINDS: dict[str, str] = {".py": "python", ".pyi": "python", ".md": "markdown",
                          ".markdown": "markdown", ".txt": "text", ".text": "text", ".rst": "text"}
 _KIND_NAMES = ("python", "markdown", "text")
+_NEWLINE = re.compile(r"\r\n|\r|\n")  # line ends, as Python's own parser sees them
 
 Counter = Callable[[list[str]], list[int]]
 
@@ -97,7 +98,7 @@ def _prefix(kind: str, title: str, text: str) -> str:
     if not title:
         return ""
     if kind == "markdown":
-        first = text.lstrip().split("\n", 1)[0]
+        first = _NEWLINE.split(text.lstrip(), 1)[0]
         *above, name = title.split(" > ")
         return " > ".join(above) if _heading_name(first) == name else title
     if kind == "python" and " " in title:  # "def name" / "class Name" of a top-level block
@@ -162,13 +163,10 @@ def split_text(text: str, kind: str, *, file: str = "", max_tokens: int = 200,
         units = _markdown_units(doc)
     if units is None:
         doc.breaks[3] = doc.after_blank
-        units = [(0, doc.n, lambda s: "")]
+        units = [(0, doc.n, _fixed(""))]
     for a, b, title_at in units:
         doc.pack(a, b, title_at)
     return doc.passages
-
-
-_NEWLINE = re.compile(r"\r\n|\r|\n")
 
 
 class _Document:
@@ -286,15 +284,20 @@ class _Document:
             kind=self.kind, title=title, text=self.text[start:end]))
 
 
-_DEF = (ast.FunctionDef, ast.AsyncFunctionDef)
-_BLOCK = (*_DEF, ast.ClassDef)
+_BLOCK = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
+
+
+def _fixed(title: str) -> Callable[[int], str]:
+    return lambda line: title
 
 
 def _python_units(doc: _Document):
-    """(first line, end line, title of a window starting at a line) of each unit, in order;
-    None when the text does not parse."""
+    """The units of a python text, in order: (first line, end line, the title of a window that
+    starts at a line); None when the text does not parse."""
     try:
-        tree = ast.parse(doc.text.removeprefix("\ufeff"))
+        with warnings.catch_warnings():  # e.g. SyntaxWarning for an invalid escape in a string
+            warnings.simplefilter("ignore")
+            tree = ast.parse(doc.text.removeprefix("\ufeff"))
     except (SyntaxError, ValueError, RecursionError, MemoryError):
         return None
     statements, defs = [], []
@@ -308,17 +311,17 @@ def _python_units(doc: _Document):
             continue
         first = _block_start(node, doc, floor)
         if any(not doc.blank[i] for i in range(prev, first)):
-            units.append((prev, first, lambda s: ""))
+            units.append((prev, first, _fixed("")))
         if isinstance(node, ast.ClassDef):
             members = []
             _members(node, node.name, doc, members)
             title_at = functools.partial(_member_title, f"class {node.name}", members)
         else:
-            title_at = functools.partial(lambda title, s: title, f"def {node.name}")
+            title_at = _fixed(f"def {node.name}")
         units.append((first, node.end_lineno, title_at))
         prev = floor = node.end_lineno
     if any(not doc.blank[i] for i in range(prev, doc.n)):
-        units.append((prev, doc.n, lambda s: ""))
+        units.append((prev, doc.n, _fixed("")))
     return units
 
 
@@ -370,7 +373,7 @@ def _member_title(title: str, members: list, s: int) -> str:
     return title
 
 
-_FENCE = re.compile(r" {0,3}(`{3,}|~{3,})")
+_FENCE = re.compile(r" {0,3}(`{3,}(?!.*`)|~{3,})")  # a backtick fence's info has no backtick
 _ATX = re.compile(r" {0,3}(#{1,6})(?:[ \t]|$)")
 _SETEXT = re.compile(r" {0,3}(=+|-+)[ \t]*$")
 
@@ -403,9 +406,9 @@ def _markdown_units(doc: _Document):
     title = ""
     for first, level, name in headings:
         if first > prev:
-            units.append((prev, first, functools.partial(lambda t, s: t, title)))
+            units.append((prev, first, _fixed(title)))
         path = [p for p in path if p[0] < level] + [(level, name)]
         title = " > ".join(p[1] for p in path)
         prev = first
-    units.append((prev, doc.n, functools.partial(lambda t, s: t, title)))
+    units.append((prev, doc.n, _fixed(title)))
     return units

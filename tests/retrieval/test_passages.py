@@ -3,6 +3,7 @@ structure for python, markdown and text."""
 
 import re
 import sysconfig
+import warnings
 from pathlib import Path
 
 import pytest
@@ -45,7 +46,8 @@ def check(text, passages, max_tokens=200, count=words):
 # generated documents: lines of words, headings, fences, code, blank lines; any line ends
 WORD = st.sampled_from(["alpha", "beta", "x", "#", "##", "```", "~~~", "===", "---", "-", "def",
                         "class", "f():", "(", ")", ":", "a.b", "é", "\t", "  "])
-LINE = st.lists(WORD, max_size=12).map(" ".join) | st.sampled_from(
+LINE = st.lists(WORD, max_size=12).map(" ".join) | st.lists(WORD, max_size=90).map(" ".join) | \
+    st.sampled_from(
     ["", "", "   ", "# Head", "## Sub head", "```", "Title", "=====", "---", "def g():",
      "    return 1", "@dec", "class K:", "    # note"]) | st.text(max_size=30)
 ENDS = st.sampled_from(["\n", "\r\n", "\r"])
@@ -204,6 +206,19 @@ def test_overlap_inside_a_block_not_across_blocks():
     assert put[-1].end < empty.start  # a cut at a method's start does not overlap
 
 
+def test_titles_inside_nested_classes_and_async_defs():
+    body = "\n".join(f"            v{i} = {i}" for i in range(30))
+    code = (f"class Outer:\n    class Inner:\n        x = 1\n\n        def method(self):\n{body}\n"
+            f"\n\nasync def run():\n    await go()\n")
+    passages = split(code, "python", max_tokens=32, overlap=0)
+    check(code, passages, 32)
+    titles = [p.title for p in passages]
+    assert titles[0] == "class Outer" and "Outer.Inner.method" in titles
+    assert titles[-1] == "def run" and passages[-1].embed_text == "async def run():\n    await go()"
+    method = [p for p in passages if p.title == "Outer.Inner.method"]
+    assert all(p.embed_text == "Outer.Inner.method\n" + p.text for p in method)
+
+
 def test_no_overlap_when_overlap_is_zero():
     passages = split(long_code(), "python", max_tokens=60, overlap=0)
     assert all(a.end < b.start for a, b in zip(passages, passages[1:], strict=False))
@@ -215,6 +230,13 @@ def test_syntax_error_falls_back_to_text_rules():
     check(text, passages, 16)
     assert all(p.title == "" and p.kind == "python" for p in passages)
     assert passages[0].text == "def broken(:\n    pass\n\nsecond paragraph here"
+
+
+def test_python_parse_warnings_stay_quiet():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        (passage,) = split('def f():\n    return "\\d+"\n', "python")
+    assert passage.title == "def f"  # parsed, although a warning turned error would not let it
 
 
 def test_markdown_fenced_code_makes_no_headings():
@@ -290,6 +312,8 @@ def test_wordpiece_counts_add_over_lines():
     assert all(c > 3 for c in counts)
     for sep in ("\n", "\r\n", " "):
         assert wordpiece_counts([sep.join(REAL_LINES)]) == [sum(counts)]
+    lines = (Path(sysconfig.get_paths()["stdlib"]) / "textwrap.py").read_text().splitlines()
+    assert wordpiece_counts(["\n".join(lines)]) == [sum(wordpiece_counts(lines))]
 
 
 def test_budget_with_the_real_tokenizer():
