@@ -2,13 +2,16 @@
 encoder (the mechanics do not depend on the model; test_search.py uses the real one)."""
 
 import contextlib
+import hashlib
 import json
 import os
 import zlib
 
 import pytest
 import torch
+from safetensors.torch import save
 
+from qkv.io import sha256_file
 from qkv.retrieval import Index, IndexFormatError, build_index, index_texts, load_index
 from qkv.retrieval import index as index_module
 
@@ -75,8 +78,6 @@ def test_round_trip_and_the_format_on_disk(corpus, tmp_path):
     names = sorted(p.name for p in out.iterdir())
     assert names == sorted(["manifest.json", manifest["data"]["vectors"]["path"],
                             manifest["data"]["passages"]["path"]])
-    from qkv.io import sha256_file
-
     for entry in manifest["data"].values():
         assert sha256_file(out / entry["path"]) == entry["sha256"]
     for row in manifest["files"]:
@@ -102,7 +103,6 @@ def test_paths_are_relative_under_the_current_folder_and_absolute_elsewhere(corp
     monkeypatch.chdir(tmp_path)
     rows = build_index(["docs/cats.md", corpus / "tea.txt"], encoder=FakeEncoder()).files
     assert [r["path"] for r in rows] == ["docs/cats.md", "docs/tea.txt"]
-    monkeypatch.chdir(corpus / "..")
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
@@ -224,6 +224,13 @@ def test_load_errors_name_the_folder_and_what_is_wrong(corpus, tmp_path):
     def edited(**changes):
         manifest_path.write_text(json.dumps({**manifest, **changes}))
         return out
+
+    renamed = save({"embeddings": torch.zeros(manifest["count"], 16)})
+    (out / "other.safetensors").write_bytes(renamed)
+    entry = {"path": "other.safetensors", "sha256": hashlib.sha256(renamed).hexdigest(),
+             "bytes": len(renamed)}
+    with pytest.raises(IndexFormatError, match=r"the vectors file holds no tensor 'vectors'"):
+        load_index(edited(data={**manifest["data"], "vectors": entry}))
 
     with pytest.raises(IndexFormatError, match=r"shape mismatch"):
         load_index(edited(count=manifest["count"] + 1))
