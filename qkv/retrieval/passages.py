@@ -8,8 +8,8 @@ Structure, by kind:
 - python: each top-level `def`/`class` block is a unit (the decorators and the comment lines
   directly above it belong to it); the module-level code between two blocks is a unit. Text that
   does not parse as Python is split by the text rules.
-- markdown: each ATX (`#`) or setext heading starts a section (a `#` inside a fenced code block is
-  not a heading); the lines before the first heading are a section too.
+- markdown: each ATX (`#`) or setext heading starts a section (nothing inside a fenced code block
+  or a leading `---` front matter is a heading); the lines before the first heading are a section.
 - text: the whole document is one unit of paragraphs (blank-line separated).
 
 A unit that fits the token budget is one passage. A larger one is cut into windows at line
@@ -387,7 +387,9 @@ def _markdown_units(doc: _Document):
             if re.match(rf" {{0,3}}{fence[0]}{{{len(fence)},}}[ \t]*$", line):
                 fence = None
             continue
-        if m := _FENCE.match(line):
+        if i == 0 and line.rstrip() == "---":  # front matter: no headings until it closes
+            fence = "---"
+        elif m := _FENCE.match(line):
             fence, para = m.group(1), None
         elif m := _ATX.match(line):
             headings.append((i, len(m.group(1)), _heading_name(line)))

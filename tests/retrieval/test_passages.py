@@ -248,6 +248,13 @@ def test_markdown_fenced_code_makes_no_headings():
     assert "# not a heading" in passages[0].text and "# still code" in passages[1].text
 
 
+def test_markdown_front_matter_and_indented_code_make_no_headings():
+    text = "---\ntitle: Notes\n---\n\nIntro\n\n    # indented code\n\n# Real\n\nbody\n"
+    passages = split(text, "markdown")
+    check(text, passages)
+    assert [(p.title, p.start_line) for p in passages] == [("", 1), ("Real", 9)]
+
+
 def test_markdown_setext_headings_and_paths():
     text = ("preamble\n\nTop\n===\n\nbody\n\nSection two\nspans lines\n---\n\nmore\n\n"
             "### Deep #\n\ndeep text\n\nNot a heading\n\n---\n")
