@@ -24,13 +24,14 @@ def bench():
     return module
 
 
-@pytest.fixture(scope="module")
-def session(bench, tmp_path_factory):
-    path = bench.export_onnx(tmp_path_factory.mktemp("onnx") / "minilm.onnx")
-    return bench.ort_session(path, threads=1)
+@pytest.fixture(scope="module", params=["eager", "sdpa"])
+def session(request, bench, tmp_path_factory):
+    """eager: matmul-softmax-matmul attention; sdpa: ONNX's Attention operator (opset 23)."""
+    path = tmp_path_factory.mktemp("onnx") / f"minilm-{request.param}.onnx"
+    return bench.ort_session(bench.export_onnx(path, attention=request.param), threads=1)
 
 
-@pytest.mark.slow  # the export takes ~15 s
+@pytest.mark.slow  # each export takes ~15 s
 def test_onnx_runtime_matches_qkv(bench, session, minilm, texts):
     """Texts of 2 to 256 tokens in sorted batches of 8 (each padded to its longest), and one
     batch of a long and a short text, against qkv's packed encoder."""
