@@ -1,8 +1,9 @@
 """qkv as transformers' attention backend: the same models under "eager" are the oracle.
 
 Tiny random-initialised Llama (GQA), Gemma-2 (sliding window, softcap), Qwen2 (sliding window on
-some layers) and BERT; no hub access. Positions a padding token occupies are not compared: no
-real token reads them, and every implementation fills them differently.
+some layers), gpt-oss (attention sinks) and BERT; no hub access. Positions a padding token
+occupies are not compared: no real token reads them, and every implementation fills them
+differently.
 """
 
 import types
@@ -17,7 +18,7 @@ from transformers import masking_utils as mu  # noqa: E402
 from qkv.interop import hf  # noqa: E402
 
 VOCAB = 96
-DECODERS = ("llama", "gemma2", "qwen2")
+DECODERS = ("llama", "gemma2", "qwen2", "gpt_oss")
 MODELS = (*DECODERS, "bert")
 
 
@@ -33,13 +34,17 @@ def _config(name: str):
     if name == "qwen2":
         return transformers.Qwen2Config(num_key_value_heads=1, use_sliding_window=True,
                                         sliding_window=3, max_window_layers=1, **small)
-    small["max_position_embeddings"] = 64
+    if name == "gpt_oss":  # attention sinks; its default context keeps YaRN's factor consistent
+        del small["max_position_embeddings"]
+        return transformers.GptOssConfig(num_key_value_heads=2, head_dim=8, sliding_window=4,
+                                         num_local_experts=2, num_experts_per_tok=1, **small)
     return transformers.BertConfig(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
                                    **small)
 
 
 _CLASSES = {"llama": "LlamaForCausalLM", "gemma2": "Gemma2ForCausalLM",
-            "qwen2": "Qwen2ForCausalLM", "bert": "BertForMaskedLM"}
+            "qwen2": "Qwen2ForCausalLM", "gpt_oss": "GptOssForCausalLM",
+            "bert": "BertForMaskedLM"}
 
 
 @pytest.fixture(scope="module", autouse=True)
