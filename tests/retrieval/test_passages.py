@@ -46,10 +46,10 @@ def check(text, passages, max_tokens=200, count=words):
 # generated documents: lines of words, headings, fences, code, blank lines; any line ends
 WORD = st.sampled_from(["alpha", "beta", "x", "#", "##", "```", "~~~", "===", "---", "-", "def",
                         "class", "f():", "(", ")", ":", "a.b", "é", "\t", "  "])
-LINE = st.lists(WORD, max_size=12).map(" ".join) | st.lists(WORD, max_size=90).map(" ".join) | \
-    st.sampled_from(
-    ["", "", "   ", "# Head", "## Sub head", "```", "Title", "=====", "---", "def g():",
-     "    return 1", "@dec", "class K:", "    # note"]) | st.text(max_size=30)
+SHAPED = st.sampled_from(["", "", "   ", "# Head", "## Sub head", "```", "Title", "=====", "---",
+                          "def g():", "    return 1", "@dec", "class K:", "    # note"])
+LINE = (st.lists(WORD, max_size=12).map(" ".join) | st.lists(WORD, max_size=90).map(" ".join)
+        | SHAPED | st.text(max_size=30))
 ENDS = st.sampled_from(["\n", "\r\n", "\r"])
 
 
@@ -93,6 +93,8 @@ def test_spans_are_exact_and_cover_any_text(text, kind, max_tokens, overlap):
 def test_spans_are_exact_and_cover_python(source, max_tokens, overlap):
     passages = split(source, "python", max_tokens=max_tokens, overlap=overlap)
     check(source, passages, max_tokens)
+    blocks = re.findall(r"(?:^|[\r\n])(def|class) (\w+)", source)  # top-level ones
+    assert {f"{word} {name}" for word, name in blocks} <= {p.title for p in passages}
 
 
 def test_line_numbers():
