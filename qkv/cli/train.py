@@ -71,6 +71,9 @@ def train(
     time_limit: Annotated[float | None, _setting(
         "stop (and save) after this many seconds of training", "no limit")] = None,
     threads: Annotated[int | None, _setting("torch CPU threads per process", "torch's")] = None,
+    context_parallel: Annotated[int | None, _setting(
+        "processes that share each sequence (under torchrun; the process count must be a "
+        "multiple, the rest is data parallel)", "1")] = None,
     set_: Annotated[list[str] | None, typer.Option(
         "--set", help="any other setting, repeatable: key=value or model.key=value "
         "(e.g. --set model.d_model=256 --set warmup_steps=100)")] = None,
@@ -84,7 +87,9 @@ def train(
 
     Settings come from TrainConfig's defaults, then --config FILE, then --set, then the flags.
     Under `torchrun --nproc_per_node N -m qkv train ...` it trains with DistributedDataParallel
-    (gloo on the CPU, NCCL on CUDA); rank 0 alone writes checkpoints and logs.
+    (gloo on the CPU, NCCL on CUDA); rank 0 alone writes checkpoints and logs. With
+    --context-parallel N, each group of N processes shares every sequence (a zigzag shard each,
+    attention by a ring of K/V blocks), and the groups are data parallel.
     """
     from qkv.cli._errors import user_errors
     from qkv.train import train as run_training
@@ -94,7 +99,7 @@ def train(
              "tokenizer": tokenizer, "vocab_size": vocab_size, "max_bytes": max_bytes,
              "precision": precision, "activation_checkpointing": activation_checkpointing,
              "device": device, "seed": seed, "time_limit": time_limit, "threads": threads,
-             "progress": None if progress else False}
+             "context_parallel": context_parallel, "progress": None if progress else False}
     with user_errors():
         if device is not None:
             from qkv.device import resolve_device

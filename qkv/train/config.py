@@ -40,7 +40,8 @@ class TrainConfig:
     Data: `corpus` is "stdlib", a folder, a glob or a .jsonl file (see qkv.data.CorpusConfig);
     the tokenizer is trained on the training split only. Model: `model` holds TransformerConfig
     fields (vocab_size comes from the tokenizer; max_len defaults to seq_len) over DEFAULT_MODEL.
-    One optimizer step sees batch_size * grad_accum * world_size windows of seq_len tokens.
+    One optimizer step sees batch_size * grad_accum * world_size / context_parallel windows of
+    seq_len tokens: the processes of a context-parallel group share each window.
 
     Protein corpora ("proteins" or a FASTA file, qkv.data.proteins) train on whole sequences
     batched by length (qkv.data.LengthBucketSampler): a micro-batch holds at most batch_size
@@ -89,6 +90,9 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     threads: int | None = None  # torch CPU threads; None: torch's default
     progress: bool = True  # a live progress bar on rank 0
+    # processes that share each sequence (qkv.distributed); the rest of the world is data
+    # parallel: world size = data parallel × context_parallel
+    context_parallel: int = 1
 
     def __post_init__(self):
         if not isinstance(self.corpus, str) or not self.corpus:
@@ -146,6 +150,21 @@ class TrainConfig:
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if not isinstance(self.out_dir, str) or not self.out_dir:
             raise ValueError(f"out_dir must be a non-empty path, got {self.out_dir!r}")
+        check_int("context_parallel", self.context_parallel)
+        if self.context_parallel > 1:
+            self._check_context_parallel(model)
+
+    def _check_context_parallel(self, model: TransformerConfig) -> None:
+        """A model and windows that context-parallel training can shard (zigzag: 2 chunks of
+        every window per process)."""
+        from qkv.distributed.lm import check_model
+
+        check_model(model)
+        multiple = 2 * self.context_parallel
+        if not is_protein_source(self.corpus) and self.seq_len % multiple:
+            raise ValueError(f"seq_len={self.seq_len} must be divisible by 2 × "
+                             f"context_parallel = {multiple}: each window is cut into 2 "
+                             f"chunks per process (zigzag)")
 
     def _check_protein_settings(self) -> None:
         """The tokenizer and split a protein corpus takes (and a text corpus refuses)."""

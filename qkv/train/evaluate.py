@@ -22,9 +22,10 @@ from qkv.train.distributed import DistInfo, all_reduce_sum
 def evaluate(model: torch.nn.Module, windows: LMWindows, token_bytes: torch.Tensor, *,
              batch_size: int, max_batches: int | None = None, device: str | torch.device = "cpu",
              autocast: AbstractContextManager | None = None,
-             dist: DistInfo | None = None) -> dict[str, float]:
+             dist: DistInfo | None = None, replicas: int | None = None) -> dict[str, float]:
     """Mean next-token loss over `windows`: all of them, or the first max_batches global batches
-    (max_batches * batch_size * world_size windows).
+    (max_batches * batch_size * replicas windows; replicas, the data-parallel processes, defaults
+    to world_size, and is fewer under context parallelism).
 
     Returns {"loss": nats per token, "ppl": exp(loss), "bpb": bits per byte, "tokens", "bytes"}.
     Bits per byte is the summed NLL in bits over the UTF-8 bytes the target tokens stand for
@@ -32,8 +33,9 @@ def evaluate(model: torch.nn.Module, windows: LMWindows, token_bytes: torch.Tens
     Under DDP each process takes every world_size-th window and the sums are all-reduced.
     """
     dist = dist or DistInfo()
+    replicas = replicas or dist.world_size
     n = len(windows) if max_batches is None else min(len(windows),
-                                                     max_batches * batch_size * dist.world_size)
+                                                     max_batches * batch_size * replicas)
     if n == 0:
         raise ValueError("evaluation needs at least one window")
     was_training = model.training

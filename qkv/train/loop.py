@@ -63,6 +63,13 @@ class Trainer:
                              "'bf16' or 'fp32' on the CPU")
         if config.threads is not None:
             torch.set_num_threads(config.threads)
+        cp = config.context_parallel
+        if cp > 1 and dist.world_size % cp:
+            raise ValueError(f"context_parallel={cp} needs a number of processes that it "
+                             f"divides, got {dist.world_size}; launch a multiple of {cp} "
+                             f"under torchrun --nproc_per_node")
+        # Data parallel replicas: the processes of one context-parallel group read one batch.
+        self.dp_rank, self.dp_size = dist.rank // cp, dist.world_size // cp
         self.run_dir = Path(config.out_dir)
         self.metrics = MetricsLog(self.run_dir, enabled=dist.is_main)
         self._replace_old_run = False
@@ -175,7 +182,7 @@ class Trainer:
         scaler = torch.amp.GradScaler("cuda", enabled=c.precision == "fp16")
         self._remove_old_run()
         stream = BatchStream(data.windows("train", c.seq_len), c.batch_size,
-                             rank=self.dist.rank, world_size=self.dist.world_size, seed=c.seed)
+                             rank=self.dp_rank, world_size=self.dp_size, seed=c.seed)
         seed_everything(c.seed + self.dist.rank)
         step, tokens_seen, train_seconds = 0, 0, 0.0
         if resume_from is not None:
@@ -187,19 +194,30 @@ class Trainer:
             atomic_write_text(self.run_dir / ckpt.RUN_CONFIG,
                               json.dumps(c.to_dict(), indent=1) + "\n")
         self.say(f"data: {data.describe()}")
+        parallel = (f" ({self.dp_size} data parallel × {c.context_parallel} context parallel)"
+                    if c.context_parallel > 1 else "")
         self.say(f"model: DecoderLM, {model.num_params():,} parameters, vocab "
-                 f"{data.tokenizer.vocab_size}; {self.dist.world_size} process(es) on "
-                 f"{self.device.type}, {c.precision}")
+                 f"{data.tokenizer.vocab_size}; {self.dist.world_size} process(es){parallel} "
+                 f"on {self.device.type}, {c.precision}")
         ddp = model
         if self.dist.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+            ddp = torch.nn.parallel.DistributedDataParallel(self._sharded(model), device_ids=ids)
         loop = StepLoop(self, model, ddp, optimizer, scaler, stream, data,
                         autocast_context(self.device, c.precision), resume_from)
         result = loop.run(step, tokens_seen, train_seconds)
         result.resumed_from = step if resume_from is not None else None
         result.rank = self.dist.rank
         return result
+
+    def _sharded(self, model: DecoderLM) -> torch.nn.Module:
+        """The model as each process runs it: whole, or on its shard of every sequence."""
+        if self.config.context_parallel == 1:
+            return model
+        from qkv.distributed.lm import ContextParallelLM, make_groups
+
+        group = make_groups(self.config.context_parallel, self.dist.world_size)
+        return ContextParallelLM(model, group)
 
     def _complete(self, checkpoint: Path, step: int) -> TrainResult:
         """A resumed run that has already reached max_steps: nothing to train or write."""
@@ -230,9 +248,10 @@ class Trainer:
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         resume.restore_rng(state, extra, self.dist, self.config.seed)
-        if state.get("world_size", 1) != self.dist.world_size:
-            self.warn(f"the checkpoint was written by {state.get('world_size')} process(es), this "
-                      f"run has {self.dist.world_size}; the data order differs from there on")
+        replicas = state.get("world_size", 1) // state.get("context_parallel", 1)
+        if replicas != self.dp_size:
+            self.warn(f"the checkpoint was written by {replicas} data-parallel process(es), "
+                      f"this run has {self.dp_size}; the data order differs from there on")
         self.say(f"resumed from {path} (step {state['step']})")
         return (int(state["step"]), int(state.get("tokens_seen", 0)),
                 float(state.get("train_seconds", 0.0)))

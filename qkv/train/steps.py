@@ -127,12 +127,15 @@ class StepLoop:
         self.optimizer.zero_grad(set_to_none=True)
         sums = torch.stack([total.double(), tokens])
         distributed.all_reduce_sum(sums, self.t.dist)
-        return float(sums[0]) / self.t.dist.world_size, float(norm), int(sums[1])
+        # Every process of a context-parallel group holds its group's loss and whole batch.
+        return (float(sums[0]) / self.t.dist.world_size, float(norm),
+                int(sums[1]) // c.context_parallel)
 
     def evaluate(self, step: int) -> dict[str, float]:
         metrics = evaluate(self.model, self.val_windows, self.data.token_bytes,
                            batch_size=self.c.batch_size, max_batches=self.c.eval_batches,
-                           device=self.t.device, autocast=self.autocast, dist=self.t.dist)
+                           device=self.t.device, autocast=self.autocast, dist=self.t.dist,
+                           replicas=self.t.dp_size)
         self.t.record({"kind": "eval", "split": "validation", "step": step, **metrics})
         self.t.say(f"step {step}: validation loss {metrics['loss']:.4f}, ppl "
                    f"{metrics['ppl']:.2f}, {metrics['bpb']:.3f} bits/byte")
@@ -147,6 +150,7 @@ class StepLoop:
         evaluated = self.last_eval[1] if self.last_eval and self.last_eval[0] == step else None
         state = {"data": self.stream.state(), **rng_values, "tokens_seen": tokens_seen,
                  "train_seconds": train_seconds, "world_size": self.t.dist.world_size,
+                 "context_parallel": self.c.context_parallel,
                  "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
                  "config": self.c.to_dict(), "eval": evaluated}
         self.last_checkpoint = ckpt.save_checkpoint(
