@@ -105,7 +105,7 @@ def ask(
         metavar="INDEX", help="index folder written by `qkv index`")],
     question: Annotated[str, typer.Argument(
         metavar="QUESTION", help="the question (longer than 256 tokens: cut, with a warning)")],
-    k: Annotated[int, typer.Option("-k", "--top", min=1, help="passages to show")] = 5,
+    k: Annotated[int, typer.Option("--top", "-k", min=1, help="passages to show")] = 5,
     as_json: Annotated[bool, typer.Option(
         "--json", help="print a JSON list of hits on stdout: rank, score, file, start_line, "
                        "end_line, start, end, title, text, and sentence {start, end, line, "
