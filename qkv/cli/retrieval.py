@@ -129,8 +129,11 @@ def ask(
         raise fail("QUESTION is empty: ask something", code=2)
     with user_errors():
         from qkv.retrieval import load_index
+        from qkv.retrieval.index import check_model
 
-        found = load_index(index, encoder=_encoder(device))
+        found = load_index(index)  # a missing or corrupt index is named before the model loads
+        found.encoder = _encoder(device)
+        check_model(found, found.encoder)
         hits = found.search(question, k=k, backend=backend)
         if as_json:
             typer.echo(json.dumps([hit.to_dict() for hit in hits], ensure_ascii=False,

@@ -103,6 +103,13 @@ def test_bad_inputs_give_one_error_line(corpus):
     assert "idx2 is a corrupt index: manifest.json is not valid JSON" in one_error(
         run("ask", "idx2", "q"))
     assert "QUESTION is empty" in one_error(run("ask", "idx2", "  "), code=2)
+    assert run("index", "docs", "-o", "idx3").exit_code == 0
+    manifest = json.loads((corpus / "idx3" / "manifest.json").read_text())
+    manifest["model"]["sha256"] = "0" * 64
+    (corpus / "idx3" / "manifest.json").write_text(json.dumps(manifest))
+    assert "idx3 was built with sentence-transformers/all-MiniLM-L6-v2 (weights sha256 " \
+           "000000000000..., dim 384, max_length 256), but the encoder is" in one_error(
+               run("ask", "idx3", "q"))
     assert "'--top' / '-k'" in one_error(run("ask", "idx2", "q", "-k", "0"), code=2)
     assert "paths: nowhere does not exist" in one_error(run("index", "nowhere", "-o", "i3"))
     assert "out: docs/bees.md is a file" in one_error(run("index", "docs", "-o",
