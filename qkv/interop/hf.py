@@ -31,6 +31,7 @@ the weights from `qkv.attention_weights` (quadratic, for inspection).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -77,6 +78,7 @@ class MaskSpec:
 
 # -- recognising transformers' mask functions ---------------------------------------------------
 
+@functools.cache
 def _mask_utils():
     from transformers import masking_utils
 
@@ -89,6 +91,7 @@ def _cells(fn) -> dict:
                     strict=True))
 
 
+@functools.cache
 def _codes() -> dict:
     """The code object of each closure factory's inner function; every closure shares it."""
     mu = _mask_utils()
@@ -176,8 +179,10 @@ def _cu_seqlens(ids: torch.Tensor, B: int, L: int) -> torch.Tensor:
     return torch.nn.functional.pad(counts.cumsum(0), (1, 0))
 
 
-def _causal_window(left: int | None, right: int | None) -> dict:
+def _causal_window(left: int | None, right: int | None, Lq: int) -> dict:
     """qkv's causal and window for i' - left <= j <= i' + right (None: unbounded)."""
+    if Lq == 1 and right == 0:  # one query, the newest: causal hides nothing
+        right = None
     causal = right == 0
     if left is None and (right is None or causal):
         return dict(causal=causal, window=None)
@@ -189,7 +194,7 @@ def _spec(pattern: _Pattern, B, Lq, Lk, q_offset, kv_offset, attention_mask) -> 
         if not (pattern.remapped and pattern.packed_ids is not None and attention_mask is None
                 and q_offset == 0 and kv_offset == 0 and Lq == Lk):
             return None
-        return MaskSpec(B, Lq, Lk, **_causal_window(pattern.left, pattern.right),
+        return MaskSpec(B, Lq, Lk, **_causal_window(pattern.left, pattern.right, Lq),
                         cu_seqlens=_cu_seqlens(pattern.packed_ids, B, Lq))
     # qkv aligns i' = i + Lk - Lq; transformers' query i sits at q_offset + i - kv_offset there.
     keep = Lk
@@ -201,7 +206,7 @@ def _spec(pattern: _Pattern, B, Lq, Lk, q_offset, kv_offset, attention_mask) -> 
     if (left is not None and left < 0) or (right is not None and right < 0):
         return None
     kv_lengths, mask = _padding(attention_mask, keep, kv_offset, B)
-    return MaskSpec(B, Lq, Lk, **_causal_window(left, right), keys=None if keep == Lk else keep,
+    return MaskSpec(B, Lq, Lk, **_causal_window(left, right, Lq), keys=None if keep == Lk else keep,
                     kv_lengths=kv_lengths, mask=mask)
 
 

@@ -286,6 +286,31 @@ def test_float_mask_is_a_bias_and_bool_mask_a_mask():
     assert torch.allclose(a, c, atol=1e-12) and torch.allclose(b, c, atol=1e-12)
 
 
+def test_position_bias_adds_to_the_scores():
+    q, k, v = _qkv()
+    bias = torch.randn(1, 4, 5, 5, dtype=torch.float64)
+    out, _ = hf.attention_forward(_Layer(), q, k, v, None, position_bias=bias)
+    want = hf.attention(q, k, v, causal=True, bias=bias).transpose(1, 2)
+    assert torch.allclose(out, want, atol=1e-12)
+
+
+def test_attention_dropout_is_reproducible():
+    config = _config("llama")
+    config.attention_dropout = 0.5
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM._from_config(config, attn_implementation="qkv")
+    ids, mask = _batch("left")
+
+    def logits(seed):
+        torch.manual_seed(seed)
+        return model(ids, attention_mask=mask).logits
+
+    assert torch.equal(logits(3), logits(3))
+    assert not torch.allclose(logits(3), logits(4))
+    model.eval()
+    assert torch.equal(logits(3), logits(4))
+
+
 def test_errors_name_what_is_wrong():
     q, k, v = _qkv()
     with pytest.raises(NotImplementedError, match="head_mask"):
