@@ -7,6 +7,7 @@ that way.
 """
 
 from qkv.distributed.attention import context_parallel_attention, merge_partials
+from qkv.distributed.lm import ContextParallelLM
 from qkv.distributed.sharding import (
     LAYOUTS,
     sequence_positions,
@@ -16,6 +17,7 @@ from qkv.distributed.sharding import (
 
 __all__ = [
     "LAYOUTS",
+    "ContextParallelLM",
     "context_parallel_attention",
     "merge_partials",
     "sequence_positions",

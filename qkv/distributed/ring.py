@@ -9,7 +9,9 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-KV_TAG, GRAD_TAG = 0, 1  # two transfers may be in flight at once between the same two ranks
+# Two shifts may be in flight at once between the same two ranks (K/V blocks and their
+# gradients); each tensor of a shift travels under its own tag, tag + its index.
+KV_TAG, GRAD_TAG = 0, 2
 
 
 class Ring:
@@ -20,13 +22,13 @@ class Ring:
             raise ValueError("group: context-parallel attention needs torch.distributed "
                              "initialised (dist.init_process_group, or run under torchrun)")
         self.group = dist.group.WORLD if group is None else group
+        if self.group == dist.GroupMember.NON_GROUP_MEMBER:
+            raise ValueError("group: this process is not a member of the group it was given")
         self.size = dist.get_world_size(self.group)
         if self.size < 2:
             raise ValueError(f"group must hold at least 2 processes, got a group of "
                              f"{self.size}; for one process call qkv.attention")
         self.rank = dist.get_rank(self.group)
-        if self.rank < 0:
-            raise ValueError("group: this process is not a member of the group it was given")
         self.next = dist.get_global_rank(self.group, (self.rank + 1) % self.size)
         self.prev = dist.get_global_rank(self.group, (self.rank - 1) % self.size)
 
@@ -35,14 +37,15 @@ class Ring:
         return (self.rank - step) % self.size
 
     def shift(self, tensors: Sequence[torch.Tensor], tag: int) -> _Transfer:
-        """Start sending `tensors` (one dtype) to the next rank and receiving the previous
-        rank's tensors of the same shapes; `.wait()` returns those."""
-        flat = torch.cat([t.reshape(-1) for t in tensors])
-        received = torch.empty_like(flat)
-        ops = [dist.P2POp(dist.isend, flat, self.next, self.group, tag),
-               dist.P2POp(dist.irecv, received, self.prev, self.group, tag)]
-        return _Transfer(dist.batch_isend_irecv(ops), flat, received,
-                         [t.shape for t in tensors])
+        """Start sending `tensors` to the next rank and receiving the previous rank's tensors
+        of the same shapes and dtypes; `.wait()` returns those."""
+        sent = [t.contiguous() for t in tensors]  # received blocks already are: no copy
+        received = [torch.empty_like(t) for t in sent]
+        ops = [dist.P2POp(dist.isend, t, self.next, self.group, tag + i)
+               for i, t in enumerate(sent)]
+        ops += [dist.P2POp(dist.irecv, t, self.prev, self.group, tag + i)
+                for i, t in enumerate(received)]
+        return _Transfer(dist.batch_isend_irecv(ops), sent, received)
 
     def all_gather(self, values: torch.Tensor) -> list[torch.Tensor]:
         """Every rank's `values` (same shape on all), in group rank order."""
@@ -52,14 +55,13 @@ class Ring:
 
 
 class _Transfer:
-    """One shift in flight."""
+    """One shift in flight; it keeps the tensors it sends alive until they are sent."""
 
-    def __init__(self, requests, sent, received, shapes):
-        self.requests, self.sent, self.received, self.shapes = requests, sent, received, shapes
+    def __init__(self, requests, sent, received):
+        self.requests, self.sent, self.received = requests, sent, received
 
     def wait(self) -> list[torch.Tensor]:
         for request in self.requests:
             request.wait()
-        sizes = [s.numel() for s in self.shapes]
-        return [part.view(shape) for part, shape in
-                zip(self.received.split(sizes), self.shapes, strict=True)]
+        self.sent = None
+        return self.received

@@ -1,6 +1,7 @@
 """Context-parallel attention in 2 and 4 gloo processes equals qkv.attention in one, in float64:
-forward, lse and gradients, causal and not, zigzag and contiguous, GQA, kv_lengths; and bad
-input fails clearly on every rank. Each spawned run batches all its checks (process start-up is
+forward, lse and gradients, causal and not, zigzag and contiguous, GQA, kv_lengths; a DecoderLM
+on shards gives the loss and gradients of the whole sequences; and bad input fails clearly on
+every rank. Each spawned run batches all its checks (process start-up is
 the slow part)."""
 
 import pytest
@@ -9,7 +10,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import qkv
-from qkv.distributed import context_parallel_attention, shard_sequence
+from qkv.distributed import ContextParallelLM, context_parallel_attention, shard_sequence
+from qkv.nn import IGNORE_INDEX, DecoderLM, TransformerConfig
 
 # (causal, layout, Hq, Hk, kv_lengths as fractions of L or None, Lk / Lq)
 CASES = [
@@ -86,11 +88,34 @@ def _errors(rank: int, world_size: int) -> None:
             context_parallel_attention(x, x, x, group=alone)
 
 
+def _check_lm(world_size: int, positions: str, n_kv_heads: int) -> None:
+    """ContextParallelLM's loss is the model's on the whole batch, and its gradients summed over
+    the ranks are group-size × the model's; L = 7 is padded to the layout's multiple."""
+    torch.manual_seed(0)  # the same model and batch on every rank
+    config = TransformerConfig(vocab_size=11, d_model=16, n_layers=2, n_heads=2,
+                               n_kv_heads=n_kv_heads, max_len=7, positions=positions)
+    model = DecoderLM(config).double()
+    idx = torch.randint(0, 11, (2, 7))
+    targets = torch.randint(0, 11, (2, 7))
+    targets[1, 4:] = IGNORE_INDEX
+    _, loss = model(idx, targets)
+    expected = torch.autograd.grad(loss, list(model.parameters()))
+    _, loss_cp = ContextParallelLM(model, None)(idx, targets)
+    loss_cp.backward()
+    assert abs(loss_cp.item() - loss.item()) < 1e-12, (positions, loss_cp.item(), loss.item())
+    for p, g in zip(model.parameters(), expected, strict=True):
+        total = p.grad.clone()
+        dist.all_reduce(total)
+        torch.testing.assert_close(total / world_size, g, rtol=0, atol=1e-12, msg=positions)
+
+
 def _worker(rank: int, world_size: int, init_file: str, errors: bool) -> None:
     _start(rank, world_size, init_file)
     try:
         for seed, case in enumerate(CASES):
             _check_case(rank, world_size, seed, *case)
+        _check_lm(world_size, "learned", 2)
+        _check_lm(world_size, "rope", 1)
         if errors:
             _errors(rank, world_size)
     finally:
