@@ -70,7 +70,7 @@ class _Plan:
                 start = kb * self.k_chunk
                 if self.causal and kb > qa:
                     continue
-                if self.kv_lengths is not None and max(self.kv_lengths) <= start:
+                if self.kv_lengths is not None and max(self.kv_lengths, default=0) <= start:
                     continue  # every key of the chunk is padding
                 pairs.append(_Pair(slice(a * self.q_chunk, (a + 1) * self.q_chunk),
                                    slice(b * self.k_chunk, (b + 1) * self.k_chunk),
@@ -175,12 +175,16 @@ class _RingAttention(torch.autograd.Function):
         out, lse = _ring_forward(q, k, v, kv_lengths, plan)
         ctx.save_for_backward(q, k, v, out, lse, kv_lengths)
         ctx.plan = plan
+        kind = q.device.type  # backward recomputes the blocks under the forward's autocast
+        ctx.autocast = (kind, torch.get_autocast_dtype(kind), torch.is_autocast_enabled(kind))
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
         q, k, v, out, lse, kv_lengths = ctx.saved_tensors
-        dq, dk, dv = _ring_backward(q, k, v, out, lse, kv_lengths, dout, dlse, ctx.plan)
+        kind, dtype, enabled = ctx.autocast
+        with torch.autocast(kind, dtype=dtype, enabled=enabled):
+            dq, dk, dv = _ring_backward(q, k, v, out, lse, kv_lengths, dout, dlse, ctx.plan)
         return dq, dk, dv, None, None
 
 
