@@ -92,7 +92,7 @@ class AttentionCall:
     alibi_slopes: torch.Tensor | None = None  # (B, Hq) float
     softcap: float | None = None
     dropout_p: float = 0.0
-    dropout_seed: int | None = None
+    dropout_seed: int | torch.Tensor | None = None  # a 0-dim int64 tensor while traced
     return_lse: bool = False
     varlen: bool = False
 
@@ -180,7 +180,8 @@ def _check_shapes(q, k, v) -> None:
 
 
 def _is_number(x) -> bool:
-    return not isinstance(x, bool) and isinstance(x, (int, float)) and math.isfinite(x)
+    # Comparisons, not math.isfinite: torch.compile traces them on symbolic floats too.
+    return not isinstance(x, bool) and isinstance(x, (int, float)) and -math.inf < x < math.inf
 
 
 def _check_bool(name: str, value) -> bool:
@@ -233,9 +234,15 @@ def _kv_lengths(kv_lengths, B: int, Lk: int, q: torch.Tensor) -> torch.Tensor | 
     if kv_lengths.dtype.is_floating_point or kv_lengths.dtype == torch.bool:
         raise ValueError(f"kv_lengths must be an integer tensor, got {kv_lengths.dtype}")
     _on_device("kv_lengths", kv_lengths, q)
-    if B and (int(kv_lengths.min()) < 0 or int(kv_lengths.max()) > Lk):
-        raise ValueError(f"kv_lengths must lie in [0, Lk={Lk}], got {kv_lengths.tolist()}")
+    if not torch.compiler.is_compiling():  # traced: the op checks the values (op.py)
+        check_kv_lengths_range(kv_lengths, Lk)
     return kv_lengths.to(torch.int64)
+
+
+def check_kv_lengths_range(kv_lengths: torch.Tensor, Lk: int) -> None:
+    """ValueError unless every kv_length lies in [0, Lk]."""
+    if kv_lengths.numel() and (int(kv_lengths.min()) < 0 or int(kv_lengths.max()) > Lk):
+        raise ValueError(f"kv_lengths must lie in [0, Lk={Lk}], got {kv_lengths.tolist()}")
 
 
 def _broadcastable(name: str, t, kind: str, target: tuple[int, int, int, int],
@@ -305,6 +312,8 @@ def check_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     seed = None
     if checked["dropout_p"] > 0:
         # Drawn from torch's default generator: the same torch.manual_seed gives the same mask.
-        seed = int(torch.randint(0, 2**31 - 1, (), dtype=torch.int64))
+        # Traced, it stays a tensor (an int would break the graph); the op reads it.
+        seed = torch.randint(0, 2**31 - 1, (), dtype=torch.int64)
+        seed = seed if torch.compiler.is_compiling() else int(seed)
     return AttentionCall(B=B, Hq=Hq, Hk=Hk, Lq=Lq, Lk=Lk, D=D, Dv=Dv, q_offset=q_offset,
                          dropout_seed=seed, varlen=varlen, **checked)

@@ -42,11 +42,18 @@ def _init_weights(module: nn.Module) -> None:
         nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
 
+def _traced() -> bool:
+    """Whether torch.compile is tracing: checks of tensor values would break the graph there."""
+    return torch.compiler.is_compiling()
+
+
 def _check_ids(name: str, ids: torch.Tensor, vocab_size: int, packed: bool = False) -> None:
     dims, shape = (1, "(T,) with cu_seqlens") if packed else (2, "(B, L)")
     if not isinstance(ids, torch.Tensor) or ids.dim() != dims or ids.dtype.is_floating_point:
         got = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
         raise ValueError(f"{name} must be an integer tensor {shape}, got {got}")
+    if _traced():  # value checks read tensors; a compiled graph leaves them out
+        return
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
         raise ValueError(
             f"{name} must lie in [0, vocab_size={vocab_size}), got values in "
@@ -64,12 +71,14 @@ def _padding(attention_mask, lengths, B: int, L: int, device):
                 f"attention_mask must be (B, L) = {(B, L)}, got {tuple(attention_mask.shape)}"
             )
         mask = attention_mask.to(device=device, dtype=torch.bool)
+        if _traced():  # keeping an all-True mask gives the same result without a graph break
+            return mask, None
         return (None if bool(mask.all()) else mask), None
     if lengths is not None:
         if lengths.shape != (B,) or lengths.dtype.is_floating_point:
             raise ValueError(f"lengths must be an integer tensor (B,) = ({B},), got "
                              f"{tuple(lengths.shape)} {lengths.dtype}")
-        if B and (int(lengths.min()) < 0 or int(lengths.max()) > L):
+        if B and not _traced() and (int(lengths.min()) < 0 or int(lengths.max()) > L):
             raise ValueError(f"lengths must lie in [0, L={L}], got {lengths.tolist()}")
         return None, lengths.to(device)
     return None, None
