@@ -9,7 +9,11 @@ Each timed pass runs the three implementations in turn on the same model and inp
 in the machine hits them alike); the table gives the median over the passes. tokens/s counts
 input tokens for forward and new tokens for generate.
 
-    python benchmarks/hf_cpu.py              # the table for RESULTS.md (about 2 minutes)
+A second table gives the peak memory of one forward of 2 left-padded sequences above the
+memory before it, each in a fresh process: eager builds (B, H, L, L) scores, sdpa a
+(B, 1, L, L) mask, qkv neither (its mask function hands qkv a padding vector, not a matrix).
+
+    python benchmarks/hf_cpu.py              # the tables for RESULTS.md (about 3 minutes)
     python benchmarks/hf_cpu.py --quick      # seconds, to see that it runs
 """
 
@@ -26,6 +30,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
+from qkv.bench import memory  # noqa: E402
 from qkv.bench.cpu import machine_description  # noqa: E402
 from qkv.interop import hf  # noqa: E402
 
@@ -102,6 +107,42 @@ def run(quick: bool, passes: int, new_tokens: int) -> list[dict]:
     return rows
 
 
+def peak_forward_bytes(impl: str, quick: bool, L: int, threads: int) -> int:
+    """Peak resident bytes of one forward of 2 left-padded sequences of L tokens, above the
+    resident size before it (run in a fresh process)."""
+    torch.set_num_threads(threads)
+    memory.return_freed_memory()
+    hf.register()
+    model = _model(quick)
+    model.set_attn_implementation(impl)
+    ids, mask = _inputs(2, L, left_padded=True)
+    before = memory.resident_bytes()
+    memory.reset_peak()
+    _forward(model, ids, mask)
+    return memory.peak_resident_bytes() - before
+
+
+def memory_rows(quick: bool, threads: int) -> list[dict]:
+    lengths = (256, 512) if quick else (1024, 4096)
+    rows = []
+    with memory.fresh_processes(["torch", "transformers", "qkv.interop.hf"]) as pool:
+        for L in lengths:
+            row = dict(L=L)
+            for impl in IMPLEMENTATIONS:
+                row[impl] = pool.submit(peak_forward_bytes, impl, quick, L, threads).result()
+            rows.append(row)
+    return rows
+
+
+def memory_table(rows: list[dict]) -> str:
+    lines = ["| batch | length | " + " | ".join(f"{i} peak MiB" for i in IMPLEMENTATIONS) + " |",
+             "| ---: | ---: | " + " | ".join("---:" for _ in IMPLEMENTATIONS) + " |"]
+    for r in rows:
+        cells = " | ".join(f"{r[i] / 2**20:.1f}" for i in IMPLEMENTATIONS)
+        lines.append(f"| 2 left-padded | {r['L']} | {cells} |")
+    return "\n".join(lines)
+
+
 def table(rows: list[dict], new_tokens: int) -> str:
     lines = ["| pass | batch | length | implementation | median s | tokens/s | vs eager |",
              "| --- | ---: | ---: | --- | ---: | ---: | ---: |"]
@@ -119,6 +160,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--passes", type=int, default=None, help="timed passes (default 5)")
     parser.add_argument("--new-tokens", type=int, default=None, help="default 64")
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory table")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     hf.register()
@@ -130,6 +172,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"machine: {machine_description()}, transformers {transformers.__version__}")
     print(f"median of {passes} interleaved passes\n")
     print(table(rows, new_tokens))
+    if not args.no_memory:
+        print("\npeak memory of one forward (fresh process each)\n")
+        print(memory_table(memory_rows(args.quick, args.threads)))
     return rows
 
 
