@@ -146,8 +146,9 @@ def test_training_gradients_match_eager(name, described):
         assert torch.allclose(ours[n], eager[n], atol=1e-6, rtol=1e-4), n
 
 
-def test_packed_sequences_match_eager(described):
-    eager, ours = _grads("llama", packed=True)
+@pytest.mark.parametrize("name", ["llama", "gemma2"])
+def test_packed_sequences_match_eager(name, described):
+    eager, ours = _grads(name, packed=True)
     for n in eager:
         assert torch.allclose(ours[n], eager[n], atol=1e-6, rtol=1e-4), n
 
