@@ -117,8 +117,10 @@ def reader_cost(bench, index, dense: list[list[int]], times: dict) -> dict:
                       READER["dtype"], torch.device("cpu"), bench=None, measure=True)
     plans = reader_plans(lengths, READER["model"], READER["dtype"], rates)
     times["plan_s"] = time.perf_counter() - start
+    measured = {"source": rates.source, "matmul_flops": rates.matmul,
+                "attention_flops": {b: r["fwd"] for b, r in rates.attention.items()}}
     return {"modules": rows, "median": median["name"], "largest": largest["name"],
-            "plans": plans, "reader": READER, "k": K_READER}
+            "plans": plans, "reader": READER, "k": K_READER, "rates": measured}
 
 
 def report(result: dict) -> str:
@@ -156,8 +158,10 @@ def report(result: dict) -> str:
              *(gib(p["backends"][b]["peak_bytes"]) for b in backends),
              *(seconds(p["backends"][b]["seconds"]) for b in backends)]
             for label, p in cost["plans"].items()]
+    rates = ", ".join(f"{b} {v / 1e9:.1f}" for b, v in cost["rates"]["attention_flops"].items())
     out += [f"qkv plan: {r['model']}, {r['mode']}, {r['dtype']}, batch {r['batch']}, on this "
-            f"CPU; times from a {next(iter(cost['plans'].values()))['time_source']}.", "",
+            f"CPU; times from a {cost['rates']['source']} (attention GFLOP/s: {rates}; matmul "
+            f"{cost['rates']['matmul_flops'] / 1e9:.0f}).", "",
             table(["reader attends", "tokens", *(f"peak memory, {b}" for b in backends),
                    *(f"time, {b}" for b in backends)], rows), ""]
     rows = [["build the benchmark", seconds(t["build_s"])],
