@@ -73,7 +73,8 @@ def make_groups(context_parallel: int, world_size: int):
 class ContextParallelLM(nn.Module):
     """Runs `model` (a DecoderLM, whose parameters it shares) on this rank's shard of each
     sequence: forward(idx, targets) with the whole batch (B, L), the same on every rank of
-    `group`, returns (logits of the shard (B, L/N, V), the mean loss over the whole batch).
+    `group`, returns (logits of the shard (B, L/N, V), the mean loss over the whole batch, or
+    None without targets). `shard_targets(targets)` gives the targets of those logits.
 
     L that the layout cannot split (2N for zigzag) is padded at the end with ignored targets.
     """
@@ -85,21 +86,23 @@ class ContextParallelLM(nn.Module):
         ring = Ring(group)
         self.rank, self.size = ring.rank, ring.size
 
-    def _shard(self, idx: torch.Tensor, targets: torch.Tensor):
-        """This rank's token ids, targets (B, L/N) and positions (B, L/N)."""
-        B, L = idx.shape
-        multiple = self.size * chunks_per_rank(self.layout)
-        pad = -L % multiple
-        if pad:
-            idx = F.pad(idx, (0, pad))
-            targets = F.pad(targets, (0, pad), value=IGNORE_INDEX)
-        positions = sequence_positions(L + pad, self.rank, self.size, layout=self.layout,
-                                       device=idx.device).clamp(max=L - 1)
+    def _cut(self, t: torch.Tensor, fill: int) -> torch.Tensor:
+        """This rank's shard (B, L'/N) of t (B, L), padded with `fill` to a length L' that the
+        layout can split."""
+        pad = -t.shape[1] % (self.size * chunks_per_rank(self.layout))
+        t = F.pad(t, (0, pad), value=fill) if pad else t
+        return shard_sequence(t, 1, self.rank, self.size, layout=self.layout)
 
-        def shard(t):
-            return shard_sequence(t, 1, self.rank, self.size, layout=self.layout)
+    def shard_targets(self, targets: torch.Tensor) -> torch.Tensor:
+        """The targets (B, L/N) of this rank's shard: the ones its logits are scored against."""
+        return self._cut(targets, IGNORE_INDEX)
 
-        return shard(idx), shard(targets), positions.expand(B, -1)
+    def _positions(self, B: int, L: int, device) -> torch.Tensor:
+        """(B, L/N) global positions of this rank's shard (padding repeats the last)."""
+        padded = L + -L % (self.size * chunks_per_rank(self.layout))
+        positions = sequence_positions(padded, self.rank, self.size, layout=self.layout,
+                                       device=device)
+        return positions.clamp(max=L - 1).expand(B, -1)
 
     def _attend(self, attn, h: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         c = attn.config
@@ -113,11 +116,10 @@ class ContextParallelLM(nn.Module):
         x = layer.residual(x, layer.attn_norm, lambda h: self._attend(layer.attn, h, positions))
         return layer.residual(x, layer.ffn_norm, layer.ffn)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor):
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
         m = self.model
-        count = (targets != IGNORE_INDEX).sum().clamp(min=1)
-        idx, targets, positions = self._shard(idx, targets)
-        x = m.embed(idx, positions)  # (B, L/N, d_model)
+        positions = self._positions(*idx.shape, idx.device)
+        x = m.embed(self._cut(idx, 0), positions)  # (B, L/N, d_model)
         for layer in m.layers:
             if m.activation_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(self._layer, layer, x, positions, use_reentrant=False)
@@ -126,7 +128,11 @@ class ContextParallelLM(nn.Module):
         if m.final_norm is not None:
             x = m.final_norm(x)
         logits = m.lm_head(x)
+        if targets is None:
+            return logits, None
+        count = (targets != IGNORE_INDEX).sum().clamp(min=1)  # of the whole batch
         flat = logits.reshape(-1, logits.shape[-1])
         share = F.cross_entropy(flat if flat.dtype == torch.float64 else flat.float(),
-                                targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+                                self.shard_targets(targets).flatten(),
+                                ignore_index=IGNORE_INDEX, reduction="sum")
         return logits, _SumOverGroup.apply(share / count, self.group)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from qkv.data import SPLITS, BigramModel, CorpusError, LMWindows, token_stream
 from qkv.device import resolve_device
+from qkv.nn import IGNORE_INDEX
 from qkv.train.checkpoint import load_model, read_run_config
 from qkv.train.config import TrainConfig
 from qkv.train.data import load_corpus, token_byte_lengths
@@ -22,18 +23,22 @@ from qkv.train.distributed import DistInfo, all_reduce_sum
 def evaluate(model: torch.nn.Module, windows: LMWindows, token_bytes: torch.Tensor, *,
              batch_size: int, max_batches: int | None = None, device: str | torch.device = "cpu",
              autocast: AbstractContextManager | None = None,
-             dist: DistInfo | None = None, replicas: int | None = None) -> dict[str, float]:
+             dist: DistInfo | None = None,
+             replica: tuple[int, int] | None = None) -> dict[str, float]:
     """Mean next-token loss over `windows`: all of them, or the first max_batches global batches
-    (max_batches * batch_size * replicas windows; replicas, the data-parallel processes, defaults
-    to world_size, and is fewer under context parallelism).
+    (max_batches * batch_size * replicas windows).
 
     Returns {"loss": nats per token, "ppl": exp(loss), "bpb": bits per byte, "tokens", "bytes"}.
     Bits per byte is the summed NLL in bits over the UTF-8 bytes the target tokens stand for
     (`token_bytes` (V,); eos counts as no bytes), so it compares models with any tokenizer.
     Under DDP each process takes every world_size-th window and the sums are all-reduced.
+    `replica` (index, replicas) says which share of the windows this process takes when that
+    differs from (rank, world_size): under context parallelism every process of a group takes
+    its group's share, and `model` (a qkv.distributed.ContextParallelLM) scores its own shard of
+    each window, whose targets its `shard_targets` cuts.
     """
     dist = dist or DistInfo()
-    replicas = replicas or dist.world_size
+    index, replicas = replica or (dist.rank, dist.world_size)
     n = len(windows) if max_batches is None else min(len(windows),
                                                      max_batches * batch_size * replicas)
     if n == 0:
@@ -42,15 +47,19 @@ def evaluate(model: torch.nn.Module, windows: LMWindows, token_bytes: torch.Tens
     model.eval()
     token_bytes = token_bytes.to(device)
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # nll, tokens, bytes
-    mine = list(range(dist.rank, n, dist.world_size))
+    mine = list(range(index, n, replicas))
     for start in range(0, len(mine), batch_size):
         xs, ys = zip(*(windows[i] for i in mine[start:start + batch_size]), strict=True)
         x, y = torch.stack(xs).to(device), torch.stack(ys).to(device)  # (b, L)
         with autocast or nullcontext():
-            logits, _ = model(x)  # (b, L, V)
-        nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
-        sums += torch.stack([nll.double(), torch.tensor(y.numel(), device=device).double(),
-                             token_bytes[y].sum().double()])
+            logits, _ = model(x)  # (b, L, V), or (b, L/N, V) for a shard
+        if hasattr(model, "shard_targets"):
+            y = model.shard_targets(y)  # padding past L is IGNORE_INDEX
+        scored = y != IGNORE_INDEX
+        nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum",
+                              ignore_index=IGNORE_INDEX)
+        sums += torch.stack([nll.double(), scored.sum().double(),
+                             (token_bytes[y.clamp(min=0)] * scored).sum().double()])
     all_reduce_sum(sums, dist)
     model.train(was_training)
     nll, tokens, nbytes = sums.tolist()

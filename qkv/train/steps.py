@@ -132,10 +132,12 @@ class StepLoop:
                 int(sums[1]) // c.context_parallel)
 
     def evaluate(self, step: int) -> dict[str, float]:
-        metrics = evaluate(self.model, self.val_windows, self.data.token_bytes,
+        # Under context parallelism each process scores its shard of its group's windows.
+        model = self.ddp.module if self.c.context_parallel > 1 else self.model
+        metrics = evaluate(model, self.val_windows, self.data.token_bytes,
                            batch_size=self.c.batch_size, max_batches=self.c.eval_batches,
                            device=self.t.device, autocast=self.autocast, dist=self.t.dist,
-                           replicas=self.t.dp_size)
+                           replica=(self.t.dp_rank, self.t.dp_size))
         self.t.record({"kind": "eval", "split": "validation", "step": step, **metrics})
         self.t.say(f"step {step}: validation loss {metrics['loss']:.4f}, ppl "
                    f"{metrics['ppl']:.2f}, {metrics['bpb']:.3f} bits/byte")
