@@ -9,9 +9,9 @@ Two ops, each with a fake (meta) implementation and joined by `register_autograd
 out (B, Hq, Lq, Dv) in q's dtype and lse (B, Hq, Lq), float32 (float64 for float64 q), both
 contiguous; dq, dk, dv contiguous in the shapes and dtypes of q, k, v; dbias in the shape and
 dtype of the (4-D) bias when `bias_grad`, else an empty tensor. A backend without an lse
-(sdpa) gives an lse of zeros (a placeholder NaN would fail the compiler's output checks),
-which `qkv.attention` never hands out: such a backend only takes calls without `return_lse`,
-and its backward ignores dlse.
+(sdpa, but for torch's plain CPU flash case) gives an lse of zeros (a placeholder NaN would
+fail the compiler's output checks), which `qkv.attention` never hands out: such a backend
+only takes calls without `return_lse`, and its backward ignores dlse.
 
 `<call>` is an `AttentionCall` in schema types, encoded and decoded in one place (`encode`,
 `decode`): optional tensors stay optional tensors, a window side that is None is NO_WINDOW, a
@@ -22,9 +22,11 @@ before the op and passed by name, and the op's one kernel (CPU, CUDA, any device
 backend. The triton backend's kernels are called directly, without their autograd.Function:
 forward, and the deterministic backward from the saved lse (on CUDA; on the CPU only under
 TRITON_INTERPRET=1, which is how the tests run them). The chunked backward also starts from
-the saved lse; any other backend (reference, sdpa, registered ones) recomputes its forward
-under `torch.func.vjp` in the backward. Saving the lse, not the row max and normaliser apart,
-costs float32 gradients precision only where scores pass about 1e4 (see chunked.py).
+the saved lse, and so does sdpa in torch's plain CPU flash case (no mask, no bias, MHA),
+through torch's own kernels; any other call (reference, the rest of sdpa, registered
+backends) recomputes its forward under `torch.func.vjp` in the backward. Saving the lse, not
+the row max and normaliser apart, costs float32 gradients precision only where scores pass
+about 1e4 (see chunked.py).
 
 `qkv.attention` goes through these ops only while `torch.compile` traces it
 (`torch.compiler.is_compiling()`): an eager call through the dispatcher costs 25 us (70 us
@@ -45,7 +47,7 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from qkv.attention import chunked
+from qkv.attention import chunked, sdpa
 from qkv.attention import registry as _registry
 from qkv.attention.reference import compute_dtype
 from qkv.attention.spec import AttentionCall, check_kv_lengths_range
@@ -101,7 +103,12 @@ def attention_forward(
     call = _decode_checked(q, k, v, kv_lengths, q_offset, mask, bias, alibi_slopes,
                            dropout_seed, causal, window_left, window_right, scale, softcap,
                            dropout_p)
-    forward = triton_forward if backend == "triton" else _registry.get(backend).forward
+    if backend == "triton":
+        forward = triton_forward
+    elif backend == "sdpa" and _flash_cpu(call, q):
+        forward = _flash_cpu_forward
+    else:
+        forward = _registry.get(backend).forward
     return _finish_forward(*forward(q, k, v, call), q)
 
 
@@ -144,6 +151,9 @@ def attention_backward(
                   causal, window_left, window_right, scale, softcap, dropout_p)
     if backend == "triton":
         grads = triton_backward(q, k, v, out, lse, dout, dlse, call, bias_grad)
+    elif backend == "sdpa" and _flash_cpu(call, q):
+        grads = (*torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dout.contiguous(), q, k, v, out, lse, 0.0, call.causal, scale=call.scale), None)
     elif backend == "chunked":
         m = lse.to(compute_dtype(q.dtype))
         grads = chunked.chunked_backward(q, k, v, out, m, torch.zeros_like(m), dout, dlse, call,
@@ -151,6 +161,21 @@ def attention_backward(
     else:
         grads = _recomputed_grads(_registry.get(backend), q, k, v, call, dout, dlse, bias_grad)
     return _finish_backward(*grads, q, k, v, bias)
+
+
+def _flash_cpu(call: AttentionCall, q: Tensor) -> bool:
+    """Whether the sdpa backend's call is torch's plain CPU flash case (no mask of any kind,
+    no bias, a K/V head per query head), whose kernels return the lse and take it back in the
+    backward, so the backward need not recompute."""
+    return (q.device.type == "cpu" and not sdpa.needs_explicit_mask(call)
+            and call.bias is None and call.alibi_slopes is None and call.Hq == call.Hk
+            and call.Lq > 0 and call.Lk > 0)
+
+
+def _flash_cpu_forward(q, k, v, call: AttentionCall):
+    """torch's CPU flash forward, the kernel F.scaled_dot_product_attention runs for the call."""
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, k, v, 0.0, call.causal, scale=call.scale)
 
 
 def _recomputed_grads(backend, q, k, v, call: AttentionCall, dout, dlse, bias_grad: bool):

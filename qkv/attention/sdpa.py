@@ -44,12 +44,13 @@ def prefers(call: AttentionCall, q: torch.Tensor) -> bool:
         return False
     if q.device.type != "cpu":
         return True
-    masked = _needs_explicit_mask(call) or call.bias is not None or (
+    masked = needs_explicit_mask(call) or call.bias is not None or (
         call.alibi_slopes is not None)
     return not masked or call.Lq * call.Lk <= CPU_SDPA_MASKED_MAX_SCORES or call.Lq == 1
 
 
-def _needs_explicit_mask(call: AttentionCall) -> bool:
+def needs_explicit_mask(call: AttentionCall) -> bool:
+    """Whether torch needs a mask for the call's visibility (all but none and square causal)."""
     square_causal = call.causal and call.Lq == call.Lk and call.q_offset is None
     return (
         (call.causal and not square_causal)
@@ -70,7 +71,7 @@ def forward(q, k, v, call: AttentionCall):
         return (q @ k.transpose(-1, -2)) @ v, None
     additive = call.bias is not None or call.alibi_slopes is not None
     # An additive mask switches off torch's is_causal, so causal must then be explicit too.
-    explicit = _needs_explicit_mask(call) or (call.causal and additive)
+    explicit = needs_explicit_mask(call) or (call.causal and additive)
     attn_mask = None
     empty = None
     if explicit or additive:
