@@ -13,13 +13,14 @@ import qkv
 from qkv.distributed import ContextParallelLM, context_parallel_attention, shard_sequence
 from qkv.nn import IGNORE_INDEX, DecoderLM, TransformerConfig
 
-# (causal, layout, Hq, Hk, kv_lengths as fractions of L or None, Lk / Lq)
+# (causal, layout, Hq, Hk, kv_lengths as fractions of Lk or None, Lk / Lq, other keywords)
 CASES = [
-    (True, "zigzag", 4, 2, (1.0, 0.5, 0.0), 1),
-    (False, "zigzag", 2, 2, None, 1),
-    (True, "contiguous", 2, 1, (0.25, 1.0, 0.0), 1),
-    (False, "contiguous", 4, 2, (1.0, 0.625, 0.0), 2),  # cross-attention: Lk = 2 Lq
-    (False, "zigzag", 4, 1, (0.3, 0.0, 1.0), 1),
+    (True, "zigzag", 4, 2, (1.0, 0.5, 0.0), 1, {}),
+    (False, "zigzag", 2, 2, None, 1, {"softcap": 2.0, "scale": 0.7}),
+    (True, "contiguous", 2, 1, (0.25, 1.0, 0.0), 1, {}),
+    (False, "contiguous", 4, 2, (1.0, 0.625, 0.0), 2, {}),  # cross-attention: Lk = 2 Lq
+    (False, "zigzag", 4, 1, (0.3, 0.0, 1.0), 1, {}),
+    (True, "zigzag", 2, 2, None, 1, {"softcap": 5.0}),
 ]
 
 
@@ -29,7 +30,8 @@ def _start(rank: int, world_size: int, init_file: str) -> None:
                             world_size=world_size)
 
 
-def _check_case(rank, world_size, seed, causal, layout, Hq, Hk, fractions, k_factor) -> None:
+def _check_case(rank, world_size, seed, causal, layout, Hq, Hk, fractions, k_factor,
+                keywords) -> None:
     g = torch.Generator().manual_seed(seed)  # the same tensors on every rank
     B, L, D, Dv = 3, 8 * world_size, 8, 6
     Lk = L * k_factor
@@ -48,13 +50,13 @@ def _check_case(rank, world_size, seed, causal, layout, Hq, Hk, fractions, k_fac
 
     full = [t.clone().requires_grad_() for t in (q, k, v)]
     out, lse = qkv.attention(*full, causal=causal, kv_lengths=kv, return_lse=True,
-                             backend="reference")
+                             backend="reference", **keywords)
     loss(out, lse, d_out, d_lse[..., 0]).backward()
     mine = [shard(t).requires_grad_() for t in (q, k, v)]
     out_r, lse_r = context_parallel_attention(*mine, causal=causal, kv_lengths=kv,
-                                              return_lse=True, layout=layout)
+                                              return_lse=True, layout=layout, **keywords)
     loss(out_r, lse_r, shard(d_out), shard(d_lse)[..., 0]).backward()
-    where = (causal, layout, Hq, Hk, fractions, k_factor, rank)
+    where = (causal, layout, Hq, Hk, fractions, k_factor, keywords, rank)
     assert lse_r.dtype == torch.float64 and not out_r.isnan().any(), where
     torch.testing.assert_close(out_r, shard(out), rtol=0, atol=1e-12, msg=str(where))
     torch.testing.assert_close(lse_r, shard(lse.unsqueeze(-1))[..., 0], rtol=0, atol=1e-12,
