@@ -29,7 +29,8 @@ def _compare(tmp_path, world_size: int, settings: dict, single_batch: int) -> No
     for step, loss in single.losses.items():
         assert abs(losses[step] - loss) < 1e-5, (step, losses[step], loss)
     tokens = [r["tokens"] for r in records if r["kind"] == "train"]
-    assert tokens[-1] == STEPS * single_batch * TINY["seq_len"]  # each window counted once
+    windows = STEPS * single_batch * settings.get("grad_accum", 1)
+    assert tokens[-1] == windows * TINY["seq_len"]  # each window counted once
     evals = [r for r in records if r["kind"] == "eval"]
     assert abs(evals[-1]["loss"] - single.eval["loss"]) < 1e-5
 
@@ -41,8 +42,8 @@ def test_two_processes_sharing_each_sequence_train_like_one(tmp_path):
 
 
 @pytest.mark.slow
-def test_data_and_context_parallel_together_with_rope_gqa_and_checkpointing(tmp_path):
-    settings = {"batch_size": 2, "max_steps": STEPS, "context_parallel": 2,
+def test_data_and_context_parallel_together_with_rope_gqa_checkpointing_accumulation(tmp_path):
+    settings = {"batch_size": 2, "max_steps": STEPS, "context_parallel": 2, "grad_accum": 2,
                 "activation_checkpointing": True,
                 "model": {"d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2,
                           "positions": "rope", "bias": False}}
