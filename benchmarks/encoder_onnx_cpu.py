@@ -32,6 +32,11 @@ of qkv's speed to each runner's in wall and in CPU time (CPU time is the steadie
 a busy machine; ONNX Runtime's worker threads spin while they wait, which counts as CPU time),
 and the largest absolute difference of its vectors from those of qkv's first pass.
 
+With 2 threads on a machine whose cores are busy with other work, torch's OpenMP threads (qkv
+and sentence-transformers) lose far more than ONNX Runtime's own thread pool: a parallel region
+waits for a descheduled thread. Record the load (uptime) with the figures, compare with
+`--threads 1`, and try OMP_WAIT_POLICY=PASSIVE in the environment (the header names it).
+
 The ONNX files are written under ~/.cache/qkv/onnx (keyed by the weights' sha256 and the torch
 and onnxruntime versions), never into the repository.
 """
@@ -392,7 +397,8 @@ def main(argv=None) -> list[dict]:
     import onnxruntime as ort
 
     print(f"machine: {machine()}, {os.cpu_count()} CPUs; torch {torch.__version__}, "
-          f"onnxruntime {ort.__version__}; {args.threads} thread(s)")
+          f"onnxruntime {ort.__version__}; {args.threads} thread(s); OMP_WAIT_POLICY="
+          f"{os.environ.get('OMP_WAIT_POLICY', '(unset)')}")
     from qkv.interop.minilm import load_minilm
 
     models = cached_models(not args.no_optimizer)
@@ -412,6 +418,7 @@ def main(argv=None) -> list[dict]:
     if args.json:
         Path(args.json).write_text(json.dumps(
             {"machine": machine(), "threads": args.threads, "splitter": splitter(),
+             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
              "graphs": graphs,
              "torch": torch.__version__,
              "onnxruntime": ort.__version__, "results": results}, indent=2) + "\n")
