@@ -46,6 +46,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **keywords):
     Dropout uses a counter-based mask seeded from torch's default generator, so the same
     torch.manual_seed gives the same result on every backend that supports dropout.
     Gradients flow to q, k, v and to a floating-point bias that requires grad.
+    Under torch.compile the call is one custom op, `torch.ops.qkv.attention_forward` (op.py), so
+    it never breaks the graph (fullgraph=True and dynamic shapes work); eager calls skip the op.
 
     Raises ValueError for shapes, dtypes or devices that do not fit (the message names the
     argument and the shapes), and NotImplementedError when an explicitly chosen backend lacks a
