@@ -74,8 +74,8 @@ class KVCache:
         self.seen += L
         if key_mask is not None:
             self._mask = key_mask[:, key_mask.shape[1] - self._kept(self.seen):]
-            if bool(self._mask.all()):
-                self._mask = None
+            if not torch.compiler.is_compiling() and bool(self._mask.all()):
+                self._mask = None  # traced, an all-True mask is kept: the same result, no break
         return positions, key_mask
 
     def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor):

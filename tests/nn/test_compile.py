@@ -14,7 +14,14 @@ import logging
 import pytest
 import torch
 
-from qkv.nn import DecoderLM, Encoder, EncoderDecoder, EncoderDecoderConfig, TransformerConfig
+from qkv.nn import (
+    DecoderLM,
+    DynamicCache,
+    Encoder,
+    EncoderDecoder,
+    EncoderDecoderConfig,
+    TransformerConfig,
+)
 
 VOCAB = 37
 
@@ -140,3 +147,43 @@ def test_compiled_decoder_lm_in_float32_with_inductor_stays_close():
     _, loss = compiled(idx, targets)
     _, want = model(idx, targets)
     torch.testing.assert_close(loss, want, atol=1e-5, rtol=1e-5)
+
+
+def _generate(model, idx, mask, steps: int = 2):
+    """Greedy decoding through a DynamicCache: the prompt, then `steps` single tokens."""
+    cache = DynamicCache()
+    logits, _ = model(idx, attention_mask=mask, cache=cache, last_only=True)
+    out = [logits]
+    for _ in range(steps):
+        tok = logits[:, -1].argmax(-1, keepdim=True)
+        mask = None if mask is None else torch.cat((mask, torch.ones_like(tok, dtype=bool)), 1)
+        logits, _ = model(tok, attention_mask=mask[:, -1:] if mask is not None else None,
+                          cache=cache, last_only=True)
+        out.append(logits)
+    return torch.cat(out, dim=1)
+
+
+def test_decoding_with_a_cache_compiles_fullgraph():
+    """A whole greedy decode with a KV cache, left-padded prompts included, in one graph
+    (dynamo only: backend "eager")."""
+    torch.manual_seed(4)
+    model = DecoderLM(_config(positions="rope", n_kv_heads=1)).double().eval()
+    idx = _ids(2, 6, seed=9)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[1, :2] = False
+    torch._dynamo.reset()
+    compiled = torch.compile(_generate, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        for m in (None, mask):
+            torch.testing.assert_close(compiled(model, idx, m), _generate(model, idx, m),
+                                       atol=1e-12, rtol=1e-12)
+
+
+def test_activation_checkpointing_compiles_fullgraph():
+    torch.manual_seed(5)
+    model = DecoderLM(_config(n_layers=2))
+    model.set_activation_checkpointing(True)
+    model.double()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    _assert_same_run(model, compiled, _lm_loss, _ids(2, 8, seed=10), _ids(2, 8, seed=11))
