@@ -217,6 +217,15 @@ def test_triton_kernels_through_the_op(name):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.skipif("triton" not in registry.backends("cpu"),
+                    reason="triton backend not usable on the CPU")
+def test_opcheck_triton_kernels():
+    q, k, v = _inputs(dtype=torch.float32)
+    kw = dict(_keywords("bias_grad"), causal=True, kv_lengths=torch.tensor([7, 3]))
+    kw["bias"] = kw["bias"].float().requires_grad_()
+    torch.library.opcheck(op.attention_forward, _op_args(q, k, v, kw, "triton"))
+
+
 def test_kv_lengths_range_is_checked_by_the_op():
     q, k, v = _inputs()
     call = check_call(q, k, v, kv_lengths=torch.tensor([7, 2]))
