@@ -10,7 +10,6 @@ Compiled functions are built once per module: compiling is the slow part on a sm
 from __future__ import annotations
 
 import importlib
-import logging
 
 import pytest
 import torch
@@ -21,15 +20,6 @@ from qkv.attention.spec import AttentionCall, check_call
 
 registry = importlib.import_module("qkv.attention.registry")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _untraced_logs():
-    """torch.compile's structured trace log is DEBUG and propagates to pytest's log capture,
-    which then formats every record (whole graphs): compiles run several times slower."""
-    log = logging.getLogger("torch.__trace")
-    log.propagate, before = False, log.propagate
-    yield
-    log.propagate = before
 
 B, HQ, HK, LQ, LK, D, DV = 2, 4, 2, 5, 7, 8, 6
 
@@ -341,21 +331,3 @@ def test_inductor_compiled_matches_eager():
     fn = torch.compile(_attend, fullgraph=True, dynamic=True)
     for lq, lk in ((LQ, LK), (3, 9)):
         _check_compiled_matches_eager(fn, _compile_inputs(lq, lk, seed=lq))
-
-
-def test_readme_compile_example():
-    """The README's torch.compile example, as written there (inductor, a few seconds)."""
-    import torch
-
-    import qkv
-
-    @torch.compile(fullgraph=True, dynamic=True)  # qkv.attention is one custom op: no break
-    def attend(q, k, v, kv_lengths):
-        return qkv.attention(q, k, v, causal=True, kv_lengths=kv_lengths)
-
-    q = torch.randn(2, 8, 64, 32, requires_grad=True)
-    k, v = torch.randn(2, 2, 2, 64, 32).unbind(0)  # grouped-query: 2 K/V heads for 8
-    lengths = torch.tensor([64, 40])
-    out = attend(q, k, v, lengths)
-    out.sum().backward()  # the backward runs compiled too
-    torch.testing.assert_close(out, qkv.attention(q, k, v, causal=True, kv_lengths=lengths))

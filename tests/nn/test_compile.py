@@ -9,8 +9,6 @@ model is built once per module.
 
 from __future__ import annotations
 
-import logging
-
 import pytest
 import torch
 
@@ -24,16 +22,6 @@ from qkv.nn import (
 )
 
 VOCAB = 37
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _untraced_logs():
-    """torch.compile's structured trace log is DEBUG and propagates to pytest's log capture,
-    which then formats every record (whole graphs): compiles run several times slower."""
-    log = logging.getLogger("torch.__trace")
-    log.propagate, before = False, log.propagate
-    yield
-    log.propagate = before
 
 
 def _config(**overrides) -> TransformerConfig:
