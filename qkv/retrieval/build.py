@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from qkv.retrieval import passages as splitting
 from qkv.retrieval.index import (
     MANIFEST,
     BuildReport,
@@ -73,8 +74,13 @@ def index_texts(texts: Mapping[str, str], *, encoder=None, max_tokens: int = 200
         documents.append(_Document(name, text, hashlib.sha256(data).hexdigest(), len(data)))
     encoder = default_encoder() if encoder is None else encoder
     _check_settings(max_tokens, overlap, batch_size, encoder)
-    settings = {"max_tokens": max_tokens, "overlap": overlap}
+    settings = _settings(max_tokens, overlap)
     return _embed(documents, encoder, settings, {}, batch_size, backend, progress)
+
+
+def _settings(max_tokens: int, overlap: int) -> dict:
+    """What decides how a file is split; an index made under other settings is re-embedded."""
+    return {"max_tokens": max_tokens, "overlap": overlap, "splitter": splitting.SPLITTER}
 
 
 def _embed(documents: list[_Document], encoder, settings: dict, reusable: dict,
@@ -86,7 +92,8 @@ def _embed(documents: list[_Document], encoder, settings: dict, reusable: dict,
         if doc.key not in reusable and doc.key not in fresh:
             fresh[doc.key] = split_text(doc.text, kind_of(doc.name), file=doc.name,
                                         count_tokens=getattr(encoder, "count_tokens", None),
-                                        **settings)
+                                        max_tokens=settings["max_tokens"],
+                                        overlap=settings["overlap"])
     new = [p for passages in fresh.values() for p in passages]
     if progress is not None:
         progress(0, len(new))
@@ -183,7 +190,7 @@ def build_index(paths: Sequence[str | os.PathLike], out: str | os.PathLike | Non
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     encoder = default_encoder() if encoder is None else encoder
     _check_settings(max_tokens, overlap, batch_size, encoder)
-    settings = {"max_tokens": max_tokens, "overlap": overlap}
+    settings = _settings(max_tokens, overlap)
     out = None if out is None else Path(out)
     if out is not None:
         _check_out(out)

@@ -8,9 +8,9 @@ by exact cosine similarity.
 On disk an index is one folder:
 
 - `manifest.json`: format "qkv-index", version, the model's identity (name, sha256 of its
-  weights, dim, max_length), the settings (max_tokens, overlap), one row per file (path, sha256,
-  bytes, and the passages `first` to `first + count` that came from it), and the name, size and
-  sha256 of each data file;
+  weights, dim, max_length), the settings (max_tokens, overlap, the splitting rules' version),
+  one row per file (path, sha256, bytes, and the passages `first` to `first + count` that came
+  from it), and the name, size and sha256 of each data file;
 - `vectors-<hash>.safetensors`: the (N, dim) float32 unit vectors, tensor "vectors";
 - `passages-<hash>.json`: the N passages with their spans, `{"passages": [Passage.to_dict()]}`.
 

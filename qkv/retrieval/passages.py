@@ -36,6 +36,10 @@ from bisect import bisect_left, bisect_right
 from collections.abc import Callable
 from pathlib import Path
 
+# The splitting rules' version: an index made under other rules re-splits and re-embeds its files
+# rather than reusing passages that this version would cut differently.
+SPLITTER = 1
+
 KINDS: dict[str, str] = {".py": "python", ".pyi": "python", ".md": "markdown",
                          ".markdown": "markdown", ".txt": "text", ".text": "text", ".rst": "text"}
 _KIND_NAMES = ("python", "markdown", "text")

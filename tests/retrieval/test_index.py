@@ -74,7 +74,7 @@ def test_round_trip_and_the_format_on_disk(corpus, tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["format"] == "qkv-index" and manifest["version"] == 1
     assert manifest["model"] == FakeEncoder().identity
-    assert manifest["settings"] == {"max_tokens": 200, "overlap": 32}
+    assert manifest["settings"] == {"max_tokens": 200, "overlap": 32, "splitter": 1}
     names = sorted(p.name for p in out.iterdir())
     assert names == sorted(["manifest.json", manifest["data"]["vectors"]["path"],
                             manifest["data"]["passages"]["path"]])
@@ -156,6 +156,19 @@ def test_a_new_model_or_settings_re_embed_everything(change, corpus, tmp_path):
     encoder = change.pop("encoder", FakeEncoder())
     build_index([corpus], out, encoder=encoder, **change)
     assert encoder.embedded == len(first)
+
+
+def test_an_index_split_under_other_rules_is_re_embedded(corpus, tmp_path, monkeypatch):
+    from qkv.retrieval import passages
+
+    out = tmp_path / "index"
+    first = build_index([corpus], out, encoder=FakeEncoder())
+    assert first.settings["splitter"] == passages.SPLITTER
+    monkeypatch.setattr(passages, "SPLITTER", passages.SPLITTER + 1)
+    encoder = FakeEncoder()
+    build_index([corpus], out, encoder=encoder)
+    assert encoder.embedded == len(first)
+    assert load_index(out).settings["splitter"] == passages.SPLITTER
 
 
 @pytest.mark.parametrize("step", range(6))
