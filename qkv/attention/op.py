@@ -18,10 +18,12 @@ only takes calls without `return_lse`, and its backward ignores dlse.
 softcap of None is NO_SOFTCAP, and the dropout seed travels as a 0-dim int64 tensor.
 
 The backend is chosen in Python (`qkv.attention`'s `auto` policy, on the tensors' device)
-before the op and passed by name, and the op's one kernel (CPU, CUDA, any device) runs that
-backend. The triton backend's kernels are called directly, without their autograd.Function:
-forward, and the deterministic backward from the saved lse (on CUDA; on the CPU only under
-TRITON_INTERPRET=1, which is how the tests run them). The chunked backward also starts from
+before the op and passed by name. The op's default kernel (CPU and any device) runs that
+backend; the CUDA kernel, registered with `register_kernel("cuda")`, runs it with the tensors'
+device current, where the triton backend's kernels launch. Those are called directly, without
+their autograd.Function: forward, and the deterministic backward from the saved lse (on CUDA;
+on the CPU only under TRITON_INTERPRET=1, which is how the tests run them). Nothing imports
+triton before a call on the triton backend. The chunked backward also starts from
 the saved lse, and so does sdpa in torch's plain CPU flash case (no mask, no bias, MHA),
 through torch's own kernels; any other call (reference, the rest of sdpa, registered
 backends) recomputes its forward under `torch.func.vjp` in the backward. Saving the folded
@@ -92,14 +94,13 @@ def _lse_dtype(q: Tensor) -> torch.dtype:
 
 # ---- forward ---------------------------------------------------------------------------------
 
-@torch.library.custom_op("qkv::attention_forward", mutates_args=())
-def attention_forward(
+def _attention_forward(
     q: Tensor, k: Tensor, v: Tensor, kv_lengths: Tensor | None, q_offset: Tensor | None,
     mask: Tensor | None, bias: Tensor | None, alibi_slopes: Tensor | None,
     dropout_seed: Tensor | None, causal: bool, window_left: int, window_right: int,
     scale: float, softcap: float, dropout_p: float, backend: str,
 ) -> tuple[Tensor, Tensor]:
-    """(out, lse) of one call on the named backend (one kernel for every device)."""
+    """(out, lse) of one call on the named backend: the default kernel, and CUDA's (below)."""
     call = _decode_checked(q, k, v, kv_lengths, q_offset, mask, bias, alibi_slopes,
                            dropout_seed, causal, window_left, window_right, scale, softcap,
                            dropout_p)
@@ -110,6 +111,10 @@ def attention_forward(
     else:
         forward = _registry.get(backend).forward
     return _finish_forward(*forward(q, k, v, call), q)
+
+
+attention_forward = torch.library.custom_op("qkv::attention_forward", _attention_forward,
+                                            mutates_args=())
 
 
 def _decode_checked(q, k, v, kv_lengths, *rest) -> AttentionCall:
@@ -136,15 +141,14 @@ def _attention_forward_fake(q, k, v, *rest):
 
 # ---- backward --------------------------------------------------------------------------------
 
-@torch.library.custom_op("qkv::attention_backward", mutates_args=())
-def attention_backward(
+def _attention_backward(
     dout: Tensor, dlse: Tensor | None, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
     lse: Tensor, kv_lengths: Tensor | None, q_offset: Tensor | None, mask: Tensor | None,
     bias: Tensor | None, alibi_slopes: Tensor | None, dropout_seed: Tensor | None,
     causal: bool, window_left: int, window_right: int, scale: float, softcap: float,
     dropout_p: float, backend: str, bias_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(dq, dk, dv, dbias or an empty tensor) of one call (one kernel for every device).
+    """(dq, dk, dv, dbias or an empty tensor) of one call: default kernel and CUDA's.
 
     chunked and triton run their backward from the saved lse; other backends recompute."""
     call = decode(q, k, v, kv_lengths, q_offset, mask, bias, alibi_slopes, dropout_seed,
@@ -161,6 +165,10 @@ def attention_backward(
     else:
         grads = _recomputed_grads(_registry.get(backend), q, k, v, call, dout, dlse, bias_grad)
     return _finish_backward(*grads, q, k, v, bias)
+
+
+attention_backward = torch.library.custom_op("qkv::attention_backward", _attention_backward,
+                                             mutates_args=())
 
 
 def _flash_cpu(call: AttentionCall, q: Tensor) -> bool:
@@ -242,6 +250,22 @@ attention_forward.register_autograd(_backward, setup_context=_setup_context)
 def attention_op(q: Tensor, k: Tensor, v: Tensor, call: AttentionCall, backend: str):
     """(out, lse) of a checked call on the named backend, through the custom op."""
     return attention_forward(q, k, v, *encode(call), backend)
+
+
+# ---- CUDA ------------------------------------------------------------------------------------
+
+def _with_device_of_inputs(kernel):
+    """`kernel` with the first input's CUDA device current: triton launches its kernels on the
+    current device, which need not hold the tensors (a model on cuda:1)."""
+    def cuda_kernel(*args, **kwargs):
+        with torch.cuda.device(args[0].device):
+            return kernel(*args, **kwargs)
+
+    return cuda_kernel
+
+
+attention_forward.register_kernel("cuda", _with_device_of_inputs(_attention_forward))
+attention_backward.register_kernel("cuda", _with_device_of_inputs(_attention_backward))
 
 
 # ---- triton (CUDA) ---------------------------------------------------------------------------

@@ -37,8 +37,9 @@ def positions_from_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> torch.Ten
 
     cu_seqlens (B+1,) int32/int64 offsets: sequence b is rows cu_seqlens[b]:cu_seqlens[b+1],
     starting at 0 and ending at `total`. Raises ValueError naming cu_seqlens for anything else.
+    Under torch.compile they are computed by tensor ops, without reading the offsets.
     """
-    return sequence_positions(check_cu_seqlens("cu_seqlens", cu_seqlens, total))[1]
+    return sequence_positions(check_cu_seqlens("cu_seqlens", cu_seqlens, total), total)[1]
 
 
 def sinusoidal_table(n_positions: int, dim: int) -> torch.Tensor:
