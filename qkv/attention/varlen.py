@@ -193,7 +193,10 @@ def _traced(q, k, v, cq, ck, B, keywords):
     gives no cheaper exact form: kv_lengths, q_offset, causal and window act per batch row,
     and a padded batch without a host-read longest length must pad every sequence to T, B
     times the rows (memory B·T·H·D, work B·T²). Dropout still takes that padded form, whose
-    rows (b, i) are those of the eager mask.
+    rows (b, i) are those of the eager mask. Measured on the CPU (float32, H=8, D=32, causal,
+    one thread, aot_eager), forward and backward take 2x eager's time for 4 sequences of
+    32..64 tokens and 11-13x for 16 of 32..64 or 8 of 128..256: a varlen op taking the
+    offsets would remove that cost.
     """
     Tq, Tk = q.shape[0], k.shape[0]
     call, chosen = _checked(q, k, v, cq, ck, B, Tq, Tk, keywords)

@@ -141,6 +141,15 @@ def test_compiled_dropout_matches_eager_with_eager_random():
     _assert_matches_eager(lambda *a: got, args, reference=lambda *a: want)
 
 
+@pytest.mark.slow
+def test_inductor_compiled_matches_eager():
+    """The default backend (inductor) generates code around the op: slow to compile here."""
+    torch._dynamo.reset()
+    fn = torch.compile(_attend, fullgraph=True, dynamic=True)
+    for seed, lengths in enumerate((CROSS, SELF)):
+        _assert_matches_eager(fn, _inputs(lengths, seed=seed))
+
+
 # ---- the op's CUDA kernel --------------------------------------------------------------------
 
 def test_cuda_kernels_are_registered():

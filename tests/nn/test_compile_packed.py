@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
-from qkv.nn import DecoderLM, Encoder, TransformerConfig
+from qkv.nn import DecoderLM, Encoder, EncoderDecoder, EncoderDecoderConfig, TransformerConfig
 
 VOCAB = 37
 
@@ -89,3 +89,18 @@ def test_packed_encoder_with_alibi_compiles_fullgraph_and_matches_eager():
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     idx, _, cu = _packed([4, 1, 5], seed=4)
     _assert_same_run(model, compiled, lambda out: (out * out).sum(), idx, cu_seqlens=cu)
+
+
+@pytest.mark.slow
+def test_packed_encoder_decoder_compiles_fullgraph_and_matches_eager():
+    """Packed cross-attention: target sequence b reads source sequence b."""
+    torch.manual_seed(3)
+    config = EncoderDecoderConfig(encoder=_config(n_layers=1),
+                                  decoder=_config(n_layers=1, positions="rope", n_kv_heads=1))
+    model = EncoderDecoder(config).double()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    src, _, src_cu = _packed([4, 6, 1], seed=5)
+    tgt, targets, tgt_cu = _packed([3, 1, 5], seed=6)
+    _assert_same_run(model, compiled, lambda out: out[1], src, tgt, targets,
+                     src_cu_seqlens=src_cu, tgt_cu_seqlens=tgt_cu)
