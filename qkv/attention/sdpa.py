@@ -3,8 +3,10 @@
 qkv's causal mask is aligned bottom-right; torch's `is_causal` is aligned top-left. The two agree
 only when Lq == Lk, so every other visibility rule (bottom-right causal with Lq != Lk, window,
 kv_lengths, bool mask, packed sequences) is passed to torch as an explicit mask built by the
-shared helper in `masking.py`. Bias and ALiBi become an additive float mask. Rows that see no key
-are given one harmless key and then zeroed, because torch would return NaN there.
+shared helper in `masking.py`, as an additive float mask to which bias and ALiBi are added.
+Rows that see no key are given one harmless key and then zeroed, because torch would return NaN
+there. The mask keeps the smallest shape its inputs need (`explicit_mask`): with a per-head copy
+of a (B, 1, Lq, Lk) mask torch's CPU kernel runs about twice as slow.
 
 Not expressible through torch's public function: softcap, return_lse, and qkv's
 counter-based dropout mask (torch draws its own), so those raise NotImplementedError.
@@ -18,6 +20,8 @@ backend="chunked" when training with scores in the hundreds or more.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 import torch.nn.functional as F
@@ -61,53 +65,69 @@ def needs_explicit_mask(call: AttentionCall) -> bool:
     )
 
 
+def _alibi_call(call: AttentionCall) -> AttentionCall:
+    """The call with batch 1 when every batch row shares the ALiBi slopes and the alignment,
+    so the ALiBi term is built once, (1, Hq, Lq, Lk), rather than once per batch row."""
+    slopes = call.alibi_slopes
+    shared = slopes is not None and call.q_offset is None and call.B > 1 and slopes.stride(0) == 0
+    return dataclasses.replace(call, B=1, alibi_slopes=slopes[:1]) if shared else call
+
+
+def explicit_mask(call: AttentionCall, q: torch.Tensor) -> torch.Tensor | None:
+    """The additive mask torch is given, in q's dtype with -inf where a pair is hidden, or None
+    when `is_causal` (or nothing) expresses the call.
+
+    It keeps the smallest shape that broadcasts to (B, Hq, Lq, Lk): heads only for a per-head
+    mask, bias or ALiBi; batch only for kv_lengths, per-batch offsets, or a per-batch mask or
+    bias. torch's kernels broadcast it, where a per-head copy would make torch read Hq masks.
+    Given as floats, not bools, torch need not convert it. Always a new tensor of this call's.
+    """
+    additive = call.bias is not None or call.alibi_slopes is not None
+    # An additive mask switches off torch's is_causal, so causal must then be explicit too.
+    explicit = needs_explicit_mask(call) or (call.causal and additive)
+    vis = visible(call, 0, call.Lq, 0, call.Lk, q.device) if explicit else None
+    if not additive:
+        if vis is None:
+            return None
+        hidden = torch.full(vis.shape, float("-inf"), dtype=q.dtype, device=q.device)
+        return hidden.masked_fill_(vis, 0.0)
+    zero = torch.zeros(1, 1, 1, 1, dtype=q.dtype, device=q.device)
+    scores, _ = modify_scores(_alibi_call(call), zero, 0, call.Lq, 0, call.Lk)
+    scores = scores.to(q.dtype)
+    return scores if vis is None else torch.where(vis, scores, float("-inf"))
+
+
+def _see_one_key(attn_mask: torch.Tensor) -> torch.Tensor | None:
+    """Let rows that see no key see key 0, in place, so torch stays finite. Returns those rows
+    (broadcastable to (B, Hq, Lq, 1)), to be zeroed afterwards, or None if there are none.
+    Found on the mask as it is, before any broadcast."""
+    with torch.no_grad():
+        empty = attn_mask.amax(dim=-1, keepdim=True) == float("-inf")
+        if not bool(empty.any()):
+            return None
+    attn_mask[..., :1].masked_fill_(empty, 0.0)
+    return empty
+
+
 def forward(q, k, v, call: AttentionCall):
     """Returns (out, None): torch SDPA gives no lse."""
-    B, Hq, Lq, Lk = call.B, call.Hq, call.Lq, call.Lk
-    if Lk == 0:
+    if call.Lk == 0:
         # No keys, so every row is empty: zeros, still attached to the graph. The empty K/V
         # heads are repeated for free.
         k, v = k.repeat_interleave(call.groups, 1), v.repeat_interleave(call.groups, 1)
         return (q @ k.transpose(-1, -2)) @ v, None
-    additive = call.bias is not None or call.alibi_slopes is not None
-    # An additive mask switches off torch's is_causal, so causal must then be explicit too.
-    explicit = needs_explicit_mask(call) or (call.causal and additive)
-    attn_mask = None
-    empty = None
-    if explicit or additive:
-        vis = visible(call, 0, Lq, 0, Lk, q.device) if explicit else None
-        if vis is not None:
-            vis = vis.expand(B, Hq, Lq, Lk)
-        if additive:
-            zero = torch.zeros(1, 1, 1, 1, dtype=q.dtype, device=q.device).expand(B, Hq, Lq, Lk)
-            attn_mask, _ = modify_scores(call, zero, 0, Lq, 0, Lk)
-            attn_mask = attn_mask.to(q.dtype).expand(B, Hq, Lq, Lk)
-            if vis is not None:
-                attn_mask = attn_mask.masked_fill(~vis, float("-inf"))
-            seen = ~torch.isneginf(attn_mask)
-        else:
-            attn_mask = vis
-            seen = vis
-        empty = ~seen.any(dim=-1, keepdim=True)  # (B, Hq, Lq, 1)
-        if bool(empty.any()):
-            # Let empty rows see key 0 so torch stays finite; their output is zeroed below.
-            first = torch.zeros(1, 1, 1, Lk, dtype=torch.bool, device=q.device)
-            if Lk:
-                first[..., 0] = True
-            fix = empty & first
-            if attn_mask.dtype == torch.bool:
-                attn_mask = attn_mask | fix
-            else:
-                attn_mask = attn_mask.masked_fill(fix, 0.0)
-        else:
-            empty = None
+    attn_mask = explicit_mask(call, q)
+    empty = None if attn_mask is None else _see_one_key(attn_mask)
     out = F.scaled_dot_product_attention(
         q, k, v,
         attn_mask=attn_mask,
         is_causal=call.causal and attn_mask is None,
         scale=call.scale,
+        # K/V heads as they are: torch's CPU flash kernel and its math path take GQA.
         enable_gqa=call.Hq != call.Hk,
     )
-    if empty is not None:
-        out = torch.where(empty, 0.0, out).to(q.dtype)
-    return out, None
+    if empty is None:
+        return out, None
+    if out.requires_grad:  # the where sends no gradient into the empty rows
+        return torch.where(empty, 0.0, out), None
+    return out.masked_fill_(empty, 0.0), None
