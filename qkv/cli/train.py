@@ -87,9 +87,9 @@ def train(
 
     Settings come from TrainConfig's defaults, then --config FILE, then --set, then the flags.
     Under `torchrun --nproc_per_node N -m qkv train ...` it trains with DistributedDataParallel
-    (gloo on the CPU, NCCL on CUDA); rank 0 alone writes checkpoints and logs. With
-    --context-parallel N, each group of N processes shares every sequence (a zigzag shard each,
-    attention by a ring of K/V blocks), and the groups are data parallel.
+    (gloo on the CPU, NCCL on CUDA); rank 0 alone writes checkpoints and logs. Context
+    parallelism (--context-parallel N) makes each group of N processes share every sequence (a
+    zigzag shard each, attention by a ring of K/V blocks); the groups are data parallel.
     """
     from qkv.cli._errors import user_errors
     from qkv.train import train as run_training
