@@ -7,11 +7,12 @@ side of any config (32): up to it every config covers the whole length with one 
 configs rank alike. Lengths 1..32 share one bucket, 33..64 the next, 65..128 the next, and so
 on: lengths up to 2^k (k >= 5) fall in k - 4 buckets, so the tunings of a kernel grow with the
 logarithm of the longest length, not with how many distinct lengths run (each generation step,
-each new batch length in training). Only the key is
-bucketed: the kernels still receive the exact Lq and Lk, which alone drive masking, bounds and
-the grid, so results do not depend on the bucket or on which length tuned it. Each bucket holds
-its own `triton.autotune` wrapper of the same kernel (compiled binaries are shared), whose key
-leaves the lengths out. Decode (kernels_decode) is not autotuned: it runs one fixed config.
+each new batch length in training). Only the key is bucketed: the kernels still receive the
+exact Lq and Lk, which alone drive masking, bounds and the grid, so results do not depend on the
+bucket or on which length tuned it. Each bucket holds its own `triton.autotune` wrapper of the
+same kernel (compiled binaries are shared), whose key leaves the lengths out. Decode
+(kernels_decode) is not autotuned: it runs one fixed config. The cost: within a bucket the
+config is the best for whichever length tuned it, not for each length.
 """
 
 from __future__ import annotations
