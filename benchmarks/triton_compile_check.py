@@ -46,13 +46,19 @@ def machine() -> str:
     return platform.processor() or "unknown"
 
 
+def fits(r: dict) -> bool:
+    """Compiled, with shared memory within the target's per-block limit."""
+    return r["compiled"] and r["shared"] <= cc.SHARED_LIMIT[r["arch"]]
+
+
 def cell(r: dict | None) -> str:
     if r is None:
         return "– | – | – | –"
     if not r["compiled"]:
         return f"FAIL ({r['error']}) | – | – | –"
     spill = "?" if r["spill"] is None else r["spill"]
-    return f"ok | {r['regs']} | {spill} | {r['shared']}"
+    ok = "ok" if fits(r) else "smem > limit"
+    return f"{ok} | {r['regs']} | {spill} | {r['shared']}"
 
 
 def table(rows: list[dict], archs: list[int]) -> str:
@@ -79,8 +85,8 @@ def table(rows: list[dict], archs: list[int]) -> str:
 
 def summary(rows: list[dict], archs: list[int]) -> str:
     """Per group, kernel, config and target: cases compiled, cases spilling, worst spill."""
-    lines = ["| group | kernel | config | target | compiled | spilling | max spill B | max regs |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| group | kernel | config | target | compiled | smem > limit | spilling | max spill B"
+             " | max regs |", "|---|---|---|---|---|---|---|---|---|"]
     for name, keep in GROUPS:
         agg = defaultdict(list)
         for r in rows:
@@ -91,8 +97,9 @@ def summary(rows: list[dict], archs: list[int]) -> str:
             spilling = [r for r in ok if r["spill"]]
             worst = max((r["spill"] or 0 for r in ok), default=0)
             regs = max((r["regs"] or 0 for r in ok), default=0)
+            big = sum(not fits(r) for r in ok)
             lines.append(f"| {name} | {cc.KERNELS[k]} | {config} | sm_{arch} | {len(ok)}/{len(rs)}"
-                         f" | {len(spilling)} | {worst} | {regs} |")
+                         f" | {big} | {len(spilling)} | {worst} | {regs} |")
     return "\n".join(lines)
 
 
@@ -103,6 +110,11 @@ def verdicts(rows: list[dict]) -> str:
     out.append(f"- compiled: {len(rows) - len(failed)}/{len(rows)} (target, case) pairs"
                + (f"; failures: {sorted({(r['kernel'], r['config'], r['arch']) for r in failed})}"
                   if failed else ""))
+    big = sorted({(r["kernel"], r["config"], r["arch"]) for r in rows
+                  if r["compiled"] and not fits(r)})
+    if big:
+        out.append("- shared memory over the target's limit (launch would fail; the autotuner "
+                   "skips it): " + ", ".join(f"{k} {c} sm_{a}" for k, c, a in big))
     for name, keep in GROUPS:
         rs = [r for r in rows if keep(r) and r["compiled"]]
         if not rs:
@@ -124,8 +136,16 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2, help="compile processes (default 2)")
     ap.add_argument("--max-seconds", type=float, default=None,
                     help="start no compile after this many seconds; report what finished")
+    ap.add_argument("--from-json", help="print the report of a saved --json (or .partial.jsonl)")
     args = ap.parse_args()
     archs = list(cc.TARGETS) if args.target == "all" else [int(args.target)]
+    if args.from_json:
+        with open(args.from_json) as f:
+            text = f.read()
+        rows = json.loads(text) if text.lstrip().startswith("[") else [
+            json.loads(line) for line in text.splitlines() if line.strip()]
+        report(rows, [a for a in archs if any(r["arch"] == a for r in rows)])
+        return
     if not cc.ptxas_available():
         sys.exit("ptxas not found in the triton wheel: nothing to compile with")
     todo = [(c, a) for c in (cc.quick_cases() if args.quick else cc.cases()) for a in archs]
@@ -148,11 +168,16 @@ def main() -> None:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
     per = sorted(r["seconds"] for r in rows)
-    print(table(rows, archs))
     if per:
-        print(f"\n{len(rows)}/{len(todo)} compiles in {wall:.0f} s wall; one compile: median "
+        print(f"{len(rows)}/{len(todo)} compiles in {wall:.0f} s wall; one compile: median "
               f"{per[len(per) // 2]:.1f} s, max {per[-1]:.1f} s\n")
-    print("## Summary\n")
+    report(rows, archs)
+
+
+def report(rows: list[dict], archs: list[int]) -> None:
+    """The per-case table, then the summary and verdicts."""
+    print(table(rows, archs))
+    print("\n## Summary\n")
     print(summary(rows, archs))
     print()
     print(verdicts(rows))

@@ -53,7 +53,7 @@ def test_every_kernel_compiles_for_sm90_and_sm80(results, record_property):
     for r in sorted(results, key=lambda r: (cc.KERNELS.index(r["kernel"]), -r["arch"])):
         assert 0 < r["regs"] <= 255, r
         assert r["spill"] is not None and r["spill"] >= 0, r
-        assert r["shared"] is not None and r["shared"] <= 227 * 1024, r  # H100's per-block limit
+        assert r["fits"], r  # shared memory within the target's per-block limit
         lines.append(f"{r['kernel']} {r['config']} sm_{r['arch']}: {r['regs']} regs, "
                      f"{r['spill']} B spilled, {r['shared']} B shared")
     record_property("compile_figures", "; ".join(lines))

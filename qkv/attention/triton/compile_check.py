@@ -29,6 +29,9 @@ from triton.compiler import ASTSource
 from qkv.attention.triton import kernels_bwd, kernels_decode, kernels_fwd, launch
 
 TARGETS = (90, 80)
+# Shared memory one block may use (bytes): H100/H200 227 KB, A100 163 KB. A config over it
+# compiles, but its launch fails (the autotuner then skips it).
+SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
 HEAD_DIMS = (64, 128, 256)
 DTYPES = ("fp16", "bf16", "fp32")
 
@@ -105,13 +108,18 @@ class Result:
     def as_dict(self) -> dict:
         """Flat, JSON-ready fields of the case and its result."""
         return {**asdict(self.case), "config": self.case.config, "arch": self.arch,
-                "compiled": self.compiled, "regs": self.regs, "spill": self.spill,
+                "compiled": self.compiled, "fits": self.fits, "regs": self.regs, "spill": self.spill,
                 "spill_stores": self.spill_stores, "spill_loads": self.spill_loads,
                 "shared": self.shared, "seconds": round(self.seconds, 2), "error": self.error}
 
     @property
     def compiled(self) -> bool:
         return self.error is None
+
+    @property
+    def fits(self) -> bool:
+        """Compiled, and its shared memory fits one block of the target."""
+        return self.compiled and self.shared <= SHARED_LIMIT[self.arch]
 
     @property
     def spill(self) -> int | None:
@@ -213,9 +221,10 @@ def _constexprs(case: Case) -> dict:
 
 
 def source(case: Case) -> ASTSource:
-    """The ASTSource of `case`: pointers 16-byte aligned, absent ones None, other ints i32."""
+    """The ASTSource of `case`: pointers 16-byte aligned, absent ones None, integers as
+    `launch_ints` specializes them."""
     fn = _kernel_fn(case.kernel)
-    values = _constexprs(case)
+    values, ints = _constexprs(case), launch_ints(case)
     signature, constexprs, attrs = {}, {}, {}
     for i, p in enumerate(fn.params):
         name = p.name
@@ -230,9 +239,35 @@ def source(case: Case) -> ASTSource:
                 continue
             signature[name] = "*" + (case.dtype if elem == "data" else elem)
             attrs[(i,)] = [["tt.divisibility", 16]]
-        else:
-            signature[name] = "fp32" if name in _FLOATS else "i32"
+        elif name in _FLOATS:
+            signature[name] = "fp32"
+        else:  # triton's own rule at launch: 1 is a constant, multiples of 16 are marked so
+            value = ints.get(name, 16 if name.startswith("stride_") else 0)
+            if value == 1:
+                signature[name], constexprs[name] = "constexpr", 1
+                continue
+            signature[name] = "i32"
+            if value % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
     return ASTSource(fn, signature, constexprs, attrs)
+
+
+def launch_ints(case: Case) -> dict:
+    """Integer arguments of a representative launch of `case`, which triton specializes on
+    (1 a constant, multiples of 16 marked divisible): B = 2, Hq = 8, Lq = Lk = 1024, contiguous
+    tensors (every stride a multiple of 16), G = 4 with GQA and 1 without; decode: one query
+    (16 stacked with GQA: 64 rows) over 8192 keys in 33 splits. Absent features pass 0."""
+    flags = FEATURES[case.features]
+    gqa = case.features == "alibi+softcap+gqa"
+    decode = case.kernel.startswith("decode")
+    ints = {"Hq": 8, "G": 4 if gqa else 1, "Lq": 1024, "Lk": 1024, "head_dim": case.head_dim,
+            "head_dim_v": case.head_dim, "n_rows": 2 * 8 * 1024, "n_splits": 33, "chunk": 256,
+            "wl": 100 if flags.get("HAS_WL") else 0, "wr": 100 if flags.get("HAS_WR") else 0,
+            "drop_thresh": 1677722 if flags.get("HAS_DROPOUT") else 0,
+            "seed": 1234 if flags.get("HAS_DROPOUT") else 0}
+    if decode:
+        ints.update(Lq=16 if gqa else 1, Lk=8192)
+    return ints
 
 
 def compile_case(case: Case, arch: int) -> Result:
