@@ -3,8 +3,10 @@
 `Problem` gathers, once per call, the kernel arguments the launches share, in groups (packed
 sequences, cache, window, scores, bias and mask with broadcast strides, dropout, shape), so each
 kernel takes the groups it uses. Inputs q, k, v are read through their strides (padded
-(B, H, L, D) or packed (total, H, D) with cu_seqlens); everything the kernels write is dense. On CUDA each kernel is autotuned over a small config list
-keyed on head dim and sequence lengths; under TRITON_INTERPRET=1 (CPU) a fixed config runs.
+(B, H, L, D) or packed (total, H, D) with cu_seqlens); everything the kernels write is dense.
+On CUDA each kernel is autotuned over a small config list keyed on head dim and length buckets
+(the next power of two of Lq and Lk, at least 32; see launch.py), never on exact lengths; under
+TRITON_INTERPRET=1 (CPU) a fixed config runs.
 """
 
 from __future__ import annotations
