@@ -186,15 +186,23 @@ def quick_cases() -> list[Case]:
     return cases(features=("plain",), head_dims=(64,), dtypes=("fp16",), configs="first")
 
 
-# Feature sets in the order the full check takes them: the heaviest register users first.
-_FEATURE_TIER = {"plain": 0, "alibi+softcap+gqa": 1, "bias+mask": 1, "dropout": 1}
+# Feature sets that use the most registers: the full check takes them before the others.
+_HEAVY = ("alibi+softcap+gqa", "bias+mask", "dropout")
 
 
 def priority(case: Case, arch: int) -> tuple:
-    """Sort key of the full check, most telling first: fp16 and fp32 before bf16 (which
-    compiles like fp16); plain, then the heaviest feature sets, then the rest; sm_90 before
-    sm_80 within each."""
-    return (case.dtype == "bf16", _FEATURE_TIER.get(case.features, 2), arch != 90)
+    """Sort key of the full check, most telling first (fp32 compiles take 10-70 s, fp16 2-5 s;
+    bf16 compiles like fp16): fp16 plain on both targets; fp16 with the heaviest feature sets
+    on sm_90; fp32 plain on sm_90 (D = 128 first); the heavy sets on sm_80; the other fp16 sets;
+    fp32 plain on sm_80; bf16; fp32 with features. sm_90 first within each."""
+    heavy = case.features in _HEAVY
+    if case.dtype == "fp16":
+        stage = 0 if case.features == "plain" else (1 if heavy and arch == 90 else 3 if heavy else 4)
+    elif case.dtype == "fp32":
+        stage = (2 if arch == 90 else 5) if case.features == "plain" else 7
+    else:
+        stage = 6
+    return (stage, arch != 90, case.dtype == "fp32" and case.head_dim != 128)
 
 
 def _kernel_fn(kernel: str):
@@ -256,12 +264,12 @@ def launch_ints(case: Case) -> dict:
     """Integer arguments of a representative launch of `case`, which triton specializes on
     (1 a constant, multiples of 16 marked divisible): B = 2, Hq = 8, Lq = Lk = 1024, contiguous
     tensors (every stride a multiple of 16), G = 4 with GQA and 1 without; decode: one query
-    (16 stacked with GQA: 64 rows) over 8192 keys in 33 splits. Absent features pass 0."""
+    (16 stacked with GQA: 64 rows) over 8192 keys in 32 splits. Absent features pass 0."""
     flags = FEATURES[case.features]
     gqa = case.features == "alibi+softcap+gqa"
     decode = case.kernel.startswith("decode")
     ints = {"Hq": 8, "G": 4 if gqa else 1, "Lq": 1024, "Lk": 1024, "head_dim": case.head_dim,
-            "head_dim_v": case.head_dim, "n_rows": 2 * 8 * 1024, "n_splits": 33, "chunk": 256,
+            "head_dim_v": case.head_dim, "n_rows": 2 * 8 * 1024, "n_splits": 32, "chunk": 256,
             "wl": 100 if flags.get("HAS_WL") else 0, "wr": 100 if flags.get("HAS_WR") else 0,
             "drop_thresh": 1677722 if flags.get("HAS_DROPOUT") else 0,
             "seed": 1234 if flags.get("HAS_DROPOUT") else 0}
