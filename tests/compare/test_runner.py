@@ -218,21 +218,11 @@ def _assert_whole(out, name="path") -> int:
 
 @pytest.mark.parametrize("step", range(12))
 def test_a_crash_at_any_step_of_replacing_a_row_leaves_old_or_new_whole(step, tmp_path, fake,
-                                                                        monkeypatch):
+                                                                        monkeypatch,
+                                                                        crash_at_call):
     run_compare(QUICK, ["path"], tmp_path)
     assert _assert_whole(tmp_path) == 1
-    calls = []
-
-    def crashing(real):
-        def wrapper(*args, **kwargs):
-            calls.append(real.__name__)
-            if len(calls) == step + 1:
-                raise OSError(5, "the disk went away")
-            return real(*args, **kwargs)
-        return wrapper
-
-    for function in ("atomic_write_text", "_copy_figure", "_remove"):
-        monkeypatch.setattr(runner, function, crashing(getattr(runner, function)))
+    calls = crash_at_call(runner, ("atomic_write_text", "_copy_figure", "_remove"), step)
     with contextlib.suppress(OSError):
         run_compare(QUICK, ["path"], tmp_path, overwrite=True)
     assert _assert_whole(tmp_path) in (1, 2), calls

@@ -173,22 +173,11 @@ def test_an_index_split_under_other_rules_is_re_embedded(corpus, tmp_path, monke
 
 @pytest.mark.parametrize("step", range(6))
 def test_a_crash_at_any_step_of_an_update_leaves_the_old_index_whole(step, corpus, tmp_path,
-                                                                      monkeypatch):
+                                                                      monkeypatch, crash_at_call):
     out = tmp_path / "index"
     old = build_index([corpus], out, encoder=FakeEncoder())
     (corpus / "cats.md").write_text("# Dogs\n\nDogs bark at the postman.\n")
-    calls = []
-
-    def crashing(real):
-        def wrapper(*args, **kwargs):
-            calls.append(real.__name__)
-            if len(calls) == step + 1:
-                raise OSError(5, "the disk went away")
-            return real(*args, **kwargs)
-        return wrapper
-
-    for name in ("_write_bytes", "atomic_write_text", "_remove"):
-        monkeypatch.setattr(index_module, name, crashing(getattr(index_module, name)))
+    calls = crash_at_call(index_module, ("_write_bytes", "atomic_write_text", "_remove"), step)
     with contextlib.suppress(OSError):
         build_index([corpus], out, encoder=FakeEncoder())
     # steps: vectors, passages, manifest (the commit point), then the two old data files
