@@ -218,57 +218,24 @@ MAIN_OPS = ("MatMul", "FusedMatMul", "Softmax", "Attention", "SkipLayerNormaliza
 # --- the texts ------------------------------------------------------------------------------
 
 def big_modules(n: int, min_lines: int = 1000) -> list[tuple[str, str]]:
-    """The first n standard-library modules (by relative path) of min_lines lines or more, as
-    (name, source); test folders, site-packages, idlelib, lib2to3 and the generated
-    _sysconfigdata are left out."""
+    """The first n modules of the retrieval benchmark (`qkv.retrieval.stdlib.stdlib_modules`:
+    standard-library modules of min_lines lines or more, by relative path), as (name, source)."""
+    from qkv.retrieval.stdlib import stdlib_modules
+
     root = Path(sysconfig.get_paths()["stdlib"])
-    found = []
-    for path in sorted(root.rglob("*.py")):
-        rel = path.relative_to(root).as_posix()
-        if rel.startswith("_sysconfigdata") or any(
-                part in rel for part in ("site-packages", "test", "idlelib", "lib2to3")):
-            continue
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (UnicodeDecodeError, OSError):
-            continue
-        if text.count("\n") + 1 >= min_lines:
-            found.append((rel, text))
-        if len(found) == n:
-            break
-    return found
+    return [(path.relative_to(root).as_posix(), path.read_text(encoding="utf-8"))
+            for path in stdlib_modules(min_lines)[:n]]
 
 
-def _split(text: str, name: str, tokenizer) -> list[str]:
-    try:
-        from qkv.retrieval.passages import split_text
-    except ImportError:  # before qkv.retrieval exists: lines packed up to 200 tokens
-        lines = text.splitlines(keepends=True)
-        tokenizer.no_truncation()
-        tokenizer.no_padding()
-        counts = [len(e.ids) - 2 for e in tokenizer.encode_batch(lines)]
-        out, cur, used = [], [], 0
-        for line, count in zip(lines, counts, strict=True):
-            if cur and used + count > 200:
-                out.append("".join(cur))
-                cur, used = [], 0
-            cur.append(line)
-            used += count
-        return [p for p in out + ["".join(cur)] if p.strip()]
-    return [p.embed_text for p in split_text(text, "python", file=name)]
+SPLITTER = "qkv.retrieval.passages.split_text (200 tokens, overlap 32)"
 
 
-def splitter() -> str:
-    try:
-        import qkv.retrieval.passages  # noqa: F401
-    except ImportError:
-        return "a stand-in splitter (lines packed up to 200 tokens)"
-    return "qkv.retrieval.passages.split_text (200 tokens, overlap 32)"
+def passages(n: int, modules: int = 12, seed: int = 0) -> list[str]:
+    """A fixed sample of n passages (as embedded) from the first `modules` big stdlib modules."""
+    from qkv.retrieval.passages import split_text
 
-
-def passages(n: int, tokenizer, modules: int = 12, seed: int = 0) -> list[str]:
-    """A fixed sample of n passages from the first `modules` big stdlib modules."""
-    texts = [p for name, src in big_modules(modules) for p in _split(src, name, tokenizer)]
+    texts = [p.embed_text for name, src in big_modules(modules)
+             for p in split_text(src, "python", file=name)]
     rng = random.Random(seed)
     return [texts[i] for i in sorted(rng.sample(range(len(texts)), min(n, len(texts))))]
 
@@ -408,16 +375,16 @@ def main(argv=None) -> list[dict]:
               + ", ".join(f"{ops[op]} {op}" for op in MAIN_OPS if ops.get(op)))
     ours = load_minilm(device="cpu")
     fns = runners(ours, args.threads, models)
-    print(f"passages from the first 12 stdlib modules of >= 1000 lines by {splitter()}")
+    print(f"passages from the first 12 stdlib modules of >= 1000 lines by {SPLITTER}")
     results = []
-    for label, texts in (("passages", passages(n_pass, ours.tokenizer)),
+    for label, texts in (("passages", passages(n_pass)),
                          ("queries", queries(n_query))):
         result = workload(label, ours, texts, fns, reps)
         print(table(result), flush=True)
         results.append(result)
     if args.json:
         Path(args.json).write_text(json.dumps(
-            {"machine": machine(), "threads": args.threads, "splitter": splitter(),
+            {"machine": machine(), "threads": args.threads, "splitter": SPLITTER,
              "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
              "graphs": graphs,
              "torch": torch.__version__,
