@@ -14,12 +14,21 @@ more pass (see `_delta`). The extra memory of forward and backward is
 O(B·H·BLOCK_M·BLOCK_N + n·d), never O(n²). Blocks that
 causal, window or kv_lengths make empty are skipped, so causal does about half the work, and
 only blocks that a mask cuts through pay for building it.
+
+On the CPU, a call whose visibility is a band (plain, causal, window, kv_lengths, offsets; no
+bias, ALiBi, mask, softcap or dropout) takes the fused path: each query block's keys are cut
+into pieces torch's fused CPU kernel computes whole, only the pieces a sequence edge cuts run
+the Python blocks above, and the pieces merge through their lse (pieces.py). A query block
+whose lse is past LARGE_SCORE is redone by the Python blocks, to keep m and log_l apart. Its
+backward runs the kernel's backward per piece, except where there are large scores or an
+incoming lse gradient (the kernel cannot take dlse): those use the Python blocks.
 """
 
 from __future__ import annotations
 
 import torch
 
+from qkv.attention import pieces
 from qkv.attention.masking import (
     block_is_empty,
     block_is_full,
@@ -40,8 +49,8 @@ BLOCK_N = 512
 LARGE_SCORE = 64.0
 
 
-def _blocks(n: int, size: int):
-    return [(s, min(s + size, n)) for s in range(0, n, size)]
+def _blocks(start: int, stop: int, size: int):
+    return [(s, min(s + size, stop)) for s in range(start, stop, size)]
 
 
 class _Chunked:
@@ -52,13 +61,13 @@ class _Chunked:
         self.ct = compute_dtype(q.dtype)
         B, Hk, G = call.B, call.Hk, call.groups
         self.q5 = q.reshape(B, Hk, G, call.Lq, call.D)  # a view unless q is oddly strided
-        self.k, self.v = k, v
+        self.q, self.k, self.v = q, k, v
         rows = max(1, min(call.Lq, block_m))
         # Few query rows (decoding): widen the key blocks so each block keeps about the same
         # number of scores, instead of paying per-block overhead over a long cache.
-        block_n *= max(1, block_m // rows)
-        self.rows = _blocks(call.Lq, block_m)
-        self.cols = _blocks(call.Lk, block_n)
+        self.block_n = block_n * max(1, block_m // rows)
+        self.rows = _blocks(0, call.Lq, block_m)
+        self.cols = _blocks(0, call.Lk, self.block_n)
         self.kv_min, self.kv_max = kv_limit(call)
         self.offsets = call.offset_range()
 
@@ -68,11 +77,13 @@ class _Chunked:
         qb = self.q5[:, :, :, i0:i1].reshape(c.B, c.Hk, c.groups * (i1 - i0), c.D)
         return qb.to(self.ct) * c.scale
 
-    def live_cols(self, i0, i1):
-        """Key blocks with at least one visible pair, each with a flag: fully visible or not."""
+    def live_cols(self, i0, i1, keys=None):
+        """Key blocks (of all keys, or of keys = (j0, j1)) with at least one visible pair, each
+        with a flag: fully visible or not."""
         c = self.call
+        cols = self.cols if keys is None else _blocks(*keys, self.block_n)
         return [(j0, j1, block_is_full(c, i0, i1, j0, j1, self.kv_min, self.offsets))
-                for j0, j1 in self.cols
+                for j0, j1 in cols
                 if not block_is_empty(c, i0, i1, j0, j1, self.kv_max, self.offsets)]
 
     def scores(self, qb, i0, i1, j0, j1, full):
@@ -115,40 +126,108 @@ class _Chunked:
         return x.reshape(c.B, c.Hk, c.groups * rows, x.shape[-1])
 
 
+def _online(ch, qb, i0, i1, cols):
+    """Online softmax of query rows [i0, i1) (qb from `q_block`) over the key blocks `cols`:
+    out (B, Hq, bm, Dv), m and log_l (B, Hq, bm), in the compute dtype. Rows that see no key get
+    out 0, m -inf and log_l 0."""
+    c, bm, dev = ch.call, i1 - i0, qb.device
+    m = torch.full((c.B, c.Hq, bm), float("-inf"), dtype=ch.ct, device=dev)
+    l = torch.zeros_like(m)
+    acc = torch.zeros(c.B, c.Hk, c.groups * bm, c.Dv, dtype=ch.ct, device=dev)
+    for j0, j1, full in cols:
+        s, _, _ = ch.scores(qb, i0, i1, j0, j1, full)
+        m_new = torch.maximum(m, s.amax(dim=-1))
+        m_safe = m_new.nan_to_num(neginf=0.0)  # a row that has seen nothing yet
+        alpha = torch.exp(m - m_safe)
+        p = s.sub_(m_safe.unsqueeze(-1)).exp_()  # in place: s is not needed again
+        l.mul_(alpha).add_(p.sum(dim=-1))
+        drop = ch.dropout_scale(i0, i1, j0, j1, dev)
+        if drop is not None:
+            p = p * drop
+        vb = ch.v[:, :, j0:j1].to(ch.ct)
+        acc.mul_(ch.grouped(alpha.unsqueeze(-1), bm))
+        acc.add_(torch.matmul(ch.grouped(p, bm), vb))
+        m = m_new
+    l = torch.where(l == 0, 1.0, l)
+    return acc.view(c.B, c.Hq, bm, c.Dv).div_(l.unsqueeze(-1)), m, l.log_()
+
+
 def chunked_forward(q, k, v, call: AttentionCall, block_m: int, block_n: int):
     """Returns out (B, Hq, Lq, Dv) in q's dtype, and the row max m and log-normaliser log_l
-    (B, Hq, Lq) in the compute dtype, so lse = m + log_l. Empty rows have m = -inf, log_l = 0."""
+    (B, Hq, Lq) in the compute dtype, so lse = m + log_l. Empty rows have m = -inf, log_l = 0.
+    On the fused path m holds the whole lse and log_l 0 (both exact below LARGE_SCORE)."""
     c = call
-    ch = _Chunked(q, k, v, c, block_m, block_n)
+    ct = compute_dtype(q.dtype)
     out = torch.empty(c.B, c.Hq, c.Lq, c.Dv, dtype=q.dtype, device=q.device)
-    row_max = torch.empty(c.B, c.Hq, c.Lq, dtype=ch.ct, device=q.device)
-    log_l = torch.empty_like(row_max)
-    for i0, i1 in ch.rows:
-        bm = i1 - i0
-        qb = ch.q_block(i0, i1)
-        m = torch.full((c.B, c.Hq, bm), float("-inf"), dtype=ch.ct, device=q.device)
-        l = torch.zeros_like(m)
-        acc = torch.zeros(c.B, c.Hk, c.groups * bm, c.Dv, dtype=ch.ct, device=q.device)
-        for j0, j1, full in ch.live_cols(i0, i1):
-            s, _, _ = ch.scores(qb, i0, i1, j0, j1, full)
-            m_new = torch.maximum(m, s.amax(dim=-1))
-            m_safe = m_new.nan_to_num(neginf=0.0)  # a row that has seen nothing yet
-            alpha = torch.exp(m - m_safe)
-            p = s.sub_(m_safe.unsqueeze(-1)).exp_()  # in place: s is not needed again
-            l.mul_(alpha).add_(p.sum(dim=-1))
-            drop = ch.dropout_scale(i0, i1, j0, j1, q.device)
-            if drop is not None:
-                p = p * drop
-            vb = v[:, :, j0:j1].to(ch.ct)
-            acc.mul_(ch.grouped(alpha.unsqueeze(-1), bm))
-            acc.add_(torch.matmul(ch.grouped(p, bm), vb))
-            m = m_new
-        acc = acc.view(c.B, c.Hq, bm, c.Dv)
-        empty = l == 0
-        out[:, :, i0:i1] = acc.div_(torch.where(empty, 1.0, l).unsqueeze(-1))
-        row_max[:, :, i0:i1] = m
-        log_l[:, :, i0:i1] = torch.where(empty, 1.0, l).log_()
+    row_max = torch.empty(c.B, c.Hq, c.Lq, dtype=ct, device=q.device)
+    log_l = torch.zeros_like(row_max)
+    fused = pieces.usable(c, q)
+    whole = _one_piece(c, q, block_m) if fused else None
+    if whole is not None:  # one kernel call, written straight into the result
+        o, lse = pieces.forward(q.to(ct), k.to(ct), v.to(ct), whole.kind, c.scale)
+        if not bool(((lse.abs() > LARGE_SCORE) & lse.isfinite()).any()):
+            return o.to(q.dtype), lse, log_l
+    for g in pieces.groups(c) if fused else [None]:
+        rows = slice(None) if g is None else slice(g.b0, g.b1)
+        sub = c if g is None else pieces.subcall(c, g)
+        ch = _Chunked(q[rows], k[rows], v[rows], sub, block_m, block_n)
+        blocks = [(i0, i1, None) for i0, i1 in ch.rows] if g is None else (
+            pieces.blocks(sub, g, block_m))
+        for i0, i1, pcs in blocks:
+            if pcs is None:
+                res = _online(ch, ch.q_block(i0, i1), i0, i1, ch.live_cols(i0, i1))
+            else:
+                res = _exact_where_large(ch, i0, i1, block_m, *_fused_block(ch, i0, i1, pcs))
+            out[rows, :, i0:i1], row_max[rows, :, i0:i1], log_l[rows, :, i0:i1] = res
     return out, row_max, log_l
+
+
+def _one_piece(call: AttentionCall, q, block_m: int):
+    """The call's only piece when every batch row and query row is one kernel call over all
+    keys (plain attention, square causal), else None."""
+    gs = pieces.groups(call)
+    if len(gs) != 1:
+        return None
+    (i0, i1, pcs), *more = pieces.blocks(call, gs[0], block_m)
+    if more or pcs is None or len(pcs) != 1 or pcs[0].kind == "masked" or (pcs[0].j0, pcs[0].j1) != (0, call.Lk):
+        return None
+    return pcs[0]
+
+
+def _fused_block(ch, i0, i1, pcs):
+    """(out, lse) of query rows [i0, i1) from their pieces, each from the fused kernel or, where
+    a sequence edge cuts it, from the Python blocks."""
+    c, ct = ch.call, ch.ct
+    qb = ch.q[:, :, i0:i1].to(ct)
+    parts = []
+    for p in pcs:
+        if p.kind == "masked":
+            o, m, log_l = _online(ch, ch.q_block(i0, i1), i0, i1,
+                                  ch.live_cols(i0, i1, (p.j0, p.j1)))
+            parts.append((o, m + log_l))
+        else:
+            kb, vb = ch.k[:, :, p.j0:p.j1].to(ct), ch.v[:, :, p.j0:p.j1].to(ct)
+            parts.append(pieces.forward(qb, kb, vb, p.kind, c.scale))
+    if not parts:  # no row sees any key
+        return (torch.zeros(c.B, c.Hq, i1 - i0, c.Dv, dtype=ct, device=qb.device),
+                torch.full((c.B, c.Hq, i1 - i0), float("-inf"), dtype=ct, device=qb.device))
+    return pieces.merge(parts)
+
+
+def _exact_where_large(ch, i0, i1, block_m, out, lse):
+    """(out, m, log_l) of rows [i0, i1): the fused (out, lse, 0), with every block of block_m
+    rows that holds a row with |lse| > LARGE_SCORE redone by the Python blocks, so that its m and
+    log_l stay apart (chunked_backward's exact path needs them)."""
+    log_l = torch.zeros_like(lse)
+    large = (lse.abs() > LARGE_SCORE) & lse.isfinite()
+    if not bool(large.any()):
+        return out, lse, log_l
+    for s0, s1 in _blocks(i0, i1, block_m):
+        if bool(large[:, :, s0 - i0:s1 - i0].any()):
+            rows = slice(s0 - i0, s1 - i0)
+            out[:, :, rows], lse[:, :, rows], log_l[:, :, rows] = _online(
+                ch, ch.q_block(s0, s1), s0, s1, ch.live_cols(s0, s1))
+    return out, lse, log_l
 
 
 def chunked_backward(q, k, v, out, row_max, log_l, dout, dlse, call: AttentionCall, block_m,
@@ -159,45 +238,89 @@ def chunked_backward(q, k, v, out, row_max, log_l, dout, dlse, call: AttentionCa
     with scores past LARGE_SCORE the weights are p = exp((s - m) - log_l), where s - m is exact;
     folding m + log_l into one float32 lse would round it by up to |lse|·2^-24 (0.03 at
     |s| = 1e6) and every weight with it. Elsewhere that rounding is negligible and one
-    subtraction of the folded lse saves a pass over each block.
+    subtraction of the folded lse saves a pass over each block. On the fused path (module
+    docstring) such blocks, and every block when dlse is given, run the Python blocks; the
+    others run the fused kernel's backward piece by piece.
     """
     c = call
-    ch = _Chunked(q, k, v, c, block_m, block_n)
-    ct = ch.ct
+    ct = compute_dtype(q.dtype)
+    m_safe = row_max.nan_to_num(neginf=0.0)  # empty rows: all their scores are -inf anyway
+    large = (row_max.abs() > LARGE_SCORE) & row_max.isfinite()
+    fused = pieces.usable(c, q) and (dlse is None or not bool(dlse.any()))
+    whole = _one_piece(c, q, block_m) if fused and not bool(large.any()) else None
+    if whole is not None:  # one kernel call, no accumulation
+        dq, dk, dv = pieces.backward(*(t.to(ct) for t in (dout, q, k, v, out)), row_max + log_l,
+                                     whole.kind, c.scale)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
     dq = torch.zeros(c.B, c.Hq, c.Lq, c.D, dtype=ct, device=q.device)
     dk = torch.zeros(c.B, c.Hk, c.Lk, c.D, dtype=ct, device=q.device)
     dv = torch.zeros(c.B, c.Hk, c.Lk, c.Dv, dtype=ct, device=q.device)
     dbias = torch.zeros(c.bias.shape, dtype=ct, device=q.device) if bias_grad else None
-    dq5 = dq.view(c.B, c.Hk, c.groups, c.Lq, c.D)
-    m_safe = row_max.nan_to_num(neginf=0.0)  # empty rows: all their scores are -inf anyway
-    large = (row_max.abs() > LARGE_SCORE) & row_max.isfinite()
-    for i0, i1 in ch.rows:
-        bm = i1 - i0
-        qb = ch.q_block(i0, i1)  # scaled, so dK = dS^T @ (scale * Q)
-        dob = ch.grouped(dout[:, :, i0:i1].to(ct), bm)  # (B, Hk, G*bm, Dv)
-        dqb = torch.zeros(c.B, c.Hk, c.groups * bm, c.D, dtype=ct, device=q.device)
-        m_b, log_l_b = m_safe[:, :, i0:i1].unsqueeze(-1), log_l[:, :, i0:i1].unsqueeze(-1)
-        exact = bool(large[:, :, i0:i1].any())
-        stats = (m_b, log_l_b) if exact else (m_b + log_l_b, None)
-        cols = ch.live_cols(i0, i1)
-        delta_b = _delta(ch, qb, dob, out, dout, stats, i0, i1, cols, exact)
-        if dlse is not None:
-            delta_b = delta_b - dlse[:, :, i0:i1].to(ct).unsqueeze(-1)
-        for j0, j1, full in cols:
-            p, pd, dp, kb, capped = ch.weights_and_dp(qb, dob, stats, i0, i1, j0, j1, full)
-            dv[:, :, j0:j1] += torch.matmul(ch.grouped(pd, bm).transpose(-1, -2), dob)
-            ds = dp.sub_(delta_b).mul_(p)
-            if dbias is not None:
-                rows = slice(i0, i1) if dbias.shape[2] != 1 else slice(0, 1)
-                cols_b = slice(j0, j1) if dbias.shape[3] != 1 else slice(0, 1)
-                dbias[:, :, rows, cols_b] += reduce_to(ds, dbias.shape)
-            if capped is not None:
-                ds = ds * (1.0 - capped * capped)
-            dsg = ch.grouped(ds, bm)  # (B, Hk, G*bm, bn)
-            dqb.add_(torch.matmul(dsg, kb))
-            dk[:, :, j0:j1] += torch.matmul(dsg.transpose(-1, -2), qb)
-        dq5[:, :, :, i0:i1] = dqb.mul_(c.scale).view(c.B, c.Hk, c.groups, bm, c.D)
+    for g in pieces.groups(c) if fused else [None]:
+        r = slice(None) if g is None else slice(g.b0, g.b1)
+        sub = c if g is None else pieces.subcall(c, g)
+        ch = _Chunked(q[r], k[r], v[r], sub, block_m, block_n)
+        state = (out[r], dout[r], None if dlse is None else dlse[r], m_safe[r], log_l[r], large[r])
+        grads = (dq[r], dk[r], dv[r], dbias)
+        if g is None:
+            blocks = [(i0, i1, None) for i0, i1 in ch.rows]
+        else:
+            blocks = pieces.blocks(sub, g, block_m, whole=not bool(large[r].any()))
+        for i0, i1, pcs in blocks:
+            if pcs is None or bool(large[r, :, i0:i1].any()):
+                _python_grads(ch, i0, i1, ch.live_cols(i0, i1), state, grads)
+            else:
+                _fused_grads(ch, i0, i1, pcs, state, grads)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbias
+
+
+def _fused_grads(ch, i0, i1, pcs, state, grads):
+    """Add the gradients of query rows [i0, i1) (a block without large scores), piece by piece."""
+    c, ct = ch.call, ch.ct
+    out, dout, _, m_safe, log_l, _ = state
+    dq, dk, dv, _ = grads
+    qb, dob, ob = (t[:, :, i0:i1].to(ct) for t in (ch.q, dout, out))
+    lse_b = m_safe[:, :, i0:i1] + log_l[:, :, i0:i1]
+    for p in pcs:
+        if p.kind == "masked":
+            _python_grads(ch, i0, i1, ch.live_cols(i0, i1, (p.j0, p.j1)), state, grads)
+            continue
+        kb, vb = ch.k[:, :, p.j0:p.j1].to(ct), ch.v[:, :, p.j0:p.j1].to(ct)
+        dqp, dkp, dvp = pieces.backward(dob, qb, kb, vb, ob, lse_b, p.kind, c.scale)
+        dq[:, :, i0:i1] += dqp
+        dk[:, :, p.j0:p.j1] += dkp
+        dv[:, :, p.j0:p.j1] += dvp
+
+
+def _python_grads(ch, i0, i1, cols, state, grads):
+    """Add the gradients that query rows [i0, i1) send through the key blocks `cols`."""
+    c, ct, bm = ch.call, ch.ct, i1 - i0
+    out, dout, dlse, m_safe, log_l, large = state
+    dq, dk, dv, dbias = grads
+    qb = ch.q_block(i0, i1)  # scaled, so dK = dS^T @ (scale * Q)
+    dob = ch.grouped(dout[:, :, i0:i1].to(ct), bm)  # (B, Hk, G*bm, Dv)
+    dqb = torch.zeros(c.B, c.Hk, c.groups * bm, c.D, dtype=ct, device=qb.device)
+    m_b, log_l_b = m_safe[:, :, i0:i1].unsqueeze(-1), log_l[:, :, i0:i1].unsqueeze(-1)
+    exact = bool(large[:, :, i0:i1].any())
+    stats = (m_b, log_l_b) if exact else (m_b + log_l_b, None)
+    delta_b = _delta(ch, qb, dob, out, dout, stats, i0, i1, cols, exact)
+    if dlse is not None:
+        delta_b = delta_b - dlse[:, :, i0:i1].to(ct).unsqueeze(-1)
+    for j0, j1, full in cols:
+        p, pd, dp, kb, capped = ch.weights_and_dp(qb, dob, stats, i0, i1, j0, j1, full)
+        dv[:, :, j0:j1] += torch.matmul(ch.grouped(pd, bm).transpose(-1, -2), dob)
+        ds = dp.sub_(delta_b).mul_(p)
+        if dbias is not None:
+            rows = slice(i0, i1) if dbias.shape[2] != 1 else slice(0, 1)
+            cols_b = slice(j0, j1) if dbias.shape[3] != 1 else slice(0, 1)
+            dbias[:, :, rows, cols_b] += reduce_to(ds, dbias.shape)
+        if capped is not None:
+            ds = ds * (1.0 - capped * capped)
+        dsg = ch.grouped(ds, bm)  # (B, Hk, G*bm, bn)
+        dqb.add_(torch.matmul(dsg, kb))
+        dk[:, :, j0:j1] += torch.matmul(dsg.transpose(-1, -2), qb)
+    dq.view(c.B, c.Hk, c.groups, c.Lq, c.D)[:, :, :, i0:i1] += dqb.mul_(c.scale).view(
+        c.B, c.Hk, c.groups, bm, c.D)
 
 
 def _delta(ch, qb, dob, out, dout, stats, i0, i1, cols, exact: bool):

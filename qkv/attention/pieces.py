@@ -1,0 +1,174 @@
+"""A query block's visible keys, cut into pieces that torch's fused CPU kernel takes whole.
+
+For a call whose visibility is a band (causal, window, kv_lengths, offsets) and that has no
+bias, ALiBi, mask, softcap or dropout, query row i sees the keys [lo(i), hi(i)) where both ends
+rise by one per row (i' = i + offset; lo = i' - left, hi = i' + right + 1, right = 0 when causal).
+The keys of a query block [i0, i1) of bm rows then split into:
+
+    anticausal band  [lo(i0), lo(i0) + bm)        row r sees columns c >= r
+    full             [lo(i0) + bm, hi(i0) - 1)    every row sees every key
+    causal band      [hi(i0) - 1, hi(i0) - 1 + bm)  row r sees columns c <= r
+
+each cut to the keys [0, K) of the batch rows at hand (K = their kv_length). torch's CPU flash
+kernel (`aten._scaled_dot_product_flash_attention_for_cpu`, the kernel F.scaled_dot_product_
+attention runs) computes a full piece, and a causal band with `is_causal`, whose mask is
+top-left aligned: exactly that triangle. An anticausal band is a causal one with its rows and
+columns reversed. A band that 0 or K cuts is "masked": chunked.py's Python blocks compute it.
+
+The pieces' (out, lse) merge exactly: lse = log sum_p exp(lse_p), out = sum_p exp(lse_p - lse)
+out_p. Backward, the kernel's backward of one piece, handed the merged out and lse, returns
+exactly that piece's share of dQ, dK and dV: the weights it rebuilds are exp(s - lse) with the
+merged lse, and its delta, rowsum(dO * out), is the merged one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from qkv.attention.spec import AttentionCall
+
+FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+FLASH_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+# The narrowest band worth a kernel call: a window narrower than this (left + right) leaves
+# query blocks so short that the Python blocks do them faster than many tiny calls.
+MIN_ROWS = 16
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Keys [j0, j1) of a query block; kind "full", "causal", "anticausal" or "masked"."""
+
+    j0: int
+    j1: int
+    kind: str
+
+
+@dataclass(frozen=True)
+class Group:
+    """Batch rows [b0, b1) that share their number of keys and their query offset."""
+
+    b0: int
+    b1: int
+    keys: int
+    offset: int
+
+
+def usable(call: AttentionCall, q: torch.Tensor) -> bool:
+    """Whether the call's visibility is a band the fused kernel can compute piece by piece."""
+    return (q.device.type == "cpu" and call.bias is None and call.alibi_slopes is None
+            and call.mask is None and call.softcap is None and not call.needs_dropout
+            and call.Dv == call.D and call.Lq > 0 and call.Lk > 0)
+
+
+def groups(call: AttentionCall) -> list[Group]:
+    """Runs of consecutive batch rows with the same kv_length and query offset."""
+    keys = call.kv_lengths.tolist() if call.kv_lengths is not None else [call.Lk] * call.B
+    offsets = (call.q_offset.tolist() if call.q_offset is not None
+               else [call.Lk - call.Lq] * call.B)
+    out, b0 = [], 0
+    for b in range(1, call.B + 1):
+        if b == call.B or (keys[b], offsets[b]) != (keys[b0], offsets[b0]):
+            out.append(Group(b0, b, keys[b0], offsets[b0]))
+            b0 = b
+    return out
+
+
+def subcall(call: AttentionCall, g: Group) -> AttentionCall:
+    """The call restricted to the group's batch rows."""
+    rows = slice(g.b0, g.b1)
+    return dataclasses.replace(
+        call, B=g.b1 - g.b0,
+        kv_lengths=None if call.kv_lengths is None else call.kv_lengths[rows],
+        q_offset=None if call.q_offset is None else call.q_offset[rows])
+
+
+def _reach(call: AttentionCall) -> tuple[int | None, int | None]:
+    """(left, right): row i sees keys [i' - left, i' + right]; None where unbounded."""
+    left, right = call.window if call.window is not None else (None, None)
+    if call.causal:
+        right = 0 if right is None else min(right, 0)
+    return left, right
+
+
+def _band(start: int, bm: int, kind: str, keys: int) -> Piece | None:
+    a, b = max(start, 0), min(start + bm, keys)
+    if a >= b:
+        return None
+    if bm == 1:  # one column, seen by the one row
+        return Piece(a, b, "full")
+    return Piece(a, b, kind if (a, b) == (start, start + bm) else "masked")
+
+
+def plan(call: AttentionCall, g: Group, i0: int, i1: int) -> list[Piece] | None:
+    """The pieces of query rows [i0, i1) of the group, in key order; None when the two bands
+    would overlap (a window narrower than the block)."""
+    bm, p0 = i1 - i0, i0 + g.offset
+    left, right = _reach(call)
+    lo = 0 if left is None else p0 - left + bm  # the full part is [lo, hi)
+    hi = g.keys if right is None else p0 + right
+    if left is not None and right is not None and lo > hi:
+        return None
+    bands = [] if left is None else [_band(p0 - left, bm, "anticausal", g.keys)]
+    full = Piece(max(lo, 0), min(hi, g.keys), "full")
+    bands += [full if full.j0 < full.j1 else None]
+    bands += [] if right is None else [_band(p0 + right, bm, "causal", g.keys)]
+    out: list[Piece] = []
+    for p in bands:
+        if p is None:
+            continue
+        if out and out[-1].kind == p.kind == "full" and out[-1].j1 == p.j0:
+            p = Piece(out.pop().j0, p.j1, "full")
+        out.append(p)
+    return out
+
+
+def blocks(call: AttentionCall, g: Group, block_m: int, whole: bool = True):
+    """[(i0, i1, pieces or None)] covering the query rows: one block of all rows when no piece
+    of it is masked (and `whole`), else blocks of block_m rows (fewer for a narrow window)."""
+    if whole:
+        pieces = plan(call, g, 0, call.Lq)
+        if pieces is not None and all(p.kind != "masked" for p in pieces):
+            return [(0, call.Lq, pieces)]
+    left, right = _reach(call)
+    bm = block_m
+    if left is not None and right is not None and left + right >= MIN_ROWS:
+        while bm > left + right:
+            bm //= 2
+    return [(i0, min(i0 + bm, call.Lq), plan(call, g, i0, min(i0 + bm, call.Lq)))
+            for i0 in range(0, call.Lq, bm)]
+
+
+def _flip(kind: str, *tensors):
+    """Reverse the rows of an anticausal band's tensors (dim 2, or the last dim of an lse)."""
+    if kind != "anticausal":
+        return tensors
+    return tuple(t.flip(2 if t.dim() == 4 else -1) for t in tensors)
+
+
+def forward(qb, kb, vb, kind: str, scale: float):
+    """(out, lse) of one kernel piece: qb (B, Hq, bm, D), kb and vb (B, Hk, n, D)."""
+    qb, kb, vb = _flip(kind, qb, kb, vb)
+    out, lse = FLASH(qb, kb, vb, 0.0, kind != "full", scale=scale)
+    return _flip(kind, out, lse)
+
+
+def backward(dob, qb, kb, vb, ob, lseb, kind: str, scale: float):
+    """(dq, dk, dv) of one kernel piece, given the merged out ob and lse lseb of its rows."""
+    dob, qb, kb, vb, ob, lseb = _flip(kind, dob, qb, kb, vb, ob, lseb)
+    grads = FLASH_BACKWARD(dob.contiguous(), qb, kb, vb, ob.contiguous(), lseb.contiguous(), 0.0,
+                           kind != "full", scale=scale)
+    return _flip(kind, *grads)
+
+
+def merge(parts):
+    """Merge pieces' (out (B, H, bm, D), lse (B, H, bm)) into those of all their keys. Rows that
+    no piece sees keep out 0 and lse -inf."""
+    if len(parts) == 1:
+        return parts[0]
+    lse = torch.stack([lse for _, lse in parts]).logsumexp(0)
+    base = torch.where(lse.isfinite(), lse, 0.0)
+    out = sum(o * (lse_p - base).exp().unsqueeze(-1) for o, lse_p in parts)
+    return out, lse
