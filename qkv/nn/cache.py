@@ -10,6 +10,13 @@ query on the newest key; causal masks, windows and ALiBi distances all stay righ
 The caches here return kv_lengths None: every row advances together, and per-row padding is the
 mask returned by `step`.
 
+`DynamicCache` and `StaticCache` keep each layer's keys in a buffer with room at the end
+(`k[layer]`, of which the first `lengths[layer]` are filled) and return views of its filled
+part. An append writes past what any earlier view covers, so tensors returned by earlier steps
+keep their values; `DynamicCache` moves to a larger buffer when one is full (the old buffer
+stays as it is for whoever still holds a view of it), and its reorder (beam search) builds new
+buffers. `StaticCache` reorders in place: the buffers keep their storage.
+
 `CrossAttentionCache` holds the encoder's projected K/V, computed once per generation.
 """
 
@@ -87,6 +94,15 @@ class KVCache:
         if k.dim() != 4 or v.dim() != 4 or k.shape[0] != self._batch:
             raise ValueError(f"k and v must be (B={self._batch}, Hk, L, D), got "
                              f"{tuple(k.shape)} and {tuple(v.shape)}")
+        for name, new, held in (("k", k, self.k.get(layer_idx)), ("v", v, self.v.get(layer_idx))):
+            if held is None:
+                continue
+            if (new.shape[1], new.shape[3]) != (held.shape[1], held.shape[3]) or (
+                    new.dtype != held.dtype or new.device != held.device):
+                raise ValueError(
+                    f"{name} of layer {layer_idx} must match the cached keys: (B, "
+                    f"{held.shape[1]}, L, {held.shape[3]}) {held.dtype} on {held.device}, got "
+                    f"{tuple(new.shape)} {new.dtype} on {new.device}")
 
     def reorder(self, index: torch.Tensor) -> None:
         """Keep rows `index` (B,) in that order: beam search's reshuffle."""
@@ -97,20 +113,76 @@ class KVCache:
             self._mask = self._mask.index_select(0, index)
 
 
-class DynamicCache(KVCache):
-    """Grows with every step (torch.cat)."""
+def _needs_graph(*tensors: torch.Tensor) -> bool:
+    """Whether autograd records an append of these: then no buffer may be written in place."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+class _Buffered(KVCache):
+    """Each layer's K/V in buffers (B, Hk, room, D), of which the first lengths[layer] keys are
+    filled."""
+
+    def __init__(self):
+        super().__init__()
+        self.lengths: dict[int, int] = {}
+
+    def _written(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor):
+        """Write k, v after the filled part of the layer's buffers (which must have room);
+        return views of the filled part, (B, Hk, Lk, D) each, and kv_lengths None."""
+        n = self.lengths[layer_idx]
+        end = n + k.shape[2]
+        self.k[layer_idx][:, :, n:end] = k
+        self.v[layer_idx][:, :, n:end] = v
+        self.lengths[layer_idx] = end
+        return self.k[layer_idx][:, :, :end], self.v[layer_idx][:, :, :end], None
+
+
+class DynamicCache(_Buffered):
+    """Grows with every step, into buffers with room to spare (views of the filled part).
+
+    A full buffer is replaced by one with room for an eighth more (at least `MIN_SPARE` keys),
+    so appending costs O(1) amortised per token instead of a copy of the whole cache, for at
+    most an eighth more memory. The first update of a layer is kept as given. While autograd
+    records (grad enabled and a K/V that requires grad), every append concatenates instead,
+    so no tensor saved for backward is written in place.
+    """
+
+    MIN_SPARE = 64  # keys
 
     def update(self, layer_idx, k, v):
         """Append k, v (B, Hk, L, D); return every key and value so far (B, Hk, Lk, D)."""
         self._check(layer_idx, k, v)
-        if layer_idx in self.k:
-            k = torch.cat((self.k[layer_idx], k), dim=2)
-            v = torch.cat((self.v[layer_idx], v), dim=2)
-        self.k[layer_idx], self.v[layer_idx] = k, v
-        return k, v, None
+        if layer_idx not in self.k:
+            self.k[layer_idx], self.v[layer_idx] = k, v
+            self.lengths[layer_idx] = k.shape[2]
+            return k, v, None
+        held_k, held_v = self.k[layer_idx], self.v[layer_idx]
+        n = self.lengths[layer_idx]
+        need = n + k.shape[2]
+        if _needs_graph(k, v, held_k, held_v):
+            self.k[layer_idx] = torch.cat((held_k[:, :, :n], k), dim=2)
+            self.v[layer_idx] = torch.cat((held_v[:, :, :n], v), dim=2)
+            self.lengths[layer_idx] = need
+            return self.k[layer_idx], self.v[layer_idx], None
+        # an inference tensor (a prefill under torch.inference_mode) is written only inside it;
+        # traced code (which cannot ask) runs under no_grad instead
+        frozen = not torch.compiler.is_compiling() and held_k.is_inference() and (
+            not torch.is_inference_mode_enabled())
+        if need > held_k.shape[2] or frozen:
+            room = need + max(need // 8, self.MIN_SPARE)
+            self.k[layer_idx], self.v[layer_idx] = _moved(held_k, n, room), _moved(held_v, n, room)
+        return self._written(layer_idx, k, v)
 
 
-class StaticCache(KVCache):
+def _moved(held: torch.Tensor, n: int, room: int) -> torch.Tensor:
+    """A buffer (B, H, room, D) holding the first n keys of `held`."""
+    B, H, _, D = held.shape
+    out = held.new_empty(B, H, room, D)
+    out[:, :, :n] = held[:, :, :n]
+    return out
+
+
+class StaticCache(_Buffered):
     """Preallocates max_len keys per layer on first use; returns views of the filled part."""
 
     _in_place = True  # the preallocated buffers keep their storage
@@ -119,7 +191,6 @@ class StaticCache(KVCache):
         super().__init__()
         check_int("max_len", max_len)
         self.max_len = max_len
-        self.lengths: dict[int, int] = {}
 
     def update(self, layer_idx, k, v):
         """Write k, v (B, Hk, L, D) after the filled part; return views (B, Hk, Lk, D)."""
@@ -132,10 +203,7 @@ class StaticCache(KVCache):
         n, L = self.lengths[layer_idx], k.shape[2]
         if n + L > self.max_len:
             raise ValueError(f"StaticCache of max_len={self.max_len} cannot hold {n + L} keys")
-        self.k[layer_idx][:, :, n:n + L] = k
-        self.v[layer_idx][:, :, n:n + L] = v
-        self.lengths[layer_idx] = n + L
-        return self.k[layer_idx][:, :, :n + L], self.v[layer_idx][:, :, :n + L], None
+        return self._written(layer_idx, k, v)
 
 
 class SlidingWindowCache(KVCache):

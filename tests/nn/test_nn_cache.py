@@ -119,3 +119,72 @@ def test_cache_misuse_raises(tiny):
         make_cache("static")
     with pytest.raises(ValueError, match="step"):
         DynamicCache().update(0, torch.zeros(1, 1, 1, 4), torch.zeros(1, 1, 1, 4))
+
+
+def _step(cache, B: int, L: int, Hk: int = 3, D: int = 4, dtype=torch.float32):
+    """One step of L new keys and values (B, Hk, L, D) through layer 0 of `cache`."""
+    cache.step(None, B, L, "cpu")
+    k, v = torch.randn(B, Hk, L, D, dtype=dtype), torch.randn(B, Hk, L, D, dtype=dtype)
+    return (k, v), cache.update(0, k, v)
+
+
+def test_dynamic_cache_grows_by_an_eighth_and_never_changes_what_it_returned():
+    cache = DynamicCache()
+    (k, v), _ = _step(cache, 2, 5)
+    handed, moves, buffer = [], 0, cache.k[0]
+    for _ in range(300):
+        (k1, v1), (k_all, v_all, lengths) = _step(cache, 2, 1)
+        k, v = torch.cat((k, k1), 2), torch.cat((v, v1), 2)
+        assert lengths is None and torch.equal(k_all, k) and torch.equal(v_all, v)
+        handed.append((k_all, v_all, k.clone(), v.clone()))
+        need = k.shape[2]
+        assert need <= cache.k[0].shape[2] <= need + max(need // 8, DynamicCache.MIN_SPARE)
+        moves += cache.k[0] is not buffer
+        buffer = cache.k[0]
+    assert moves <= 6  # 5 -> 70 -> 135 -> 200 -> 265 -> 330 keys of room
+    # later appends wrote past every earlier view, and moves left the old buffers as they were
+    assert all(torch.equal(a, b) and torch.equal(c, d) for a, c, b, d in handed)
+
+
+def test_dynamic_cache_reorder_leaves_earlier_views_alone():
+    cache = DynamicCache()
+    _step(cache, 2, 4)
+    (_, _), (k_all, _, _) = _step(cache, 2, 1)  # now in a buffer with room to spare
+    before = k_all.clone()
+    cache.reorder(torch.tensor([1, 0]))
+    assert torch.equal(k_all, before)
+    (k1, _), (k_next, _, _) = _step(cache, 2, 1)
+    assert torch.equal(k_next, torch.cat((before.flip(0), k1), 2))
+
+
+def test_dynamic_cache_under_autograd_gives_the_gradients_of_the_full_pass(left_padded, tiny):
+    """With grad, appends concatenate: nothing saved for backward is written in place."""
+    lm = DecoderLM(tiny(positions="rope")).double()
+    idx, mask = left_padded(2, 9, [0, 2])
+    full = lm(idx, attention_mask=mask)[0][mask].sum()
+    want = torch.autograd.grad(full, list(lm.parameters()))
+    inc = _incremental(lm, idx, mask, DynamicCache())[mask].sum()
+    got = torch.autograd.grad(inc, list(lm.parameters()))
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-10, rtol=1e-10)
+
+
+def test_prefill_under_inference_mode_then_decode_under_no_grad(tiny):
+    lm = DecoderLM(tiny(positions="rope")).eval()
+    idx = torch.randint(0, 37, (2, 7))
+    cache = DynamicCache()
+    with torch.inference_mode():
+        lm(idx[:, :5], cache=cache)
+    with torch.no_grad():
+        out = torch.cat([lm(idx[:, t:t + 1], cache=cache)[0] for t in (5, 6)], 1)
+        assert torch.allclose(out, lm(idx)[0][:, 5:], atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["dynamic", "static", "sliding"])
+def test_cache_rejects_keys_unlike_the_ones_it_holds(kind):
+    cache = make_cache(kind, max_len=8, window=4)
+    _step(cache, 1, 2)
+    with pytest.raises(ValueError, match="k of layer 0 must match"):
+        _step(cache, 1, 1, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"cached keys: \(B, 3, L, 4\)"):
+        _step(cache, 1, 1, Hk=2)
