@@ -168,6 +168,10 @@ class MultiHeadAttention(ExactBuffers):
         window = None
         if c.window is not None:
             window = (c.window, 0) if causal else (c.window, c.window)
+        mask = None if packed else _key_mask(key_padding_mask, x.shape[0], k.shape[2])
+        if not packed:
+            k, v, mask, causal, window = _seen_keys(k, v, mask, q.shape[2], causal, window,
+                                                    kv_lengths)
         slopes = self.alibi_slopes
         if slopes is not None and q.dtype == torch.float64:
             slopes = slopes.double()
@@ -178,7 +182,6 @@ class MultiHeadAttention(ExactBuffers):
             cu_k = context_cu_seqlens if c.cross else cu_seqlens
             y = qkv.attention_varlen(q, k, v, cu_seqlens, cu_k, **settings)  # (T, Hq, D)
         else:
-            mask = _key_mask(key_padding_mask, x.shape[0], k.shape[2])
             y = qkv.attention(q, k, v, kv_lengths=kv_lengths, mask=mask, **settings)
             y = y.transpose(1, 2)  # (B, L, Hq, D)
         return self.dropout(self.out_proj(y.flatten(-2)))  # (B, L, d_model) or (T, d_model)
@@ -214,6 +217,27 @@ class MultiHeadAttention(ExactBuffers):
                 kv_lengths = cached_lengths if kv_lengths is None else \
                     torch.minimum(kv_lengths, cached_lengths)
         return q, k, v, kv_lengths
+
+
+def _seen_keys(k, v, mask, Lq: int, causal: bool, window, kv_lengths):
+    """The same attention with less to read: (k, v, mask, causal, window).
+
+    Visibility is aligned bottom-right (query i stands at key i + Lk - Lq), so no query sees
+    a key before Lk - Lq - window[0]: those are dropped (distances from the end, and so ALiBi,
+    stay the same). A single query (a decoding step) then sees every key left: causal and
+    window are dropped, so the backend needs no mask built over the whole cache.
+    """
+    start = 0
+    if window is not None and window[0] is not None:
+        start = k.shape[2] - Lq - window[0]
+    if start > 0 and kv_lengths is not None:  # lengths count from the first key: keep them all
+        return k, v, mask, causal and Lq > 1, window
+    if start > 0:
+        k, v = k[:, :, start:], v[:, :, start:]
+        mask = mask[..., start:] if mask is not None else None
+    if Lq == 1:
+        return k, v, mask, False, None
+    return k, v, mask, causal, window
 
 
 def _key_mask(key_padding_mask, B: int, Lk: int) -> torch.Tensor | None:
