@@ -13,7 +13,8 @@ Beside them, "read K/V" is the time to read as many bytes as the cache holds at 
 (a `sum` over float32 tensors of the cached K and V shapes, every layer) and "copy K/V" the
 time to copy them once into tensors already allocated: the memory traffic attention cannot go
 below, and the traffic of re-concatenating the whole cache (which also allocates, and so
-faults in fresh pages). Per-token figures are medians over the steps.
+faults in fresh pages). "torch SDPA" is torch's own kernel attending one query to those
+tensors, without qkv in between. Per-token figures are medians over the steps.
 
     python benchmarks/decode_breakdown_cpu.py            # the tables for RESULTS.md
     python benchmarks/decode_breakdown_cpu.py --quick    # seconds, for the tests
@@ -31,6 +32,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 import qkv
 from qkv.nn import DynamicCache, StaticCache
@@ -79,13 +81,18 @@ def _median_seconds(fn, repeats: int) -> float:
 
 
 def memory_seconds(model, context: int, repeats: int = 5) -> dict[str, float]:
-    """Seconds to read (sum) and to copy (clone) every layer's K and V at `context` keys."""
+    """Seconds to read (sum) and to copy every layer's K and V at `context` keys, and for
+    torch's own SDPA to attend one query to them (every layer, no mask)."""
     c = model.config
     head_dim = c.d_model // c.n_heads
     shape = (1, c.n_kv_heads or c.n_heads, context, head_dim)
     tensors = [torch.randn(shape) for _ in range(2 * c.n_layers)]
     copies = [torch.empty_like(t) for t in tensors]
+    q = torch.randn(shape[0], c.n_heads, 1, head_dim)
+    pairs = list(zip(tensors[0::2], tensors[1::2], strict=True))
     return {
+        "sdpa": _median_seconds(
+            lambda: [F.scaled_dot_product_attention(q, k, v) for k, v in pairs], repeats),
         "read": _median_seconds(lambda: [t.sum() for t in tensors], repeats),
         "copy": _median_seconds(
             lambda: [d.copy_(t) for d, t in zip(copies, tensors, strict=True)], repeats),
@@ -129,6 +136,7 @@ def run(contexts: list[int], steps: int, quick: bool, caches=("static", "dynamic
                 context=L, cache=kind, total_ms=ms["total"], attention_ms=ms["attention"],
                 update_ms=ms["cache update"], rest_ms=ms["rest"],
                 read_ms=round(1e3 * memory["read"], 3), copy_ms=round(1e3 * memory["copy"], 3),
+                sdpa_ms=round(1e3 * memory["sdpa"], 3),
                 kv_mib=round(memory["bytes"] / 2**20, 2),
                 attention_over_read=round(parts["attention"] / memory["read"], 2),
             ))
@@ -139,12 +147,12 @@ def print_table(rows: list[dict]) -> None:
     print(f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}; ms per token, median over the steps")
     print("| context | cache | total | attention | cache update | rest | K/V MiB | read K/V | "
-          "copy K/V | attention / read |")
-    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+          "copy K/V | torch SDPA | attention / read |")
+    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         print(f"| {r['context']} | {r['cache']} | {r['total_ms']} | {r['attention_ms']} | "
               f"{r['update_ms']} | {r['rest_ms']} | {r['kv_mib']} | {r['read_ms']} | "
-              f"{r['copy_ms']} | {r['attention_over_read']} |")
+              f"{r['copy_ms']} | {r['sdpa_ms']} | {r['attention_over_read']} |")
     for kind in dict.fromkeys(r["cache"] for r in rows):
         mine = [r for r in rows if r["cache"] == kind]
         if len(mine) > 1:

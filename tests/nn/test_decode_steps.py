@@ -66,4 +66,4 @@ def test_decode_breakdown_benchmark_quick_mode():
     assert [r["cache"] for r in rows] == ["static", "dynamic"]
     for r in rows:
         assert r["total_ms"] >= r["attention_ms"] > 0 and r["update_ms"] > 0
-        assert r["kv_mib"] > 0 and r["read_ms"] > 0
+        assert r["kv_mib"] > 0 and r["read_ms"] > 0 and r["sdpa_ms"] > 0
