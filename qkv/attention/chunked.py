@@ -15,13 +15,13 @@ O(B·H·BLOCK_M·BLOCK_N + n·d), never O(n²). Blocks that
 causal, window or kv_lengths make empty are skipped, so causal does about half the work, and
 only blocks that a mask cuts through pay for building it.
 
-On the CPU, a call whose visibility is a band (plain, causal, window, kv_lengths, offsets; no
-bias, ALiBi, mask, softcap or dropout) takes the fused path: each query block's keys are cut
-into pieces torch's fused CPU kernel computes whole, only the pieces a sequence edge cuts run
-the Python blocks above, and the pieces merge through their lse (pieces.py). A query block
-whose lse is past LARGE_SCORE is redone by the Python blocks, to keep m and log_l apart. Its
-backward runs the kernel's backward per piece, except where there are large scores or an
-incoming lse gradient (the kernel cannot take dlse): those use the Python blocks.
+On the CPU, a call whose visibility is a band (plain, causal, window, kv_lengths, offsets,
+with or without ALiBi; no bias, mask, softcap or dropout) takes the fused path: each query
+block's keys are cut into pieces torch's fused CPU kernel computes whole, only the pieces a
+sequence edge cuts run the Python blocks above, and the pieces merge through their lse
+(pieces.py). A query block whose lse is past LARGE_SCORE is redone by the Python blocks, to
+keep m and log_l apart. The backward runs the kernel's backward per piece, unless the call has
+large scores or an incoming lse gradient (the kernel takes no dlse): then the Python blocks.
 """
 
 from __future__ import annotations
@@ -155,46 +155,57 @@ def _online(ch, qb, i0, i1, cols):
 def chunked_forward(q, k, v, call: AttentionCall, block_m: int, block_n: int):
     """Returns out (B, Hq, Lq, Dv) in q's dtype, and the row max m and log-normaliser log_l
     (B, Hq, Lq) in the compute dtype, so lse = m + log_l. Empty rows have m = -inf, log_l = 0.
-    On the fused path m holds the whole lse and log_l 0 (both exact below LARGE_SCORE)."""
+    On the fused path m holds the whole lse and log_l 0, except in blocks with large scores."""
     c = call
-    ct = compute_dtype(q.dtype)
+    if pieces.usable(c, q):
+        parts = [_fused_half(q, k, v, half, sign, block_m, block_n)
+                 for half, sign in pieces.halves(c)]
+        return _exact_where_large(q, k, v, c, block_m, block_n, *pieces.merge(parts))
+    ch = _Chunked(q, k, v, c, block_m, block_n)
     out = torch.empty(c.B, c.Hq, c.Lq, c.Dv, dtype=q.dtype, device=q.device)
-    row_max = torch.empty(c.B, c.Hq, c.Lq, dtype=ct, device=q.device)
-    log_l = torch.zeros_like(row_max)
-    fused = pieces.usable(c, q)
-    whole = _one_piece(c, q, block_m) if fused else None
-    if whole is not None:  # one kernel call, written straight into the result
-        o, lse = pieces.forward(q.to(ct), k.to(ct), v.to(ct), whole.kind, c.scale)
-        if not bool(((lse.abs() > LARGE_SCORE) & lse.isfinite()).any()):
-            return o.to(q.dtype), lse, log_l
-    for g in pieces.groups(c) if fused else [None]:
-        rows = slice(None) if g is None else slice(g.b0, g.b1)
-        sub = c if g is None else pieces.subcall(c, g)
-        ch = _Chunked(q[rows], k[rows], v[rows], sub, block_m, block_n)
-        blocks = [(i0, i1, None) for i0, i1 in ch.rows] if g is None else (
-            pieces.blocks(sub, g, block_m))
-        for i0, i1, pcs in blocks:
-            if pcs is None:
-                res = _online(ch, ch.q_block(i0, i1), i0, i1, ch.live_cols(i0, i1))
-            else:
-                res = _exact_where_large(ch, i0, i1, block_m, *_fused_block(ch, i0, i1, pcs))
-            out[rows, :, i0:i1], row_max[rows, :, i0:i1], log_l[rows, :, i0:i1] = res
+    row_max = torch.empty(c.B, c.Hq, c.Lq, dtype=ch.ct, device=q.device)
+    log_l = torch.empty_like(row_max)
+    for i0, i1 in ch.rows:
+        res = _online(ch, ch.q_block(i0, i1), i0, i1, ch.live_cols(i0, i1))
+        out[:, :, i0:i1], row_max[:, :, i0:i1], log_l[:, :, i0:i1] = res
     return out, row_max, log_l
 
 
-def _one_piece(call: AttentionCall, q, block_m: int):
-    """The call's only piece when every batch row and query row is one kernel call over all
-    keys (plain attention, square causal), else None."""
+def _one_piece(call: AttentionCall, block_m: int):
+    """(group, piece) when all batch rows and query rows are one kernel call over all keys
+    (plain attention, square causal), else None."""
     gs = pieces.groups(call)
     if len(gs) != 1:
         return None
-    (i0, i1, pcs), *more = pieces.blocks(call, gs[0], block_m)
-    if more or pcs is None or len(pcs) != 1 or pcs[0].kind == "masked" or (pcs[0].j0, pcs[0].j1) != (0, call.Lk):
+    (_, _, pcs), *more = pieces.blocks(call, gs[0], block_m)
+    if more or pcs is None or len(pcs) != 1 or pcs[0].kind == "masked" or (
+            (pcs[0].j0, pcs[0].j1) != (0, call.Lk)):
         return None
-    return pcs[0]
+    return gs[0], pcs[0]
 
 
-def _fused_block(ch, i0, i1, pcs):
+def _fused_half(q, k, v, call: AttentionCall, sign: int, block_m: int, block_n: int):
+    """(out, lse) in the compute dtype of one half of the call (pieces.halves)."""
+    ct = compute_dtype(q.dtype)
+    whole = _one_piece(call, block_m)
+    if whole is not None:  # one kernel call, straight into the result
+        return pieces.forward(call, sign, whole[1], 0, whole[0].offset, q.to(ct), k.to(ct),
+                              v.to(ct))
+    out = torch.empty(call.B, call.Hq, call.Lq, call.Dv, dtype=ct, device=q.device)
+    lse = torch.empty(call.B, call.Hq, call.Lq, dtype=ct, device=q.device)
+    for g in pieces.groups(call):
+        r, sub = slice(g.b0, g.b1), pieces.subcall(call, g)
+        ch = _Chunked(q[r], k[r], v[r], sub, block_m, block_n)
+        for i0, i1, pcs in pieces.blocks(sub, g, block_m):
+            if pcs is None:
+                o, m, log_l = _online(ch, ch.q_block(i0, i1), i0, i1, ch.live_cols(i0, i1))
+                out[r, :, i0:i1], lse[r, :, i0:i1] = o, m + log_l
+            else:
+                out[r, :, i0:i1], lse[r, :, i0:i1] = _fused_block(ch, g, sign, i0, i1, pcs)
+    return out, lse
+
+
+def _fused_block(ch, g, sign, i0, i1, pcs):
     """(out, lse) of query rows [i0, i1) from their pieces, each from the fused kernel or, where
     a sequence edge cuts it, from the Python blocks."""
     c, ct = ch.call, ch.ct
@@ -207,27 +218,26 @@ def _fused_block(ch, i0, i1, pcs):
             parts.append((o, m + log_l))
         else:
             kb, vb = ch.k[:, :, p.j0:p.j1].to(ct), ch.v[:, :, p.j0:p.j1].to(ct)
-            parts.append(pieces.forward(qb, kb, vb, p.kind, c.scale))
+            parts.append(pieces.forward(c, sign, p, i0, g.offset, qb, kb, vb))
     if not parts:  # no row sees any key
         return (torch.zeros(c.B, c.Hq, i1 - i0, c.Dv, dtype=ct, device=qb.device),
                 torch.full((c.B, c.Hq, i1 - i0), float("-inf"), dtype=ct, device=qb.device))
     return pieces.merge(parts)
 
 
-def _exact_where_large(ch, i0, i1, block_m, out, lse):
-    """(out, m, log_l) of rows [i0, i1): the fused (out, lse, 0), with every block of block_m
-    rows that holds a row with |lse| > LARGE_SCORE redone by the Python blocks, so that its m and
-    log_l stay apart (chunked_backward's exact path needs them)."""
+def _exact_where_large(q, k, v, call, block_m, block_n, out, lse):
+    """(out, m, log_l) from the fused (out, lse): every block of block_m rows that holds a row
+    with |lse| > LARGE_SCORE is redone by the Python blocks, so that its m and log_l stay apart
+    (chunked_backward's exact path needs them); elsewhere m = lse and log_l = 0."""
     log_l = torch.zeros_like(lse)
     large = (lse.abs() > LARGE_SCORE) & lse.isfinite()
-    if not bool(large.any()):
-        return out, lse, log_l
-    for s0, s1 in _blocks(i0, i1, block_m):
-        if bool(large[:, :, s0 - i0:s1 - i0].any()):
-            rows = slice(s0 - i0, s1 - i0)
-            out[:, :, rows], lse[:, :, rows], log_l[:, :, rows] = _online(
-                ch, ch.q_block(s0, s1), s0, s1, ch.live_cols(s0, s1))
-    return out, lse, log_l
+    if bool(large.any()):
+        ch = _Chunked(q, k, v, call, block_m, block_n)
+        for i0, i1 in ch.rows:
+            if bool(large[:, :, i0:i1].any()):
+                out[:, :, i0:i1], lse[:, :, i0:i1], log_l[:, :, i0:i1] = _online(
+                    ch, ch.q_block(i0, i1), i0, i1, ch.live_cols(i0, i1))
+    return out.to(q.dtype).contiguous(), lse, log_l
 
 
 def chunked_backward(q, k, v, out, row_max, log_l, dout, dlse, call: AttentionCall, block_m,
@@ -238,44 +248,47 @@ def chunked_backward(q, k, v, out, row_max, log_l, dout, dlse, call: AttentionCa
     with scores past LARGE_SCORE the weights are p = exp((s - m) - log_l), where s - m is exact;
     folding m + log_l into one float32 lse would round it by up to |lse|·2^-24 (0.03 at
     |s| = 1e6) and every weight with it. Elsewhere that rounding is negligible and one
-    subtraction of the folded lse saves a pass over each block. On the fused path (module
-    docstring) such blocks, and every block when dlse is given, run the Python blocks; the
-    others run the fused kernel's backward piece by piece.
+    subtraction of the folded lse saves a pass over each block. A fused call (module docstring)
+    runs the fused kernel's backward piece by piece, unless it has large scores or an incoming
+    lse gradient (the kernel takes no dlse): then all of it runs the Python blocks.
     """
     c = call
     ct = compute_dtype(q.dtype)
     m_safe = row_max.nan_to_num(neginf=0.0)  # empty rows: all their scores are -inf anyway
     large = (row_max.abs() > LARGE_SCORE) & row_max.isfinite()
-    fused = pieces.usable(c, q) and (dlse is None or not bool(dlse.any()))
-    whole = _one_piece(c, q, block_m) if fused and not bool(large.any()) else None
+    fused = (pieces.usable(c, q) and (dlse is None or not bool(dlse.any()))
+             and not bool(large.any()))
+    halves = pieces.halves(c) if fused else []
+    whole = _one_piece(c, block_m) if len(halves) == 1 else None
     if whole is not None:  # one kernel call, no accumulation
-        dq, dk, dv = pieces.backward(*(t.to(ct) for t in (dout, q, k, v, out)), row_max + log_l,
-                                     whole.kind, c.scale)
+        dq, dk, dv = pieces.backward(c, 0, whole[1], 0, whole[0].offset,
+                                     *(t.to(ct) for t in (dout, q, k, v, out)), row_max + log_l)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
     dq = torch.zeros(c.B, c.Hq, c.Lq, c.D, dtype=ct, device=q.device)
     dk = torch.zeros(c.B, c.Hk, c.Lk, c.D, dtype=ct, device=q.device)
     dv = torch.zeros(c.B, c.Hk, c.Lk, c.Dv, dtype=ct, device=q.device)
     dbias = torch.zeros(c.bias.shape, dtype=ct, device=q.device) if bias_grad else None
-    for g in pieces.groups(c) if fused else [None]:
-        r = slice(None) if g is None else slice(g.b0, g.b1)
-        sub = c if g is None else pieces.subcall(c, g)
-        ch = _Chunked(q[r], k[r], v[r], sub, block_m, block_n)
-        state = (out[r], dout[r], None if dlse is None else dlse[r], m_safe[r], log_l[r], large[r])
-        grads = (dq[r], dk[r], dv[r], dbias)
-        if g is None:
-            blocks = [(i0, i1, None) for i0, i1 in ch.rows]
-        else:
-            blocks = pieces.blocks(sub, g, block_m, whole=not bool(large[r].any()))
-        for i0, i1, pcs in blocks:
-            if pcs is None or bool(large[r, :, i0:i1].any()):
-                _python_grads(ch, i0, i1, ch.live_cols(i0, i1), state, grads)
-            else:
-                _fused_grads(ch, i0, i1, pcs, state, grads)
+    if not fused:
+        ch = _Chunked(q, k, v, c, block_m, block_n)
+        state = (out, dout, dlse, m_safe, log_l, large)
+        for i0, i1 in ch.rows:
+            _python_grads(ch, i0, i1, ch.live_cols(i0, i1), state, (dq, dk, dv, dbias))
+    for half, sign in halves:
+        for g in pieces.groups(half):
+            r, sub = slice(g.b0, g.b1), pieces.subcall(half, g)
+            ch = _Chunked(q[r], k[r], v[r], sub, block_m, block_n)
+            state = (out[r], dout[r], None, m_safe[r], log_l[r], large[r])
+            for i0, i1, pcs in pieces.blocks(sub, g, block_m):
+                if pcs is None:
+                    _python_grads(ch, i0, i1, ch.live_cols(i0, i1), state, (dq[r], dk[r], dv[r],
+                                                                            None))
+                else:
+                    _fused_grads(ch, g, sign, i0, i1, pcs, state, (dq[r], dk[r], dv[r], None))
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbias
 
 
-def _fused_grads(ch, i0, i1, pcs, state, grads):
-    """Add the gradients of query rows [i0, i1) (a block without large scores), piece by piece."""
+def _fused_grads(ch, g, sign, i0, i1, pcs, state, grads):
+    """Add the gradients of query rows [i0, i1), piece by piece."""
     c, ct = ch.call, ch.ct
     out, dout, _, m_safe, log_l, _ = state
     dq, dk, dv, _ = grads
@@ -286,7 +299,7 @@ def _fused_grads(ch, i0, i1, pcs, state, grads):
             _python_grads(ch, i0, i1, ch.live_cols(i0, i1, (p.j0, p.j1)), state, grads)
             continue
         kb, vb = ch.k[:, :, p.j0:p.j1].to(ct), ch.v[:, :, p.j0:p.j1].to(ct)
-        dqp, dkp, dvp = pieces.backward(dob, qb, kb, vb, ob, lse_b, p.kind, c.scale)
+        dqp, dkp, dvp = pieces.backward(c, sign, p, i0, g.offset, dob, qb, kb, vb, ob, lse_b)
         dq[:, :, i0:i1] += dqp
         dk[:, :, p.j0:p.j1] += dkp
         dv[:, :, p.j0:p.j1] += dvp

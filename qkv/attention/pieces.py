@@ -15,6 +15,15 @@ attention runs) computes a full piece, and a causal band with `is_causal`, whose
 top-left aligned: exactly that triangle. An anticausal band is a causal one with its rows and
 columns reversed. A band that 0 or K cuts is "masked": chunked.py's Python blocks compute it.
 
+ALiBi, -slope·|i' - j|, is a line in j on each side of the diagonal, so the call splits into two
+halves that are bands themselves: keys j <= i' (the call made causal) and keys j >= i' + 1 (a
+window whose left end is i' + 1). On a half the bias is a·(j - c) + a·(c - i') with a = +slope or
+-slope and c a key of the piece next to the diagonal: the kernel gets it as one more head-dim
+column, q' = [q, a/scale] and k' = [k, j - c] (v gets a zero column), and a·(c - i') is added to
+the piece's lse. Query blocks stay short (ALIBI_ROWS) and c sits in the middle of a band or at the
+diagonal end of a full piece, so the column's term is small next to the diagonal, and large only
+for far keys, whose weights exp(-slope·distance) it makes small anyway.
+
 The pieces' (out, lse) merge exactly: lse = log sum_p exp(lse_p), out = sum_p exp(lse_p - lse)
 out_p. Backward, the kernel's backward of one piece, handed the merged out and lse, returns
 exactly that piece's share of dQ, dK and dV: the weights it rebuilds are exp(s - lse) with the
@@ -35,6 +44,9 @@ FLASH_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_back
 # The narrowest band worth a kernel call: a window narrower than this (left + right) leaves
 # query blocks so short that the Python blocks do them faster than many tiny calls.
 MIN_ROWS = 16
+# Query rows per block under ALiBi. Its column adds a term of up to slope·ALIBI_ROWS/2 to the
+# scores next to the diagonal, which float32 rounds by 2^-24 of it: 2e-6 at slope 1.
+ALIBI_ROWS = 64
 
 
 @dataclass(frozen=True)
@@ -58,7 +70,7 @@ class Group:
 
 def usable(call: AttentionCall, q: torch.Tensor) -> bool:
     """Whether the call's visibility is a band the fused kernel can compute piece by piece."""
-    return (q.device.type == "cpu" and call.bias is None and call.alibi_slopes is None
+    return (q.device.type == "cpu" and call.bias is None
             and call.mask is None and call.softcap is None and not call.needs_dropout
             and call.Dv == call.D and call.Lq > 0 and call.Lk > 0)
 
@@ -82,11 +94,25 @@ def subcall(call: AttentionCall, g: Group) -> AttentionCall:
     return dataclasses.replace(
         call, B=g.b1 - g.b0,
         kv_lengths=None if call.kv_lengths is None else call.kv_lengths[rows],
-        q_offset=None if call.q_offset is None else call.q_offset[rows])
+        q_offset=None if call.q_offset is None else call.q_offset[rows],
+        alibi_slopes=None if call.alibi_slopes is None else call.alibi_slopes[rows])
+
+
+def halves(call: AttentionCall) -> list[tuple[AttentionCall, int]]:
+    """[(call, sign)]: the call itself (sign 0) without ALiBi; with it, the keys left of and on
+    the diagonal (sign +1) and, unless causal, those right of it (sign -1)."""
+    if call.alibi_slopes is None:
+        return [(call, 0)]
+    left, right = call.window if call.window is not None else (None, None)
+    out = [(dataclasses.replace(call, causal=True), 1)]
+    if not call.causal and (right is None or right >= 1):
+        out.append((dataclasses.replace(call, window=(-1, right)), -1))
+    return out
 
 
 def _reach(call: AttentionCall) -> tuple[int | None, int | None]:
-    """(left, right): row i sees keys [i' - left, i' + right]; None where unbounded."""
+    """(left, right): row i sees keys [i' - left, i' + right]; None where unbounded (left is
+    -1 in the right half of an ALiBi call)."""
     left, right = call.window if call.window is not None else (None, None)
     if call.causal:
         right = 0 if right is None else min(right, 0)
@@ -128,6 +154,8 @@ def plan(call: AttentionCall, g: Group, i0: int, i1: int) -> list[Piece] | None:
 def blocks(call: AttentionCall, g: Group, block_m: int, whole: bool = True):
     """[(i0, i1, pieces or None)] covering the query rows: one block of all rows when no piece
     of it is masked (and `whole`), else blocks of block_m rows (fewer for a narrow window)."""
+    if call.alibi_slopes is not None:  # short blocks keep ALiBi's column small (ALIBI_ROWS)
+        whole, block_m = False, min(block_m, ALIBI_ROWS)
     if whole:
         pieces = plan(call, g, 0, call.Lq)
         if pieces is not None and all(p.kind != "masked" for p in pieces):
@@ -148,19 +176,48 @@ def _flip(kind: str, *tensors):
     return tuple(t.flip(2 if t.dim() == 4 else -1) for t in tensors)
 
 
-def forward(qb, kb, vb, kind: str, scale: float):
-    """(out, lse) of one kernel piece: qb (B, Hq, bm, D), kb and vb (B, Hk, n, D)."""
-    qb, kb, vb = _flip(kind, qb, kb, vb)
-    out, lse = FLASH(qb, kb, vb, 0.0, kind != "full", scale=scale)
-    return _flip(kind, out, lse)
+def _alibi(call: AttentionCall, sign: int, p: Piece, i0: int, i1: int, offset: int, qb, kb):
+    """q and k with ALiBi's column (module docstring), and the shift of each row's lse."""
+    a = sign * call.alibi_slopes.to(qb.dtype)  # (B, Hq)
+    # c: the key next to the diagonal of a full piece, the middle of a band.
+    c = (p.j0 + p.j1) // 2 if p.kind != "full" else p.j1 - 1 if sign > 0 else p.j0
+    j = torch.arange(p.j0 - c, p.j1 - c, dtype=qb.dtype, device=qb.device)
+    rows = torch.arange(i0 + offset, i1 + offset, dtype=qb.dtype, device=qb.device)
+    qcol = (a / call.scale)[:, :, None, None].expand(*qb.shape[:3], 1)
+    kcol = j.view(1, 1, -1, 1).expand(*kb.shape[:3], 1)
+    return torch.cat((qb, qcol), -1), torch.cat((kb, kcol), -1), a[:, :, None] * (c - rows)
 
 
-def backward(dob, qb, kb, vb, ob, lseb, kind: str, scale: float):
+def _zero_column(*tensors):
+    return tuple(torch.cat((t, t.new_zeros(*t.shape[:3], 1)), -1) for t in tensors)
+
+
+def forward(call: AttentionCall, sign: int, p: Piece, i0: int, offset: int, qb, kb, vb):
+    """(out, lse) of one kernel piece, keys [p.j0, p.j1) of the rows [i0, i0 + bm) of qb
+    (B, Hq, bm, D); kb and vb (B, Hk, n, D)."""
+    shift = None
+    if sign:
+        (qb, kb, shift), (vb,) = _alibi(call, sign, p, i0, i0 + qb.shape[2], offset, qb, kb), (
+            _zero_column(vb))
+    qb, kb, vb = _flip(p.kind, qb, kb, vb)
+    out, lse = _flip(p.kind, *FLASH(qb, kb, vb, 0.0, p.kind != "full", scale=call.scale))
+    if shift is None:
+        return out, lse
+    return out[..., :-1], lse + shift
+
+
+def backward(call: AttentionCall, sign: int, p: Piece, i0: int, offset: int, dob, qb, kb, vb, ob,
+             lseb):
     """(dq, dk, dv) of one kernel piece, given the merged out ob and lse lseb of its rows."""
-    dob, qb, kb, vb, ob, lseb = _flip(kind, dob, qb, kb, vb, ob, lseb)
+    if sign:
+        qb, kb, shift = _alibi(call, sign, p, i0, i0 + qb.shape[2], offset, qb, kb)
+        vb, dob, ob = _zero_column(vb, dob, ob)
+        lseb = lseb - shift
+    dob, qb, kb, vb, ob, lseb = _flip(p.kind, dob, qb, kb, vb, ob, lseb)
     grads = FLASH_BACKWARD(dob.contiguous(), qb, kb, vb, ob.contiguous(), lseb.contiguous(), 0.0,
-                           kind != "full", scale=scale)
-    return _flip(kind, *grads)
+                           p.kind != "full", scale=call.scale)
+    grads = _flip(p.kind, *grads)
+    return tuple(g[..., :-1] for g in grads) if sign else grads
 
 
 def merge(parts):
