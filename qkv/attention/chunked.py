@@ -62,6 +62,7 @@ class _Chunked:
         B, Hk, G = call.B, call.Hk, call.groups
         self.q5 = q.reshape(B, Hk, G, call.Lq, call.D)  # a view unless q is oddly strided
         self.q, self.k, self.v = q, k, v
+        self.qx = self.kx = self.vx = None  # as the fused kernel takes them (`_wide`)
         rows = max(1, min(call.Lq, block_m))
         # Few query rows (decoding): widen the key blocks so each block keeps about the same
         # number of scores, instead of paying per-block overhead over a long cache.
@@ -188,14 +189,15 @@ def _fused_half(q, k, v, call: AttentionCall, sign: int, block_m: int, block_n: 
     """(out, lse) in the compute dtype of one half of the call (pieces.halves)."""
     ct = compute_dtype(q.dtype)
     whole = _one_piece(call, block_m)
+    qx, kx, vx = _wide(q, k, v, call, ct, sign)
     if whole is not None:  # one kernel call, straight into the result
-        return pieces.forward(call, sign, whole[1], 0, whole[0].offset, q.to(ct), k.to(ct),
-                              v.to(ct))
+        return pieces.forward(call, sign, whole[1], 0, whole[0].offset, qx, kx, vx)
     out = torch.empty(call.B, call.Hq, call.Lq, call.Dv, dtype=ct, device=q.device)
     lse = torch.empty(call.B, call.Hq, call.Lq, dtype=ct, device=q.device)
     for g in pieces.groups(call):
         r, sub = slice(g.b0, g.b1), pieces.subcall(call, g)
         ch = _Chunked(q[r], k[r], v[r], sub, block_m, block_n)
+        ch.qx, ch.kx, ch.vx = qx[r], kx[r], vx[r]
         for i0, i1, pcs in pieces.blocks(sub, g, block_m):
             if pcs is None:
                 o, m, log_l = _online(ch, ch.q_block(i0, i1), i0, i1, ch.live_cols(i0, i1))
@@ -205,11 +207,17 @@ def _fused_half(q, k, v, call: AttentionCall, sign: int, block_m: int, block_n: 
     return out, lse
 
 
+def _wide(q, k, v, call, ct, sign):
+    """q, K and V in the compute dtype, as the fused kernel takes them (`pieces.widened`)."""
+    q, k, v = q.to(ct), k.to(ct), v.to(ct)
+    return pieces.widened(call, sign, q, k, v) if sign else (q, k, v)
+
+
 def _fused_block(ch, g, sign, i0, i1, pcs):
     """(out, lse) of query rows [i0, i1) from their pieces, each from the fused kernel or, where
     a sequence edge cuts it, from the Python blocks."""
     c, ct = ch.call, ch.ct
-    qb = ch.q[:, :, i0:i1].to(ct)
+    qb = ch.qx[:, :, i0:i1]
     parts = []
     for p in pcs:
         if p.kind == "masked":
@@ -217,7 +225,7 @@ def _fused_block(ch, g, sign, i0, i1, pcs):
                                   ch.live_cols(i0, i1, (p.j0, p.j1)))
             parts.append((o, m + log_l))
         else:
-            kb, vb = ch.k[:, :, p.j0:p.j1].to(ct), ch.v[:, :, p.j0:p.j1].to(ct)
+            kb, vb = ch.kx[:, :, p.j0:p.j1], ch.vx[:, :, p.j0:p.j1]
             parts.append(pieces.forward(c, sign, p, i0, g.offset, qb, kb, vb))
     if not parts:  # no row sees any key
         return (torch.zeros(c.B, c.Hq, i1 - i0, c.Dv, dtype=ct, device=qb.device),
@@ -277,6 +285,7 @@ def chunked_backward(q, k, v, out, row_max, log_l, dout, dlse, call: AttentionCa
         for g in pieces.groups(half):
             r, sub = slice(g.b0, g.b1), pieces.subcall(half, g)
             ch = _Chunked(q[r], k[r], v[r], sub, block_m, block_n)
+            ch.qx, ch.kx, ch.vx = _wide(q[r], k[r], v[r], sub, ct, sign)
             state = (out[r], dout[r], None, m_safe[r], log_l[r], large[r])
             for i0, i1, pcs in pieces.blocks(sub, g, block_m):
                 if pcs is None:
@@ -292,13 +301,13 @@ def _fused_grads(ch, g, sign, i0, i1, pcs, state, grads):
     c, ct = ch.call, ch.ct
     out, dout, _, m_safe, log_l, _ = state
     dq, dk, dv, _ = grads
-    qb, dob, ob = (t[:, :, i0:i1].to(ct) for t in (ch.q, dout, out))
+    qb, dob, ob = ch.qx[:, :, i0:i1], dout[:, :, i0:i1].to(ct), out[:, :, i0:i1].to(ct)
     lse_b = m_safe[:, :, i0:i1] + log_l[:, :, i0:i1]
     for p in pcs:
         if p.kind == "masked":
             _python_grads(ch, i0, i1, ch.live_cols(i0, i1, (p.j0, p.j1)), state, grads)
             continue
-        kb, vb = ch.k[:, :, p.j0:p.j1].to(ct), ch.v[:, :, p.j0:p.j1].to(ct)
+        kb, vb = ch.kx[:, :, p.j0:p.j1], ch.vx[:, :, p.j0:p.j1]
         dqp, dkp, dvp = pieces.backward(c, sign, p, i0, g.offset, dob, qb, kb, vb, ob, lse_b)
         dq[:, :, i0:i1] += dqp
         dk[:, :, p.j0:p.j1] += dkp

@@ -45,8 +45,8 @@ FLASH_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_back
 # query blocks so short that the Python blocks do them faster than many tiny calls.
 MIN_ROWS = 16
 # Query rows per block under ALiBi. Its column adds a term of up to slope·ALIBI_ROWS/2 to the
-# scores next to the diagonal, which float32 rounds by 2^-24 of it: 2e-6 at slope 1.
-ALIBI_ROWS = 64
+# scores next to the diagonal, which float32 rounds by 2^-24 of it: 4e-6 at slope 1.
+ALIBI_ROWS = 128
 
 
 @dataclass(frozen=True)
@@ -176,29 +176,33 @@ def _flip(kind: str, *tensors):
     return tuple(t.flip(2 if t.dim() == 4 else -1) for t in tensors)
 
 
-def _alibi(call: AttentionCall, sign: int, p: Piece, i0: int, i1: int, offset: int, qb, kb):
-    """q and k with ALiBi's column (module docstring), and the shift of each row's lse."""
-    a = sign * call.alibi_slopes.to(qb.dtype)  # (B, Hq)
+def widen(t: torch.Tensor, column=0.0) -> torch.Tensor:
+    """t (B, H, n, D) with one more head-dim column (broadcast from `column`)."""
+    return torch.cat((t, torch.as_tensor(column, dtype=t.dtype).expand(*t.shape[:3], 1)), -1)
+
+
+def widened(call: AttentionCall, sign: int, q, k, v):
+    """q, k and v of an ALiBi half as the kernel takes them, widened once per call: q's column
+    is a/scale; K's is written by each piece in place (`_alibi`), V's is zero."""
+    a = sign * call.alibi_slopes.to(q.dtype) / call.scale  # (B, Hq)
+    return widen(q, a[:, :, None, None]), widen(k), widen(v)
+
+
+def _alibi(call: AttentionCall, sign: int, p: Piece, i0: int, offset: int, qb, kb):
+    """Write ALiBi's column of the piece into the widened kb (module docstring); return the
+    shift of each row's lse."""
     # c: the key next to the diagonal of a full piece, the middle of a band.
     c = (p.j0 + p.j1) // 2 if p.kind != "full" else p.j1 - 1 if sign > 0 else p.j0
-    j = torch.arange(p.j0 - c, p.j1 - c, dtype=qb.dtype, device=qb.device)
-    rows = torch.arange(i0 + offset, i1 + offset, dtype=qb.dtype, device=qb.device)
-    qcol = (a / call.scale)[:, :, None, None].expand(*qb.shape[:3], 1)
-    kcol = j.view(1, 1, -1, 1).expand(*kb.shape[:3], 1)
-    return torch.cat((qb, qcol), -1), torch.cat((kb, kcol), -1), a[:, :, None] * (c - rows)
-
-
-def _zero_column(*tensors):
-    return tuple(torch.cat((t, t.new_zeros(*t.shape[:3], 1)), -1) for t in tensors)
+    kb[..., -1] = torch.arange(p.j0 - c, p.j1 - c, dtype=qb.dtype, device=qb.device)
+    rows = torch.arange(i0 + offset, i0 + qb.shape[2] + offset, dtype=qb.dtype, device=qb.device)
+    a = sign * call.alibi_slopes.to(qb.dtype)  # (B, Hq)
+    return a[:, :, None] * (c - rows)
 
 
 def forward(call: AttentionCall, sign: int, p: Piece, i0: int, offset: int, qb, kb, vb):
     """(out, lse) of one kernel piece, keys [p.j0, p.j1) of the rows [i0, i0 + bm) of qb
-    (B, Hq, bm, D); kb and vb (B, Hk, n, D)."""
-    shift = None
-    if sign:
-        (qb, kb, shift), (vb,) = _alibi(call, sign, p, i0, i0 + qb.shape[2], offset, qb, kb), (
-            _zero_column(vb))
+    (B, Hq, bm, D); kb and vb (B, Hk, n, D); all three `widened` in an ALiBi half (sign != 0)."""
+    shift = _alibi(call, sign, p, i0, offset, qb, kb) if sign else None
     qb, kb, vb = _flip(p.kind, qb, kb, vb)
     out, lse = _flip(p.kind, *FLASH(qb, kb, vb, 0.0, p.kind != "full", scale=call.scale))
     if shift is None:
@@ -208,11 +212,11 @@ def forward(call: AttentionCall, sign: int, p: Piece, i0: int, offset: int, qb, 
 
 def backward(call: AttentionCall, sign: int, p: Piece, i0: int, offset: int, dob, qb, kb, vb, ob,
              lseb):
-    """(dq, dk, dv) of one kernel piece, given the merged out ob and lse lseb of its rows."""
+    """(dq, dk, dv) of one kernel piece, given the merged out ob and lse lseb of its rows; kb and
+    vb as in `forward`."""
     if sign:
-        qb, kb, shift = _alibi(call, sign, p, i0, i0 + qb.shape[2], offset, qb, kb)
-        vb, dob, ob = _zero_column(vb, dob, ob)
-        lseb = lseb - shift
+        lseb = lseb - _alibi(call, sign, p, i0, offset, qb, kb)
+        dob, ob = widen(dob), widen(ob)
     dob, qb, kb, vb, ob, lseb = _flip(p.kind, dob, qb, kb, vb, ob, lseb)
     grads = FLASH_BACKWARD(dob.contiguous(), qb, kb, vb, ob.contiguous(), lseb.contiguous(), 0.0,
                            p.kind != "full", scale=call.scale)
