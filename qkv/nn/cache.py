@@ -142,9 +142,11 @@ class DynamicCache(_Buffered):
 
     A full buffer is replaced by one with room for an eighth more (at least `MIN_SPARE` keys),
     so appending costs O(1) amortised per token instead of a copy of the whole cache, for at
-    most an eighth more memory. The first update of a layer is kept as given. While autograd
-    records (grad enabled and a K/V that requires grad), every append concatenates instead,
-    so no tensor saved for backward is written in place.
+    most an eighth more memory (on the CPU, pages never written are not even resident). The
+    first update (the prompt) already gets room, so the first decoding step copies nothing,
+    and the cache holds no view of the layer's projection output. While autograd records
+    (grad enabled and a K/V that requires grad), every append concatenates instead, so no
+    tensor saved for backward is written in place.
     """
 
     MIN_SPARE = 64  # keys
@@ -152,13 +154,10 @@ class DynamicCache(_Buffered):
     def update(self, layer_idx, k, v):
         """Append k, v (B, Hk, L, D); return every key and value so far (B, Hk, Lk, D)."""
         self._check(layer_idx, k, v)
-        if layer_idx not in self.k:
-            self.k[layer_idx], self.v[layer_idx] = k, v
-            self.lengths[layer_idx] = k.shape[2]
-            return k, v, None
-        held_k, held_v = self.k[layer_idx], self.v[layer_idx]
-        n = self.lengths[layer_idx]
+        n = self.lengths.setdefault(layer_idx, 0)
         need = n + k.shape[2]
+        held_k = self.k.get(layer_idx, k[:, :, :0])  # no keys yet: an empty buffer
+        held_v = self.v.get(layer_idx, v[:, :, :0])
         if _needs_graph(k, v, held_k, held_v):
             self.k[layer_idx] = torch.cat((held_k[:, :, :n], k), dim=2)
             self.v[layer_idx] = torch.cat((held_v[:, :, :n], v), dim=2)
