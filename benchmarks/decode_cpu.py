@@ -80,7 +80,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for the tests")
     parser.add_argument("--new-tokens", type=int, default=None)
     parser.add_argument("--backend", default="auto", help="qkv.attention backend")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     contexts = [32, 64] if args.quick else [512, 2048, 8192]
     new_tokens = args.new_tokens or (2 if args.quick else 8)
     rows = run(contexts, new_tokens, args.quick, args.backend)
