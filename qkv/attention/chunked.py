@@ -21,7 +21,7 @@ block's keys are cut into pieces torch's fused CPU kernel computes whole, only t
 sequence edge cuts run the Python blocks above, and the pieces merge through their lse
 (pieces.py). A query block whose lse is past LARGE_SCORE is redone by the Python blocks, to
 keep m and log_l apart. The backward runs the kernel's backward per piece, unless the call has
-large scores or an incoming lse gradient (the kernel takes no dlse): then the Python blocks.
+large scores: then the Python blocks.
 """
 
 from __future__ import annotations
@@ -207,10 +207,11 @@ def _fused_half(q, k, v, call: AttentionCall, sign: int, block_m: int, block_n: 
     return out, lse
 
 
-def _wide(q, k, v, call, ct, sign):
-    """q, K and V in the compute dtype, as the fused kernel takes them (`pieces.widened`)."""
+def _wide(q, k, v, call, ct, sign, dlse: bool = False):
+    """q, K and V in the compute dtype, as the fused kernel takes them: widened by one column
+    in an ALiBi half or for an lse gradient (`pieces.widened`)."""
     q, k, v = q.to(ct), k.to(ct), v.to(ct)
-    return pieces.widened(call, sign, q, k, v) if sign else (q, k, v)
+    return pieces.widened(call, sign, q, k, v) if sign or dlse else (q, k, v)
 
 
 def _fused_block(ch, g, sign, i0, i1, pcs):
@@ -257,21 +258,24 @@ def chunked_backward(q, k, v, out, row_max, log_l, dout, dlse, call: AttentionCa
     folding m + log_l into one float32 lse would round it by up to |lse|·2^-24 (0.03 at
     |s| = 1e6) and every weight with it. Elsewhere that rounding is negligible and one
     subtraction of the folded lse saves a pass over each block. A fused call (module docstring)
-    runs the fused kernel's backward piece by piece, unless it has large scores or an incoming
-    lse gradient (the kernel takes no dlse): then all of it runs the Python blocks.
+    runs the fused kernel's backward piece by piece (an incoming lse gradient through one more
+    head-dim column, `pieces.backward`), unless it has large scores: then all of it runs the
+    Python blocks.
     """
     c = call
     ct = compute_dtype(q.dtype)
     m_safe = row_max.nan_to_num(neginf=0.0)  # empty rows: all their scores are -inf anyway
     large = (row_max.abs() > LARGE_SCORE) & row_max.isfinite()
-    fused = (pieces.usable(c, q) and (dlse is None or not bool(dlse.any()))
-             and not bool(large.any()))
+    fused = pieces.usable(c, q) and not bool(large.any())
+    if dlse is not None and not bool(dlse.any()):
+        dlse = None
     halves = pieces.halves(c) if fused else []
     whole = _one_piece(c, block_m) if len(halves) == 1 else None
     if whole is not None:  # one kernel call, no accumulation
-        dq, dk, dv = pieces.backward(c, 0, whole[1], 0, whole[0].offset,
-                                     *(t.to(ct) for t in (dout, q, k, v, out)), row_max + log_l)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
+        grads = pieces.backward(c, 0, whole[1], 0, whole[0].offset, dout.to(ct),
+                                *_wide(q, k, v, c, ct, 0, dlse is not None), out.to(ct),
+                                row_max + log_l, None if dlse is None else dlse.to(ct))
+        return (*(g.to(t.dtype) for g, t in zip(grads, (q, k, v), strict=True)), None)
     dq = torch.zeros(c.B, c.Hq, c.Lq, c.D, dtype=ct, device=q.device)
     dk = torch.zeros(c.B, c.Hk, c.Lk, c.D, dtype=ct, device=q.device)
     dv = torch.zeros(c.B, c.Hk, c.Lk, c.Dv, dtype=ct, device=q.device)
@@ -285,30 +289,33 @@ def chunked_backward(q, k, v, out, row_max, log_l, dout, dlse, call: AttentionCa
         for g in pieces.groups(half):
             r, sub = slice(g.b0, g.b1), pieces.subcall(half, g)
             ch = _Chunked(q[r], k[r], v[r], sub, block_m, block_n)
-            ch.qx, ch.kx, ch.vx = _wide(q[r], k[r], v[r], sub, ct, sign)
-            state = (out[r], dout[r], None, m_safe[r], log_l[r], large[r])
+            ch.qx, ch.kx, ch.vx = _wide(q[r], k[r], v[r], sub, ct, sign, dlse is not None)
+            state = (out[r], dout[r], None if dlse is None else dlse[r], m_safe[r], log_l[r],
+                     large[r])
+            grads = (dq[r], dk[r], dv[r], None)
             for i0, i1, pcs in pieces.blocks(sub, g, block_m):
                 if pcs is None:
-                    _python_grads(ch, i0, i1, ch.live_cols(i0, i1), state, (dq[r], dk[r], dv[r],
-                                                                            None))
+                    _python_grads(ch, i0, i1, ch.live_cols(i0, i1), state, grads)
                 else:
-                    _fused_grads(ch, g, sign, i0, i1, pcs, state, (dq[r], dk[r], dv[r], None))
+                    _fused_grads(ch, g, sign, i0, i1, pcs, state, grads)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbias
 
 
 def _fused_grads(ch, g, sign, i0, i1, pcs, state, grads):
     """Add the gradients of query rows [i0, i1), piece by piece."""
     c, ct = ch.call, ch.ct
-    out, dout, _, m_safe, log_l, _ = state
+    out, dout, dlse, m_safe, log_l, _ = state
     dq, dk, dv, _ = grads
     qb, dob, ob = ch.qx[:, :, i0:i1], dout[:, :, i0:i1].to(ct), out[:, :, i0:i1].to(ct)
     lse_b = m_safe[:, :, i0:i1] + log_l[:, :, i0:i1]
+    dlse_b = None if dlse is None else dlse[:, :, i0:i1].to(ct)
     for p in pcs:
         if p.kind == "masked":
             _python_grads(ch, i0, i1, ch.live_cols(i0, i1, (p.j0, p.j1)), state, grads)
             continue
         kb, vb = ch.kx[:, :, p.j0:p.j1], ch.vx[:, :, p.j0:p.j1]
-        dqp, dkp, dvp = pieces.backward(c, sign, p, i0, g.offset, dob, qb, kb, vb, ob, lse_b)
+        dqp, dkp, dvp = pieces.backward(c, sign, p, i0, g.offset, dob, qb, kb, vb, ob, lse_b,
+                                        dlse_b)
         dq[:, :, i0:i1] += dqp
         dk[:, :, p.j0:p.j1] += dkp
         dv[:, :, p.j0:p.j1] += dvp

@@ -27,7 +27,8 @@ for far keys, whose weights exp(-slope·distance) it makes small anyway.
 The pieces' (out, lse) merge exactly: lse = log sum_p exp(lse_p), out = sum_p exp(lse_p - lse)
 out_p. Backward, the kernel's backward of one piece, handed the merged out and lse, returns
 exactly that piece's share of dQ, dK and dV: the weights it rebuilds are exp(s - lse) with the
-merged lse, and its delta, rowsum(dO * out), is the merged one.
+merged lse, and its delta, rowsum(dO * out), is the merged one. A gradient of the lse enters
+that delta through one more head-dim column (`backward`).
 """
 
 from __future__ import annotations
@@ -182,8 +183,10 @@ def widen(t: torch.Tensor, column=0.0) -> torch.Tensor:
 
 
 def widened(call: AttentionCall, sign: int, q, k, v):
-    """q, k and v of an ALiBi half as the kernel takes them, widened once per call: q's column
-    is a/scale; K's is written by each piece in place (`_alibi`), V's is zero."""
+    """q, k and v widened once per call: in an ALiBi half q's column is a/scale and K's is
+    written by each piece in place (`_alibi`); all else is zero (see `backward` for dlse)."""
+    if not sign:
+        return widen(q), widen(k), widen(v)
     a = sign * call.alibi_slopes.to(q.dtype) / call.scale  # (B, Hq)
     return widen(q, a[:, :, None, None]), widen(k), widen(v)
 
@@ -211,17 +214,25 @@ def forward(call: AttentionCall, sign: int, p: Piece, i0: int, offset: int, qb, 
 
 
 def backward(call: AttentionCall, sign: int, p: Piece, i0: int, offset: int, dob, qb, kb, vb, ob,
-             lseb):
+             lseb, dlse=None):
     """(dq, dk, dv) of one kernel piece, given the merged out ob and lse lseb of its rows; kb and
-    vb as in `forward`."""
+    vb as in `forward`.
+
+    With a gradient dlse of the lse (B, Hq, bm), q, k and v come widened (by zeros, or ALiBi's
+    column): the kernel's dS = P * (dP - rowsum(dO * O)) then needs dO' = [dO, 1] and
+    O' = [O, -dlse], which leave dP alone (V's extra column is zero) and make the delta
+    rowsum(dO * O) - dlse, the delta of attention whose lse is used too."""
+    wide = sign or dlse is not None
     if sign:
         lseb = lseb - _alibi(call, sign, p, i0, offset, qb, kb)
-        dob, ob = widen(dob), widen(ob)
+    if wide:
+        dob = widen(dob, 0.0 if dlse is None else 1.0)
+        ob = widen(ob, 0.0 if dlse is None else -dlse.unsqueeze(-1))
     dob, qb, kb, vb, ob, lseb = _flip(p.kind, dob, qb, kb, vb, ob, lseb)
     grads = FLASH_BACKWARD(dob.contiguous(), qb, kb, vb, ob.contiguous(), lseb.contiguous(), 0.0,
                            p.kind != "full", scale=call.scale)
     grads = _flip(p.kind, *grads)
-    return tuple(g[..., :-1] for g in grads) if sign else grads
+    return tuple(g[..., :-1] for g in grads) if wide else grads
 
 
 def merge(parts):
