@@ -202,15 +202,15 @@ class MultiHeadAttention(ExactBuffers):
             return q, k, v, kv_lengths
         if context is not None:
             raise ValueError("self-attention takes no context; build it with cross=True")
-        q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        q, k, v = self.qkv_proj(x).split((q_dim, kv_dim, kv_dim), dim=-1)
-        q, k, v = self._heads(q, self.n_heads), self._heads(k, self.n_kv_heads), \
-            self._heads(v, self.n_kv_heads)
-        if self.rope is not None:
+        Hq, Hk = self.n_heads, self.n_kv_heads
+        qk, v = self.qkv_proj(x).split(((Hq + Hk) * self.head_dim, Hk * self.head_dim), dim=-1)
+        qk, v = self._heads(qk, Hq + Hk), self._heads(v, Hk)  # heads in dim 1, packed or not
+        if self.rope is not None:  # q's and k's heads rotated in one call
             if positions is None:
                 B, L, _ = x.shape
                 positions = torch.arange(L, device=x.device).expand(B, L)
-            q, k = self.rope(q, positions), self.rope(k, positions)
+            qk = self.rope(qk, positions)
+        q, k = qk.split((Hq, Hk), dim=1)
         if cache is not None:
             k, v, cached_lengths = cache.update(layer_idx, k, v)  # (B, Hk, Lk, D)
             if cached_lengths is not None:

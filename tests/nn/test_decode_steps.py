@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import qkv
-from qkv.nn import DecoderLM, DynamicCache
+from qkv.nn import AttentionConfig, DecoderLM, DynamicCache, MultiHeadAttention
 from qkv.nn.attention import _seen_keys
 
 
@@ -55,6 +55,25 @@ def test_a_decoding_step_asks_for_no_mask(monkeypatch, tiny, window):
         assert n_keys == (9 if window is None else window + 1)
         assert not keywords["causal"] and keywords["window"] is None
         assert keywords["mask"] is None and keywords["kv_lengths"] is None
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_rope_rotates_q_and_k_heads_in_one_call_as_apart(packed):
+    mha = MultiHeadAttention(AttentionConfig(d_model=48, n_heads=6, n_kv_heads=2,
+                                             positions="rope")).double()
+    x = torch.randn(2, 5, 48, dtype=torch.float64)
+    positions = torch.tensor([[0, 1, 2, 3, 4], [7, 8, 9, 10, 11]])
+    q, k, v = mha.qkv_proj(x).split((48, 16, 16), dim=-1)
+    q, k, v = (t.unflatten(-1, (-1, 8)).transpose(1, 2) for t in (q, k, v))
+    q, k = mha.rope(q, positions), mha.rope(k, positions)
+    want = mha.out_proj(qkv.attention(q, k, v, causal=True).transpose(1, 2).flatten(-2))
+    if packed:  # two sequences back to back, positions restarting at 0 in each
+        cu = torch.tensor([0, 5, 10])
+        got = mha(x.flatten(0, 1), causal=True, cu_seqlens=cu).unflatten(0, (2, 5))
+        want[1] = mha(x[1:], causal=True)[0]
+    else:
+        got = mha(x, causal=True, positions=positions)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
 
 
 def test_decode_breakdown_benchmark_quick_mode():
