@@ -238,9 +238,10 @@ def _exact_where_large(q, k, v, call, block_m, block_n, out, lse):
     """(out, m, log_l) from the fused (out, lse): every block of block_m rows that holds a row
     with |lse| > LARGE_SCORE is redone by the Python blocks, so that its m and log_l stay apart
     (chunked_backward's exact path needs them); elsewhere m = lse and log_l = 0."""
-    log_l = torch.zeros_like(lse)
+    log_l = lse.new_zeros(()).expand_as(lse)  # no memory unless a block is redone
     large = (lse.abs() > LARGE_SCORE) & lse.isfinite()
     if bool(large.any()):
+        log_l = torch.zeros_like(lse)
         ch = _Chunked(q, k, v, call, block_m, block_n)
         for i0, i1 in ch.rows:
             if bool(large[:, :, i0:i1].any()):
@@ -381,8 +382,10 @@ class ChunkedAttention(torch.autograd.Function):
         ctx.save_for_backward(q, k, v, out, row_max, log_l)
         ctx.call, ctx.block_m, ctx.block_n = call, block_m, block_n
         ctx.bias_grad = bias is not None and bias.requires_grad
-        lse = row_max + log_l  # -inf for empty rows
-        return out, lse
+        ctx.set_materialize_grads(False)  # no zero dlse when the lse goes unused
+        if log_l.stride() == (0, 0, 0):  # the fused path's m is the lse itself
+            return out, row_max
+        return out, row_max + log_l  # -inf for empty rows
 
     @staticmethod
     def backward(ctx, dout, dlse):
