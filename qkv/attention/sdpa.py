@@ -35,10 +35,12 @@ UNSUPPORTED = {
     "dropout_p": "torch SDPA draws its own dropout mask, not qkv's reproducible one",
 }
 
-# Largest Lq * Lk for which `auto` lets torch SDPA take a call that needs an explicit mask on
-# the CPU. Measured (benchmarks/RESULTS.md, "auto policy"): with a materialised mask SDPA wins
-# up to about 512 x 512 (decode over any cache, padded batches of short sentences); beyond
-# that chunked wins, since it skips masked blocks and never builds the (Lq x Lk) mask.
+# Largest Lq * Lk for which `auto` lets torch SDPA take, on the CPU, a call whose visibility is a
+# band (bottom-right causal, window, kv_lengths, offsets) or that has ALiBi. Beyond it chunked
+# wins (benchmarks/RESULTS.md, "auto on the CPU", 2026-11-30): it cuts the band into pieces of
+# the same fused kernel torch runs, where torch must first build the (Lq x Lk) mask. Below it
+# (short padded batches, short prompts) the pieces' per-call overhead loses, and decoding
+# (Lq = 1) is one kernel call either way.
 CPU_SDPA_MASKED_MAX_SCORES = 512 * 512
 
 
@@ -48,9 +50,10 @@ def prefers(call: AttentionCall, q: torch.Tensor) -> bool:
         return False
     if q.device.type != "cpu":
         return True
-    masked = needs_explicit_mask(call) or call.bias is not None or (
-        call.alibi_slopes is not None)
-    return not masked or call.Lq * call.Lk <= CPU_SDPA_MASKED_MAX_SCORES or call.Lq == 1
+    if call.bias is not None or call.mask is not None:
+        return True  # chunked runs these in its Python blocks: slower at every size measured
+    band = needs_explicit_mask(call) or call.alibi_slopes is not None
+    return not band or call.Lq * call.Lk <= CPU_SDPA_MASKED_MAX_SCORES or call.Lq == 1
 
 
 def needs_explicit_mask(call: AttentionCall) -> bool:

@@ -144,6 +144,19 @@ def test_auto_cpu_policy_for_masked_calls():
     assert picked(1, 100_000) == "sdpa"
 
 
+def test_auto_cpu_policy_for_bias_mask_and_alibi():
+    """Long calls with ALiBi go to chunked (the fused kernel takes it as a column); a bias or a
+    boolean mask stays with sdpa at any length (chunked runs them in Python blocks)."""
+    q = torch.empty(1, 2, 1024, 8)
+    def picked(**kw):
+        return choose(check_call(q, q, q, **kw), q, "auto").name
+    assert picked(alibi_slopes=torch.ones(2)) == "chunked"
+    assert picked(causal=True, alibi_slopes=torch.ones(2)) == "chunked"
+    assert picked(bias=torch.zeros(1, 2, 1024, 1024)) == "sdpa"
+    assert picked(mask=torch.ones(1024, 1024, dtype=torch.bool)) == "sdpa"
+    assert picked(causal=True) == "sdpa"  # torch's own is_causal
+
+
 def _with_fake(monkeypatch, **fields) -> Backend:
     """Register a CPU backend "fake" ahead of every other in the CPU order, for this test only."""
     _isolated_registry(monkeypatch)
