@@ -3,11 +3,15 @@
     python benchmarks/triton_compile_check.py --quick             # one case per kernel, ~20 s
     python benchmarks/triton_compile_check.py --target 90 --json out.json
     python benchmarks/triton_compile_check.py --max-seconds 1800   # stop starting compiles then
+    python benchmarks/triton_compile_check.py --json out.json --resume   # skip what out.json's
+                                                  # .partial.jsonl holds, append the rest to it
 
 Prints one markdown row per (kernel, features, D, dtype, config): compiled or not, registers
 per thread, spill bytes (stores + loads) and shared memory per target; then a summary: which
-configs spill for fp16/bf16 at D <= 128, at D = 256, and in fp32. Cases run most telling first
-(`compile_check.priority`), so a run cut short by --max-seconds still covers sm_90 plain.
+configs spill for fp16/bf16 at D <= 128, at D = 256, and in fp32, and each config's worst case.
+The configs are exactly those autotuning may choose at each (dtype, D) (launch.CONFIGS). Cases
+run most telling first (`compile_check.priority`); a run cut short by --max-seconds keeps what
+finished in the .partial.jsonl, and --resume runs only the rest.
 The logic lives in qkv/attention/triton/compile_check.py.
 """
 
@@ -103,6 +107,33 @@ def summary(rows: list[dict], archs: list[int]) -> str:
     return "\n".join(lines)
 
 
+def worst(rows: list[dict], archs: list[int]) -> str:
+    """Per group, kernel and config: its worst case over every feature set and head dim run,
+    per target (spill bytes, registers, shared memory in KB)."""
+    head = "| group | kernel | config | cases |"
+    rule = "|---|---|---|---|"
+    for a in archs:
+        head += f" sm_{a} spill B | regs | smem KB |"
+        rule += "---|---|---|"
+    lines = [head, rule]
+    for name, keep in GROUPS:
+        agg = defaultdict(list)
+        for r in rows:
+            if keep(r):
+                agg[(cc.KERNELS.index(r["kernel"]), r["config"])].append(r)
+        for (k, config), rs in sorted(agg.items()):
+            line = f"| {name} | {cc.KERNELS[k]} | {config} | {len(rs)} |"
+            for a in archs:
+                ok = [r for r in rs if r["arch"] == a and r["compiled"]]
+                if not ok:
+                    line += " – | – | – |"
+                    continue
+                line += (f" {max(r['spill'] or 0 for r in ok)} | {max(r['regs'] or 0 for r in ok)}"
+                         f" | {max(r['shared'] for r in ok) / 1024:.0f} |")
+            lines.append(line)
+    return "\n".join(lines)
+
+
 def verdicts(rows: list[dict]) -> str:
     """One line per group: does any config spill, and which configs are spill-free."""
     out = []
@@ -137,26 +168,36 @@ def main() -> None:
     ap.add_argument("--max-seconds", type=float, default=None,
                     help="start no compile after this many seconds; report what finished")
     ap.add_argument("--from-json", help="print the report of a saved --json (or .partial.jsonl)")
+    ap.add_argument("--resume", action="store_true",
+                    help="with --json: skip the compiles its .partial.jsonl holds, append to it")
     args = ap.parse_args()
     archs = list(cc.TARGETS) if args.target == "all" else [int(args.target)]
+    if args.resume and not args.json:
+        ap.error("--resume needs --json (it resumes that file's .partial.jsonl)")
     if args.from_json:
-        with open(args.from_json) as f:
-            text = f.read()
-        rows = json.loads(text) if text.lstrip().startswith("[") else [
-            json.loads(line) for line in text.splitlines() if line.strip()]
+        rows = load(args.from_json)
         report(rows, [a for a in archs if any(r["arch"] == a for r in rows)])
         return
     if not cc.ptxas_available():
         sys.exit("ptxas not found in the triton wheel: nothing to compile with")
     todo = [(c, a) for c in (cc.quick_cases() if args.quick else cc.cases()) for a in archs]
     todo.sort(key=lambda ca: cc.priority(*ca))
+    rows = []
+    if args.resume and os.path.exists(args.json + ".partial.jsonl"):
+        wanted = {(c, a) for c, a in todo}
+        rows = [r for r in load(args.json + ".partial.jsonl") if (case_of(r), r["arch"]) in wanted]
+        done = {(case_of(r), r["arch"]) for r in rows}
+        todo = [(c, a) for c, a in todo if (c, a) not in done]
     print(f"command: python {' '.join(sys.argv)}")
     print(f"machine: {machine()}, {os.cpu_count()} cores; compile processes: {args.workers}; "
-          f"triton {triton.__version__}; {len(todo)} compiles\n", flush=True)
+          f"triton {triton.__version__}; {len(todo)} compiles"
+          + (f" ({len(rows)} done before, resumed)" if rows else "") + "\n", flush=True)
     start = time.perf_counter()
-    rows = []
-    partial = open(args.json + ".partial.jsonl", "w") if args.json else None  # noqa: SIM115
+    ran = 0
+    partial = (open(args.json + ".partial.jsonl", "a" if args.resume else "w")  # noqa: SIM115
+               if args.json else None)
     for r in cc.compile_many(todo, workers=args.workers, max_seconds=args.max_seconds):
+        ran += 1
         rows.append(r.as_dict())
         if partial:  # a run cut short keeps what finished
             partial.write(json.dumps(rows[-1]) + "\n")
@@ -167,11 +208,25 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
-    per = sorted(r["seconds"] for r in rows)
+    per = sorted(r["seconds"] for r in rows[len(rows) - ran:])
     if per:
-        print(f"{len(rows)}/{len(todo)} compiles in {wall:.0f} s wall; one compile: median "
+        print(f"{ran}/{len(todo)} compiles in {wall:.0f} s wall; one compile: median "
               f"{per[len(per) // 2]:.1f} s, max {per[-1]:.1f} s\n")
     report(rows, archs)
+
+
+def load(path: str) -> list[dict]:
+    """The rows of a saved --json (a list) or of its .partial.jsonl (one row a line)."""
+    with open(path) as f:
+        text = f.read()
+    if text.lstrip().startswith("["):
+        return json.loads(text)
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def case_of(row: dict) -> cc.Case:
+    """The Case a saved row was compiled from."""
+    return cc.Case(**{k: row[k] for k in cc.Case.__dataclass_fields__})
 
 
 def report(rows: list[dict], archs: list[int]) -> None:
@@ -179,6 +234,8 @@ def report(rows: list[dict], archs: list[int]) -> None:
     print(table(rows, archs))
     print("\n## Summary\n")
     print(summary(rows, archs))
+    print("\n## Worst case of each config (every feature set and head dim run)\n")
+    print(worst(rows, archs))
     print()
     print(verdicts(rows))
 

@@ -201,12 +201,21 @@ def test_auto_never_picks_triton_on_the_cpu():
     assert registry.choose(call, q, "auto").name != "triton"
 
 
+def _unequal_shapes() -> list[tuple[int, int]]:
+    """Every BLOCK_M : BLOCK_N ratio other than 1 of the GPU's config lists, the smaller side
+    16 (the interpreter's cost grows with the tile)."""
+    cfgs = importlib.import_module("qkv.attention.triton.launch").CONFIGS.values()
+    return sorted({(16 * bm // min(bm, bn), 16 * bn // min(bm, bn))
+                   for pairs in cfgs for bm, bn, _, _ in pairs if bm != bn})
+
+
 @needs_interp
-@pytest.mark.parametrize("blocks", [(32, 16), (16, 32)])
+@pytest.mark.parametrize("blocks", _unequal_shapes())
 @pytest.mark.parametrize("name", ["plain", "causal_lq_gt_lk", "window_causal",
                                   "kv_lengths_causal", "mask", "dropout"])
 def test_unequal_block_shapes_match_reference(name, blocks, monkeypatch):
-    """The GPU's autotuned configs use BLOCK_M != BLOCK_N; the block-range logic must hold."""
+    """The GPU's autotuned configs use BLOCK_M != BLOCK_N (ratios 1:4 to 4:1); the block-range
+    logic must hold for each ratio they use."""
     monkeypatch.setattr(importlib.import_module("qkv.attention.triton.launch"),
                         "INTERPRET_BLOCKS", blocks)
     _compare(*_feature_case(name))

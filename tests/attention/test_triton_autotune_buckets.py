@@ -40,11 +40,12 @@ def _record(OUT, Lq, Lk, BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr,
 
 
 class _Prob:
-    """What launch reads of a Problem: padded head dims and the lengths the kernels get."""
+    """What launch reads of a Problem: padded head dims, the lengths the kernels get and the
+    dot precision ("ieee" for fp32 inputs)."""
 
-    def __init__(self, lq: int, lk: int, d: int = 64):
-        self.block_d = self.block_dv = d
-        self.shape = {"Lq": lq, "Lk": lk}
+    def __init__(self, lq: int, lk: int, d: int = 64, prec: str = "tf32", dv: int | None = None):
+        self.block_d, self.block_dv = d, d if dv is None else dv
+        self.shape = {"Lq": lq, "Lk": lk, "PREC": prec}
 
 
 @pytest.fixture
@@ -70,43 +71,45 @@ def _tunings() -> int:
 
 
 @pytest.mark.parametrize("n, bucket", [
-    (1, 32), (2, 32), (31, 32), (32, 32), (33, 64), (64, 64), (65, 128), (127, 128), (128, 128),
-    (129, 256), (1024, 1024), (1025, 2048), (4096, 4096), (4097, 8192), (65536, 65536),
-    (65537, 131072)])
+    (1, 16), (2, 16), (15, 16), (16, 16), (17, 32), (32, 32), (33, 64), (64, 64), (65, 128),
+    (127, 128), (128, 128), (129, 256), (1024, 1024), (1025, 2048), (4096, 4096), (4097, 8192),
+    (65536, 65536), (65537, 131072)])
 def test_length_bucket_edges(n, bucket):
     assert launch.length_bucket(n) == bucket
 
 
 def test_length_bucket_floor_and_rule():
     """The floor is the smallest tile side of any config; above it the next power of two."""
-    sides = [s for bm, bn, _, _ in launch.FWD_PAIRS + launch.BWD_PAIRS for s in (bm, bn)]
-    assert launch.LENGTH_BUCKET_FLOOR == min(sides) == 32
+    sides = [s for cfgs in launch.CONFIGS.values() for bm, bn, _, _ in cfgs for s in (bm, bn)]
+    assert launch.LENGTH_BUCKET_FLOOR == min(sides) == 16
     for n in range(1, 5000):
         b = launch.length_bucket(n)
         assert b >= n and b & (b - 1) == 0
-        assert b == 32 or b // 2 < n
+        assert b == 16 or b // 2 < n
 
 
 def _drive(lengths):
     """Launch `_record` through launch's tuning path at each (Lq, Lk); check it got them."""
     out = torch.zeros(4, dtype=torch.int32, device=DEV)
-    pairs = launch.FWD_PAIRS
     for lq, lk in lengths:
-        launch.launch(_record, lambda bm, bn, lq=lq: (triton.cdiv(lq, bm),), pairs,
+        launch.launch(_record, lambda bm, bn, lq=lq: (triton.cdiv(lq, bm),), "fwd",
                       _Prob(lq, lk), out, Lq=lq, Lk=lk, BLOCK_D=64, IS_CAUSAL=False)
         got_lq, got_lk, bm, programs = out.tolist()
         assert (got_lq, got_lk) == (lq, lk)  # the exact lengths, not their buckets
         assert programs == triton.cdiv(lq, bm)  # the grid from the exact length
 
 
+_FWD_64 = launch.CONFIGS[("fwd", "16", 64)]  # the list `_drive`'s calls are tuned over
+
+
 def test_hundred_lengths_few_tunings(tuning):
-    """100 distinct training lengths in 1..2048 (Lq = Lk): one tuning per bucket, 7 at most."""
+    """100 distinct training lengths in 1..2048 (Lq = Lk): one tuning per bucket, 8 at most."""
     lengths = random.Random(0).sample(range(1, 2049), 100)
     _drive([(n, n) for n in lengths])
     buckets = {launch.length_bucket(n) for n in lengths}
-    assert len(buckets) <= 7  # 32, 64, ..., 2048
+    assert len(buckets) <= 8  # 16, 32, ..., 2048
     assert _tunings() == len(buckets)
-    assert len(tuning) == len(buckets) * len(launch.FWD_PAIRS)  # every config timed per tuning
+    assert len(tuning) == len(buckets) * len(_FWD_64)  # every config timed per tuning
 
 
 def test_generation_steps_few_tunings(tuning):
@@ -114,7 +117,7 @@ def test_generation_steps_few_tunings(tuning):
     keys: the steps fall in two buckets (512, 1024), so two tunings, not 100."""
     _drive([(1, n) for n in range(500, 600)])
     assert _tunings() == 2
-    assert len(tuning) == 2 * len(launch.FWD_PAIRS)
+    assert len(tuning) == 2 * len(_FWD_64)
 
 
 def test_flags_and_head_dims_still_keyed(tuning):
@@ -122,7 +125,7 @@ def test_flags_and_head_dims_still_keyed(tuning):
     out = torch.zeros(4, dtype=torch.int32, device=DEV)
     grid = lambda bm, bn: (1,)  # noqa: E731
     for d, causal in [(64, False), (64, True), (256, False), (64, False)]:
-        launch.launch(_record, grid, launch.FWD_PAIRS, _Prob(40, 50, d), out, Lq=40, Lk=50,
+        launch.launch(_record, grid, "fwd", _Prob(40, 50, d), out, Lq=40, Lk=50,
                       BLOCK_D=d, IS_CAUSAL=causal)
     assert _tunings() == 3
 
@@ -140,3 +143,5 @@ def test_attention_exact_through_tuned_path(tuning):
                        torch.float32)
     # forward, dQ (delta pass and dQ pass: one key set each) and dK/dV, one bucket each
     assert _tunings() == 4
+    assert {key[1:4] for key in launch._TUNED} == {
+        (kind, "32", 64) for kind in ("fwd", "dq_delta", "dkdv", "dq")}

@@ -8,7 +8,8 @@ memory (bytes), or the error that stopped the compile.
 
 The cases follow the launches of `function.py`, `kernels_bwd.backward` and
 `kernels_decode.decode_forward`: the forward, dK/dV and dQ kernels (and the dQ kernel's delta
-pass) over every autotune config of `launch.py`, the delta preprocess and decode merge with
+pass) over exactly the configs autotuning may choose at each dtype and head dim
+(`launch.CONFIGS`, by dtype class and head-dim class), the delta preprocess and decode merge with
 their fixed sizes, and decode split with its fixed warps and stages.
 """
 
@@ -138,12 +139,14 @@ def ptxas_available() -> bool:
         return False
 
 
-def _pairs_configs(pairs, d: int) -> list[tuple[int, int, int, int]]:
-    """(BLOCK_M, BLOCK_N, warps, stages) of the autotune configs launch.py builds at head dim d."""
-    out = []
-    for cfg in launch._configs(pairs, d):
-        out.append((cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps, cfg.num_stages))
-    return out
+# The launch kind (launch.CONFIGS) of each autotuned kernel.
+KIND = {"fwd": "fwd", "bwd_dkdv": "dkdv", "bwd_dq": "dq", "bwd_dq_delta": "dq_delta"}
+
+
+def tuned_configs(kernel: str, dtype: str, d: int) -> list[tuple[int, int, int, int]]:
+    """(BLOCK_M, BLOCK_N, warps, stages) of the configs autotuning may choose for `kernel` at
+    `dtype` and head dim d: exactly the list launch.py hands the autotuner."""
+    return list(launch.config_list(KIND[kernel], "32" if dtype == "fp32" else "16", d))
 
 
 def _fixed_configs(kernel: str, features: str, d: int) -> list[tuple[int, int, int, int]]:
@@ -168,15 +171,13 @@ def cases(kernels=KERNELS, features=tuple(FEATURES), head_dims=HEAD_DIMS, dtypes
             feats = tuple(f for f in features if f not in DECODE_EXCLUDED)
         for feat in feats:
             for d in head_dims:
-                if kernel == "fwd":
-                    cfgs = _pairs_configs(launch.FWD_PAIRS, d)
-                elif kernel.startswith("bwd_d"):
-                    cfgs = _pairs_configs(launch.BWD_PAIRS, d)
-                else:
-                    cfgs = _fixed_configs(kernel, feat, d)
-                if configs == "first":
-                    cfgs = cfgs[:1]
                 for dtype in dtypes:
+                    if kernel in KIND:
+                        cfgs = tuned_configs(kernel, dtype, d)
+                    else:
+                        cfgs = _fixed_configs(kernel, feat, d)
+                    if configs == "first":
+                        cfgs = cfgs[:1]
                     out.extend(Case(kernel, feat, d, dtype, *c) for c in cfgs)
     return out
 
@@ -187,22 +188,21 @@ def quick_cases() -> list[Case]:
 
 
 # Feature sets that use the most registers: the full check takes them before the others.
-_HEAVY = ("alibi+softcap+gqa", "bias+mask", "dropout")
+_HEAVY = ("alibi+softcap+gqa", "bias+mask", "dropout", "kv_lengths")
 
 
 def priority(case: Case, arch: int) -> tuple:
-    """Sort key of the full check, most telling first (fp32 compiles take 10-70 s, fp16 2-5 s;
-    bf16 compiles like fp16): fp16 plain on both targets; fp16 with the heaviest feature sets
-    on sm_90; fp32 plain on sm_90 (D = 128 first); the heavy sets on sm_80; the other fp16 sets;
-    fp32 plain on sm_80; bf16; fp32 with features. sm_90 first within each."""
+    """Sort key of the full check, most telling first: fp16 at D <= 128 (the no-spill target)
+    with the heaviest feature sets, then its other sets; fp16 at D = 256; fp32 (the heavy sets
+    first); bf16 last (it compiles like fp16). sm_90 before sm_80 within each."""
     heavy = case.features in _HEAVY
     if case.dtype == "fp16":
-        stage = 0 if case.features == "plain" else (1 if heavy and arch == 90 else 3 if heavy else 4)
+        stage = (0 if heavy else 1) if case.head_dim <= 128 else 2
     elif case.dtype == "fp32":
-        stage = (2 if arch == 90 else 5) if case.features == "plain" else 7
+        stage = 3 if heavy else 4
     else:
-        stage = 6
-    return (stage, arch != 90, case.dtype == "fp32" and case.head_dim != 128)
+        stage = 5
+    return (stage, arch != 90)
 
 
 def _kernel_fn(kernel: str):

@@ -19,7 +19,7 @@ import triton
 
 from qkv.attention.spec import AttentionCall
 from qkv.attention.triton import kernels_bwd, kernels_decode, kernels_fwd
-from qkv.attention.triton.launch import FWD_PAIRS, bhl_strides, interpreting, launch, pow2
+from qkv.attention.triton.launch import bhl_strides, interpreting, launch, pow2
 
 MAX_HEAD_DIM = 256
 # Decode (split-KV) is used when Lq <= DECODE_MAX_LQ, groups * Lq <= DECODE_MAX_ROWS and the
@@ -147,7 +147,7 @@ def forward(q, k, v, prob: Problem):
         kernels_decode.decode_forward(q, k, v, out, m, l2, prob)
         return out, m, l2
     strides = [s for t in (q, k, v) for s in bhl_strides(t, prob.varlen)]
-    launch(kernels_fwd._attn_fwd, lambda bm, bn: (triton.cdiv(c.Lq, bm), c.B * c.Hq), FWD_PAIRS,
+    launch(kernels_fwd._attn_fwd, lambda bm, bn: (triton.cdiv(c.Lq, bm), c.B * c.Hq), "fwd",
            prob, q, k, v, out, m, l2, *strides, **prob.args)
     return out, m, l2
 

@@ -34,7 +34,6 @@ from qkv.attention.triton.kernels_common import (
     _stage_bounds,
 )
 from qkv.attention.triton.launch import (
-    BWD_PAIRS,
     INTERPRET_BLOCK,
     bhl_strides,
     interpreting,
@@ -270,12 +269,12 @@ def backward(q, k, v, out, m, l2, dout, dlse, prob):
     strides = [s for t in (q, k, v) for s in bhl_strides(t, prob.varlen)]
     dq_args = (q, k, v, dout, m, l2, dlse, delta, dq, dbias, *strides)
     dq_grid = lambda bm_, bn_: (triton.cdiv(c.Lq, bm_), c.B * c.Hq)  # noqa: E731
-    launch(_attn_bwd_dq, dq_grid, BWD_PAIRS, prob, *dq_args, **prob.args,
+    launch(_attn_bwd_dq, dq_grid, "dq_delta", prob, *dq_args, **prob.args,
            large_m2=LARGE_SCORE * math.log2(math.e), HAS_DLSE=dlse is not None,
            STORE_DBIAS=False, DELTA_PASS=True)
-    launch(_attn_bwd_dkdv, lambda bm_, bn_: (triton.cdiv(c.Lk, bn_), c.B * c.Hk), BWD_PAIRS, prob,
+    launch(_attn_bwd_dkdv, lambda bm_, bn_: (triton.cdiv(c.Lk, bn_), c.B * c.Hk), "dkdv", prob,
            q, k, v, dout, m, l2, delta, dk, dv, *strides, **prob.args)
-    launch(_attn_bwd_dq, dq_grid, BWD_PAIRS, prob, *dq_args, **prob.args,
+    launch(_attn_bwd_dq, dq_grid, "dq", prob, *dq_args, **prob.args,
            large_m2=0.0, HAS_DLSE=dlse is not None, STORE_DBIAS=dbias is not None,
            DELTA_PASS=False)
     if dbias is not None:
