@@ -10,8 +10,11 @@ measured in the same run. Timing is `triton.testing.do_bench` (warm-up, then the
     PYTHONPATH=. python3 benchmarks/attention_gpu.py --out OUT [--quick]
     qkv bench --device cuda --out OUT [--quick]
 
-Writes OUT/attention_gpu.json, OUT/attention_gpu.md and OUT/attention_gpu.png. Only the
-measuring needs CUDA; the writers run anywhere (see tests/bench/test_bench_gpu.py).
+Writes OUT/attention_gpu.json, OUT/attention_gpu.md and OUT/attention_gpu.png. The markdown
+gives triton's ratio to cuDNN and to flash per point, and a table of the targets (`TARGETS`),
+met or missed. Decode runs first, then d = 128 and d = 64, writing after each, so a run cut
+short keeps what it measured. Only the measuring needs CUDA; the writers run anywhere (see
+tests/bench/test_bench_gpu.py).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from qkv.attention.flops import attention_flops, kv_cache_bytes
 from qkv.bench import GPU_PROVIDERS, GPU_QUICK_SEQLENS, GPU_REPS, GPU_SEQLENS, SDPA_PROVIDERS
 from qkv.io import atomic_write, atomic_write_text
 
-HEAD_DIMS = [64, 128]
+HEAD_DIMS = [128, 64]  # measured in this order
 DECODE_CACHES = [8192, 32768, 131072]
 QUICK_DECODE_CACHES = [8192, 32768]
 PROVIDERS = list(GPU_PROVIDERS)
@@ -36,6 +39,19 @@ MODES = ["fwd", "bwd", "fwd_bwd"]
 
 
 # ---- measuring (CUDA) ------------------------------------------------------------------------
+
+# Targets on an H200 in bf16 at d = 64 and 128 (issue 13): (what, mode, causal, baseline, ratio).
+# Training targets hold at every n >= TARGET_MIN_SEQLEN; decode at every cache >= TARGET_MIN_CACHE.
+TARGETS = [
+    ("forward, non-causal", "fwd", False, "sdpa-cudnn", 0.90),
+    ("forward, causal", "fwd", True, "sdpa-cudnn", 0.85),
+    ("backward, non-causal", "bwd", False, "sdpa-flash", 1.20),
+    ("backward, causal", "bwd", True, "sdpa-flash", 1.20),
+    ("decode bandwidth", "decode", False, "sdpa-cudnn", 0.90),
+]
+TARGET_MIN_SEQLEN = 4096
+TARGET_MIN_CACHE = 32768
+
 
 def _bench(fn, grad_to_none=None, reps: int = GPU_REPS) -> float:
     """Median milliseconds of `fn`: the median of `reps` triton.testing.do_bench medians."""
@@ -82,14 +98,16 @@ def _row(**kw) -> dict:
 
 
 def bench_training(provider: str, head_dim: int, seqlen: int, causal: bool,
-                   dtype=torch.bfloat16, reps: int = GPU_REPS) -> list[dict]:
-    """Forward, backward and fwd+bwd of one (provider, d, n, causal) point."""
-    batch, heads = max(1, 16384 // seqlen), 2048 // head_dim
+                   dtype=torch.bfloat16, reps: int = GPU_REPS, device="cuda", tokens=16384,
+                   width=2048) -> list[dict]:
+    """Forward, backward and fwd+bwd of one (provider, d, n, causal) point: batch·n = `tokens`,
+    heads·d = `width`."""
+    batch, heads = max(1, tokens // seqlen), max(1, width // head_dim)
     shape = dict(kind="train", provider=provider, head_dim=head_dim, seqlen=seqlen,
                  causal=causal, batch=batch, heads=heads, kv_heads=heads)
     rows = []
     try:
-        q, k, v = (torch.randn(batch, heads, seqlen, head_dim, device="cuda", dtype=dtype,
+        q, k, v = (torch.randn(batch, heads, seqlen, head_dim, device=device, dtype=dtype,
                                requires_grad=True) for _ in range(3))
         fn = _attention_fn(provider, causal)
         dout = torch.randn_like(q)
@@ -108,13 +126,13 @@ def bench_training(provider: str, head_dim: int, seqlen: int, causal: bool,
 
 
 def bench_decode(provider: str, cache: int, copy_gbps: float, batch=8, heads=32, kv_heads=8,
-                 head_dim=128, dtype=torch.bfloat16, reps: int = GPU_REPS) -> dict:
+                 head_dim=128, dtype=torch.bfloat16, reps: int = GPU_REPS, device="cuda") -> dict:
     """One decode step (q_len = 1) over a cache of `cache` keys."""
     shape = dict(kind="decode", provider=provider, mode="decode", head_dim=head_dim,
                  seqlen=cache, batch=batch, heads=heads, kv_heads=kv_heads)
     try:
-        q = torch.randn(batch, heads, 1, head_dim, device="cuda", dtype=dtype)
-        k, v = (torch.randn(batch, kv_heads, cache, head_dim, device="cuda", dtype=dtype)
+        q = torch.randn(batch, heads, 1, head_dim, device=device, dtype=dtype)
+        k, v = (torch.randn(batch, kv_heads, cache, head_dim, device=device, dtype=dtype)
                 for _ in range(2))
         fn = _attention_fn(provider, False)
         ms = _bench(lambda: fn(q, k, v), reps=reps)
@@ -141,44 +159,93 @@ def _fmt(x, digits=1) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
 
-def markdown_table(results: list[dict]) -> str:
-    """Training TFLOP/s per (d, causal, n, mode) with one column per provider, then decode."""
+def _ratio(a, b):
+    return a / b if a and b else None
+
+
+def markdown_table(results: list[dict], targets: bool = True) -> str:
+    """Training TFLOP/s per (d, causal, n, mode) with one column per provider and triton's ratio
+    to the best SDPA kernel, to cuDNN and to flash; then decode; then the targets (unless
+    `targets` is False)."""
     lines = []
     train = [r for r in results if r["kind"] == "train"]
     providers = [p for p in PROVIDERS if any(r["provider"] == p for r in results)]
     providers += sorted({r["provider"] for r in results} - set(providers))
     if train:
-        lines += ["| d | causal | n | mode | " + " | ".join(providers) + " | triton / best sdpa |",
-                  "|---|---|---|---|" + "---|" * len(providers) + "---|"]
+        lines += ["| d | causal | n | mode | " + " | ".join(providers)
+                  + " | triton / best sdpa | / cudnn | / flash |",
+                  "|---|---|---|---|" + "---|" * (len(providers) + 3)]
         keys = sorted({(r["head_dim"], r["causal"], r["seqlen"], r["mode"]) for r in train},
                       key=lambda t: (t[0], t[1], t[2], MODES.index(t[3]) if t[3] in MODES else 9))
         for d, causal, n, mode in keys:
             cell = {r["provider"]: r["tflops"] for r in train
                     if (r["head_dim"], r["causal"], r["seqlen"], r["mode"]) == (d, causal, n, mode)}
             others = [cell[p] for p in cell if p != "qkv-triton" and cell[p]]
-            ratio = (cell.get("qkv-triton") / max(others)
-                     if cell.get("qkv-triton") and others else None)
+            mine = cell.get("qkv-triton")
+            ratios = (_ratio(mine, max(others, default=None)), _ratio(mine, cell.get("sdpa-cudnn")),
+                      _ratio(mine, cell.get("sdpa-flash")))
             lines.append(f"| {d} | {'yes' if causal else 'no'} | {n} | {mode} | "
                          + " | ".join(_fmt(cell.get(p)) for p in providers)
-                         + f" | {_fmt(ratio, 2)} |")
+                         + " | " + " | ".join(_fmt(x, 2) for x in ratios) + " |")
         lines.append("")
         lines.append("TFLOP/s (bf16); backward counts 2.5x the forward FLOPs, fwd_bwd 3.5x.")
     decode = [r for r in results if r["kind"] == "decode"]
     if decode:
-        lines += ["", "| cache | " + " | ".join(f"{p} GB/s (of copy)" for p in providers) + " |",
-                  "|---|" + "---|" * len(providers)]
+        lines += ["", "| cache | " + " | ".join(f"{p} GB/s (of copy)" for p in providers)
+                  + " | triton / cudnn |", "|---|" + "---|" * (len(providers) + 1)]
         for n in sorted({r["seqlen"] for r in decode}):
-            cells = []
+            cells, gbps = [], {}
             for p in providers:
                 r = next((r for r in decode if r["seqlen"] == n and r["provider"] == p), None)
-                cells.append("-" if r is None or r["gbps"] is None else
-                             f"{r['gbps']:.0f} ({_fmt(r['frac_copy'], 2)})")
-            lines.append(f"| {n} | " + " | ".join(cells) + " |")
+                gbps[p] = None if r is None else r["gbps"]
+                cells.append("-" if gbps[p] is None
+                             else f"{gbps[p]:.0f} ({_fmt(r['frac_copy'], 2)})")
+            ratio = _ratio(gbps.get("qkv-triton"), gbps.get("sdpa-cudnn"))
+            lines.append(f"| {n} | " + " | ".join(cells) + f" | {_fmt(ratio, 2)} |")
+    rows = target_rows(results) if targets else []
+    if any(r["status"] != "not measured" for r in rows):
+        lines += ["", targets_markdown(rows).rstrip("\n")]
     errors = [r for r in results if r.get("error")]
     if errors:
         lines += ["", "Not measured:"]
         lines += sorted({f"- {r['provider']} d={r['head_dim']} n={r['seqlen']}: {r['error']}"
                          for r in errors})
+    return "\n".join(lines) + "\n"
+
+
+def target_rows(results: list[dict]) -> list[dict]:
+    """Each target of `TARGETS` per head dim (decode: its one head dim): triton's ratio to the
+    baseline at every size the target covers, the least of them, and met / missed."""
+    rows = []
+    for what, mode, causal, base, want in TARGETS:
+        kind = "decode" if mode == "decode" else "train"
+        floor = TARGET_MIN_CACHE if kind == "decode" else TARGET_MIN_SEQLEN
+        dims = [128] if kind == "decode" else sorted(HEAD_DIMS)
+        for d in dims:
+            value = "gbps" if kind == "decode" else "tflops"
+            points = {}
+            for r in results:
+                if (r["kind"] == kind and r["mode"] == mode and r["head_dim"] == d
+                        and (kind == "decode" or r["causal"] == causal) and r["seqlen"] >= floor):
+                    points.setdefault(r["seqlen"], {})[r["provider"]] = r.get(value)
+            ratios = {n: _ratio(p.get("qkv-triton"), p.get(base))
+                      for n, p in sorted(points.items())}
+            ratios = {n: x for n, x in ratios.items() if x is not None}
+            worst = min(ratios.values(), default=None)
+            status = "not measured" if worst is None else "met" if worst >= want else "missed"
+            rows.append(dict(what=what, head_dim=d, baseline=base, target=want, floor=floor,
+                             ratios=ratios, worst=worst, status=status))
+    return rows
+
+
+def targets_markdown(rows: list[dict]) -> str:
+    """The targets table: what, d, baseline, target, the least ratio (and every one), status."""
+    lines = ["| target | d | against | sizes | want | triton's ratio (least) | per size | status |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        per = ", ".join(f"{n // 1024}k: {x:.2f}" for n, x in r["ratios"].items()) or "-"
+        lines.append(f"| {r['what']} | {r['head_dim']} | {r['baseline']} | >= {r['floor'] // 1024}k"
+                     f" | >= {r['target']:.2f}x | {_fmt(r['worst'], 2)} | {per} | {r['status']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -227,8 +294,9 @@ def write_all(results: list[dict], out_dir, env: dict | None = None) -> None:
 
 def run_gpu_sweep(out_dir=None, quick: bool = False, seqlens=None, providers=None,
                   reps: int = GPU_REPS) -> list[dict]:
-    """Measure the whole sweep on the current CUDA device; write JSON, markdown and PNG to
-    `out_dir` (after each head dim too, so a stalled run keeps what it measured).
+    """Measure the whole sweep on the current CUDA device (decode, then training at each head
+    dim); write JSON, markdown and PNG to `out_dir` (also after decode and after each (head dim,
+    causal), so a run cut short keeps what it measured).
 
     `seqlens` (training shapes) and `providers` (a subset of PROVIDERS) default to the full
     sweep, or the quick one; `reps` do_bench medians are taken per point (their median kept).
@@ -243,18 +311,18 @@ def run_gpu_sweep(out_dir=None, quick: bool = False, seqlens=None, providers=Non
     copy = copy_bandwidth_gbps()
     env["copy_gbps"] = copy
     results: list[dict] = []
-    for d in HEAD_DIMS:
-        for causal in (False, True):
-            for n in seqlens or (GPU_QUICK_SEQLENS if quick else GPU_SEQLENS):
-                for p in providers:
-                    results += bench_training(p, d, n, causal, reps=reps)
-                    torch.cuda.empty_cache()
-        if out_dir is not None:
-            write_all(results, out_dir, env)
     for cache in (QUICK_DECODE_CACHES if quick else DECODE_CACHES):
         for p in providers:
             results.append(bench_decode(p, cache, copy, reps=reps))
         torch.cuda.empty_cache()
+    for d in HEAD_DIMS:
+        for causal in (False, True):
+            if out_dir is not None:
+                write_all(results, out_dir, env)
+            for n in seqlens or (GPU_QUICK_SEQLENS if quick else GPU_SEQLENS):
+                for p in providers:
+                    results += bench_training(p, d, n, causal, reps=reps)
+                    torch.cuda.empty_cache()
     if out_dir is not None:
         write_all(results, out_dir, env)
     return results

@@ -4,11 +4,17 @@ A `Case` describes one call (shapes and keywords). `make_inputs` builds its tens
 from a seed derived from the case, `run` calls one backend and collects out, lse and every
 gradient, and `assert_matches` compares a backend run against the float64 reference run on the
 same (rounded) inputs.
+
+Device. By default the matrix runs on CPU tensors, every backend usable there. With
+QKV_TEST_DEVICE=cuda it runs on CUDA tensors instead: the backends usable on CUDA (the triton
+kernels compiled for the device, not interpreted), while the float64 reference stays on the CPU.
+QKV_TEST_BACKENDS=triton,sdpa narrows either list. See `select_backends`.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import zlib
 from dataclasses import dataclass, field
 
@@ -19,8 +25,29 @@ import qkv
 
 registry = importlib.import_module("qkv.attention.registry")
 
-# Backends under test: every one the registry says is usable on the CPU.
-BACKENDS: list[str] = registry.backends("cpu")
+
+def select_backends(device: str, usable: list[str], requested: str | None = None) -> list[str]:
+    """The backends the matrix runs on `device` ("cpu" or "cuda"), given the registry's list of
+    those `usable` there: all of them on the CPU; on CUDA all but the reference, which stays the
+    float64 oracle on the CPU. `requested` ("triton,sdpa") keeps only the names it lists."""
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"QKV_TEST_DEVICE must be 'cpu' or 'cuda', got {device!r}")
+    chosen = list(usable) if device == "cpu" else [n for n in usable if n != "reference"]
+    if requested:
+        names = [n.strip() for n in requested.split(",") if n.strip()]
+        unknown = sorted(set(names) - set(chosen))
+        if unknown:
+            raise ValueError(f"QKV_TEST_BACKENDS names {unknown}, not among the backends "
+                             f"usable on {device}: {chosen}")
+        chosen = [n for n in chosen if n in names]
+    return chosen
+
+
+# Where the matrix's backends run (module docstring); the reference always runs on the CPU.
+DEVICE: str = os.environ.get("QKV_TEST_DEVICE", "cpu")
+# Backends under test: by default every one the registry says is usable on the CPU.
+BACKENDS: list[str] = select_backends(DEVICE, registry.backends(DEVICE),
+                                      os.environ.get("QKV_TEST_BACKENDS"))
 
 # Slow backends declare the largest sizes the matrix may give them (the Triton interpreter runs
 # every program instance in Python). Cases above a cap are skipped for that backend.
@@ -56,9 +83,12 @@ GRAD_TOL = {
 LOW_PRECISION = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def best_dtype(name: str) -> torch.dtype:
-    """float64 where the backend accepts it, else float32."""
-    return torch.float64 if torch.float64 in registry.get(name).dtypes else torch.float32
+def best_dtype(name: str, device: str | None = None) -> torch.dtype:
+    """float64 where the backend accepts it, else float32 on the CPU and float16 on CUDA, where
+    the triton kernels' fp32 (ieee dot) builds take 10-70 s each to compile."""
+    if torch.float64 in registry.get(name).dtypes:
+        return torch.float64
+    return torch.float16 if (device or DEVICE) == "cuda" else torch.float32
 
 
 @dataclass(frozen=True)
@@ -170,26 +200,31 @@ def attend(name: str, q, k, v, **kw):
         refused(name, err, kw)
 
 
-def cast(inputs, kw, dtype, grad_bias: bool):
-    """Inputs in `dtype` as fresh leaves that require grad (bias too, when asked)."""
-    q, k, v = (t.detach().to(dtype).requires_grad_() for t in inputs)
-    kw = dict(kw)
+def cast(inputs, kw, dtype, grad_bias: bool, device: str | None = None):
+    """Inputs in `dtype` on `device` (default `DEVICE`) as fresh leaves that require grad (bias
+    too, when asked); the keyword tensors move to that device."""
+    device = device or DEVICE
+    q, k, v = (t.detach().to(device, dtype).requires_grad_() for t in inputs)
+    kw = {key: value.to(device) if isinstance(value, torch.Tensor) else value
+          for key, value in kw.items()}
     if "bias" in kw:
         kw["bias"] = kw["bias"].detach().to(dtype).requires_grad_(grad_bias)
     return (q, k, v), kw
 
 
-def run(name: str, inputs, kw, dtype, *, with_lse: bool, seed: int = 0, grad_bias: bool = True):
-    """Call one backend and backpropagate fixed random cotangents through out (and lse)."""
-    (q, k, v), kw = cast(inputs, kw, dtype, grad_bias)
+def run(name: str, inputs, kw, dtype, *, with_lse: bool, seed: int = 0, grad_bias: bool = True,
+        device: str | None = None):
+    """Call one backend (on `device`, default `DEVICE`) and backpropagate fixed random
+    cotangents through out (and lse)."""
+    (q, k, v), kw = cast(inputs, kw, dtype, grad_bias, device)
     torch.manual_seed(seed)  # the dropout mask is drawn from torch's default generator
     res = attend(name, q, k, v, return_lse=with_lse, **kw)
     out, lse = res if with_lse else (res, None)
     g = torch.Generator().manual_seed(1234)
-    dout = torch.randn(out.shape, dtype=torch.float64, generator=g)
+    dout = torch.randn(out.shape, dtype=torch.float64, generator=g).to(out.device)
     loss = (out.double() * dout).sum()
     if lse is not None:
-        dlse = torch.randn(lse.shape, dtype=torch.float64, generator=g)
+        dlse = torch.randn(lse.shape, dtype=torch.float64, generator=g).to(lse.device)
         finite = torch.isfinite(lse)
         loss = loss + (torch.where(finite, lse, 0.0).double() * dlse).sum()
     loss.backward()
@@ -201,19 +236,21 @@ def run(name: str, inputs, kw, dtype, *, with_lse: bool, seed: int = 0, grad_bia
 
 
 def reference_run(inputs, kw, dtype, *, with_lse: bool, seed: int = 0, grad_bias: bool = True):
-    """The float64 reference on the inputs rounded to `dtype` (so both see the same numbers)."""
+    """The float64 reference, on the CPU, on the inputs rounded to `dtype` (so both see the same
+    numbers)."""
     rounded = tuple(t.to(dtype).double() for t in inputs)
     kw = dict(kw)
     if "bias" in kw:
         kw["bias"] = kw["bias"].to(dtype).double()
     return run("reference", rounded, kw, torch.float64, with_lse=with_lse, seed=seed,
-               grad_bias=grad_bias)
+               grad_bias=grad_bias, device="cpu")
 
 
 def assert_close(actual, expected, tol, what: str):
-    """|actual - expected| <= atol + rtol * max|expected|, with -inf matching -inf exactly."""
+    """|actual - expected| <= atol + rtol * max|expected|, with -inf matching -inf exactly (on
+    the CPU, wherever the two were computed)."""
     assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
-    a, e = actual.double(), expected.double()
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
     assert not torch.isnan(a).any(), f"{what}: NaN"
     inf_a, inf_e = torch.isinf(a), torch.isinf(e)
     assert torch.equal(inf_a, inf_e) and torch.equal(a[inf_a], e[inf_e]), f"{what}: infs differ"

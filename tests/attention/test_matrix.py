@@ -3,6 +3,8 @@
 Each case is run forward and backward on a backend (in float64 where it accepts it, else
 float32) and on the reference in float64 with the same rounded inputs; out, lse and the
 gradients of q, k, v and bias must agree. `with_lse` also sends a gradient through the lse.
+With QKV_TEST_DEVICE=cuda the backends run on CUDA tensors and the reference stays on the CPU
+(`_support`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import torch
 import qkv
 
 from ._support import (
+    DEVICE,
     GRAD_TOL,
     LOW_PRECISION,
     TOL,
@@ -20,6 +23,7 @@ from ._support import (
     assert_close,
     assert_matches,
     best_dtype,
+    cast,
     check_cap,
     make_inputs,
     reference_run,
@@ -162,17 +166,19 @@ def test_empty_rows_are_zero_with_no_gradient(backend):
     ref = reference_run(inputs, kw, dtype, with_lse=True)
     empty = torch.isneginf(ref["lse"])  # (B, Hq, Lq)
     assert empty[0].all() and empty[:, :, ::3].all() and empty[1, :, :7].all()
-    q, k, v = (t.to(dtype).requires_grad_() for t in inputs)
+    (q, k, v), kw = cast(inputs, kw, dtype, grad_bias=False)
     out, lse = _attend_with_lse(backend, q, k, v, kw)
+    out = out.cpu()
     if lse is not None:
-        assert torch.equal(torch.isneginf(lse), empty)
+        assert torch.equal(torch.isneginf(lse.cpu()), empty)
     assert not torch.isnan(out).any()
     assert (out[empty] == 0).all()
     out.sum().backward()
-    for t in (q, k, v):
-        assert not torch.isnan(t.grad).any()
-    assert (q.grad[empty] == 0).all()
-    assert (k.grad[0] == 0).all() and (v.grad[0] == 0).all()
+    dq, dk, dv = (t.grad.cpu() for t in (q, k, v))
+    for g in (dq, dk, dv):
+        assert not torch.isnan(g).any()
+    assert (dq[empty] == 0).all()
+    assert (dk[0] == 0).all() and (dv[0] == 0).all()
 
 
 def _noncontiguous(t: torch.Tensor, how: str) -> torch.Tensor:
@@ -180,7 +186,7 @@ def _noncontiguous(t: torch.Tensor, how: str) -> torch.Tensor:
     if how == "transposed":  # stored as (B, L, H, D), as a projection produces it
         return t.transpose(1, 2).contiguous().transpose(1, 2)
     B, H, L, D = t.shape  # "sliced": every other position of a longer, wider buffer
-    big = torch.zeros(B, H, 2 * L, D + 8, dtype=t.dtype)
+    big = torch.zeros(B, H, 2 * L, D + 8, dtype=t.dtype, device=t.device)
     big[:, :, ::2, 3:3 + D] = t
     return big[:, :, ::2, 3:3 + D]
 
@@ -192,9 +198,9 @@ def test_noncontiguous_inputs(backend, how):
     check_cap(backend, case)
     dtype = best_dtype(backend)
     inputs, kw = make_inputs(case)
-    q, k, v = (_noncontiguous(t.to(dtype), how).requires_grad_() for t in inputs)
+    q, k, v = (_noncontiguous(t.to(DEVICE, dtype), how).requires_grad_() for t in inputs)
     assert not any(t.is_contiguous() for t in (q, k, v))
-    out = qkv.attention(q, k, v, backend=backend, **kw | {"bias": kw["bias"].to(dtype)})
+    out = qkv.attention(q, k, v, backend=backend, **kw | {"bias": kw["bias"].to(DEVICE, dtype)})
     out.sum().backward()
     rq, rk, rv = (t.to(dtype).double().requires_grad_() for t in inputs)
     rout = qkv.attention(rq, rk, rv, backend="reference",
@@ -212,8 +218,10 @@ def test_gradient_through_lse_only(backend):
     dtype = best_dtype(backend)
     inputs, kw = make_inputs(case)
     grads = []
-    for name, dt in ((backend, dtype), ("reference", torch.float64)):
-        q, k, v = (t.to(dtype).to(dt).requires_grad_() for t in inputs)
+    for name, dt, dev in ((backend, dtype, DEVICE), ("reference", torch.float64, "cpu")):
+        q, k, v = (t.to(dtype).to(dev, dt).requires_grad_() for t in inputs)
+        kw = {key: value.to(dev) if isinstance(value, torch.Tensor) else value
+              for key, value in kw.items()}
         try:
             _, lse = qkv.attention(q, k, v, return_lse=True, backend=name, **kw)
         except NotImplementedError as err:
@@ -231,11 +239,11 @@ def test_gradient_through_lse_only(backend):
 def test_degenerate_shapes(backend, B, Lq, Lk):
     """Empty batch, no queries, no keys: right shapes, zeros, gradients that exist."""
     dtype = best_dtype(backend)
-    q = torch.randn(B, 4, Lq, 8, dtype=dtype, requires_grad=True)
-    k = torch.randn(B, 2, Lk, 8, dtype=dtype, requires_grad=True)
-    v = torch.randn(B, 2, Lk, 6, dtype=dtype, requires_grad=True)
-    out = qkv.attention(q, k, v, causal=True, kv_lengths=torch.full((B,), Lk),
-                        mask=torch.ones(Lq, Lk, dtype=torch.bool), backend=backend)
+    f = dict(dtype=dtype, device=DEVICE, requires_grad=True)
+    q = torch.randn(B, 4, Lq, 8, **f)
+    k, v = torch.randn(B, 2, Lk, 8, **f), torch.randn(B, 2, Lk, 6, **f)
+    out = qkv.attention(q, k, v, causal=True, kv_lengths=torch.full((B,), Lk, device=DEVICE),
+                        mask=torch.ones(Lq, Lk, dtype=torch.bool, device=DEVICE), backend=backend)
     assert out.shape == (B, 4, Lq, 6)
     assert (out == 0).all()
     out.sum().backward()
@@ -244,7 +252,7 @@ def test_degenerate_shapes(backend, B, Lq, Lk):
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
 def test_lse_is_float32(backend, dtype):
-    q = torch.randn(1, 2, 5, 8, dtype=dtype)
+    q = torch.randn(1, 2, 5, 8, dtype=dtype, device=DEVICE)
     try:
         out, lse = qkv.attention(q, q, q, return_lse=True, backend=backend)
     except NotImplementedError as err:
