@@ -84,8 +84,9 @@ LOW_PRECISION = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def best_dtype(name: str, device: str | None = None) -> torch.dtype:
-    """float64 where the backend accepts it, else float32 on the CPU and float16 on CUDA, where
-    the triton kernels' fp32 (ieee dot) builds take 10-70 s each to compile."""
+    """float64 where the backend accepts it, else float32 on the CPU and float16 on CUDA (the
+    tensor-core path GPU training runs; the low-precision and large-logit tests add bfloat16 and
+    float32)."""
     if torch.float64 in registry.get(name).dtypes:
         return torch.float64
     return torch.float16 if (device or DEVICE) == "cuda" else torch.float32

@@ -9,9 +9,8 @@ On a GPU machine, QKV_TEST_DEVICE=cuda runs test_matrix.py on CUDA tensors (`_su
 the triton kernels are compiled for the device, which dominates the run, so:
 - each kernel runs the first config of its autotune list only (QKV_TEST_TRITON_CONFIGS=all
   tunes over the whole list; =first pins it in any run with CUDA, e.g. the `gpu` tests);
-- float32 triton items move to `-m slow` (an ieee-dot build takes 10-70 s to compile; the `gpu`
-  tests of test_triton.py cover float32), and so does the out-only variant of each matrix
-  case, as under the interpreter (`slow_here`);
+- the out-only variant of each matrix case moves to `-m slow`, as under the interpreter
+  (`slow_here`);
 - QKV_TEST_SHARD=i/n keeps the i-th of n shards, so n processes can compile in parallel.
 """
 
@@ -112,18 +111,15 @@ def parse_shard(spec: str | None) -> tuple[int, int] | None:
     return i, n
 
 
-def slow_here(item, device: str) -> bool:
-    """Whether a triton test item moves to `-m slow` (module docstring): float32 on CUDA, and
-    the matrix's out-only variant of each case wherever triton runs it (compiled or in the
-    interpreter). Its forward and its dK/dV kernel are the ones the lse variant runs too, and
-    its dQ kernels differ only by not subtracting dlse from delta; out-only backward stays
-    covered by the low-precision, large-logit, varlen and property tests."""
+def slow_here(item) -> bool:
+    """Whether a test item moves to `-m slow` (module docstring): the matrix's out-only variant
+    of each case for triton, wherever it runs (compiled or in the interpreter). Its forward and
+    its dK/dV kernel are the ones the lse variant runs too, and its dQ kernels differ only by
+    not subtracting dlse from delta; out-only backward stays covered by the low-precision,
+    large-logit, varlen and property tests."""
     params = getattr(getattr(item, "callspec", None), "params", {})
-    if params.get("backend") != "triton":
-        return False
-    if device == "cuda" and params.get("dtype") == torch.float32:
-        return True
-    return item.originalname == "test_matches_reference" and params.get("with_lse") is False
+    return (params.get("backend") == "triton" and item.originalname == "test_matches_reference"
+            and params.get("with_lse") is False)
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -131,7 +127,7 @@ def pytest_collection_modifyitems(config, items):
     """Move items to `-m slow` (`slow_here`), before `-m` selects; on CUDA test runs, skip the
     tests outside test_matrix.py that take a backend (they build CPU tensors)."""
     for item in items:
-        if slow_here(item, DEVICE):
+        if slow_here(item):
             item.add_marker(pytest.mark.slow)
         uses_backend = {"backend", "any_backend"} & set(getattr(item, "fixturenames", ()))
         if DEVICE == "cuda" and uses_backend and item.path.name != "test_matrix.py":

@@ -93,15 +93,35 @@ def test_cli_measures_on_the_cuda_device_it_names(monkeypatch):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-def test_gpu_script_is_the_cuda_bench_command():
+def test_gpu_script_says_it_needs_cuda():
     root = Path(__file__).resolve().parents[2]
     result = subprocess.run([sys.executable, "benchmarks/attention_gpu.py", "--quick"], cwd=root,
                             capture_output=True, text=True, timeout=120,
                             env={**os.environ, "PYTHONPATH": str(root)})
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [
-        "error: device 'cuda' was asked for, but CUDA is not available on this machine; "
-        "use --device cpu (or auto)"]
+        "error: attention_gpu.py needs CUDA, and this machine has none"]
+
+
+def test_gpu_script_passes_its_options_to_the_sweep(tmp_path, monkeypatch, capsys):
+    """benchmarks/attention_gpu.py (argparse, no CLI packages needed) runs the same sweep."""
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[2]
+    spec = importlib.util.spec_from_file_location("attention_gpu",
+                                                  root / "benchmarks" / "attention_gpu.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    calls = []
+    monkeypatch.setattr(bench.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(bench, "run_gpu_sweep", lambda out, **kw: calls.append((out, kw))
+                        or fake_gpu_rows())
+    out = tmp_path / "o"
+    assert script.main(["--out", str(out), "--n", "2048", "--reps", "3",
+                        "--provider", "qkv-triton", "--provider", "sdpa-cudnn"]) == 0
+    assert calls == [(str(out), dict(quick=False, seqlens=[2048], reps=3,
+                                     providers=["qkv-triton", "sdpa-cudnn"]))]
+    assert out.is_dir() and "| 128 | yes | 1024 | fwd |" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("memory", ["--memory", "--no-memory"])
