@@ -7,6 +7,7 @@ import importlib.util
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -133,3 +134,36 @@ def test_dry_run_of_gpu_check_runs_every_step_in_budget(tmp_path):
     assert any(c.startswith("benchmarks/attention_gpu.py --out") for c in calls)
     assert any(c.startswith("benchmarks/gpu_tuning.py --out") for c in calls)
     assert any(c.startswith("benchmarks/gpu_report.py") for c in calls)
+
+
+BLOCKER = '''
+import sys
+BLOCKED = {"typer", "rich", "click", "matplotlib", "scipy", "safetensors", "tokenizers",
+           "pyhmmer", "hypothesis", "transformers", "xdist"}
+class _Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ModuleNotFoundError(f"No module named {name!r}")
+sys.meta_path.insert(0, _Block())
+'''
+ON_THE_GPU_MACHINE = '''
+import runpy, sys, tempfile
+import qkv, qkv.attention, qkv.bench.gpu as gpu
+import tests.attention._support, tests.attention.conftest
+for name in ("gpu_tuning", "gpu_report", "attention_gpu"):
+    runpy.run_path(f"benchmarks/{name}.py")
+gpu.write_all([], tempfile.mkdtemp(), {})
+print("imports ok")
+'''
+
+
+def test_the_gpu_run_needs_only_torch_triton_numpy_and_pytest(tmp_path):
+    """The reference GPU machine has nothing else: everything gpu_check.sh runs imports there."""
+    (tmp_path / "sitecustomize.py").write_text(BLOCKER)
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"}
+    res = subprocess.run([sys.executable, "-c", ON_THE_GPU_MACHINE], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "imports ok" in res.stdout, res.stderr[-3000:]
+    check = subprocess.run([sys.executable, "-c", "import matplotlib"], env=env,
+                           capture_output=True, text=True, timeout=60)
+    assert check.returncode != 0  # the blocker works
