@@ -70,12 +70,19 @@ def split_thresholds(rows: list[dict]) -> dict[int, int | None]:
     return out
 
 
-def threshold_rule(thresholds: dict[int, int | None]) -> str:
-    """One sentence: the DECODE_MIN_LK (and DECODE_MAX_LQ) the measurements call for."""
+def timed_lqs(rows: list[dict]) -> set[int]:
+    """The Lq with at least one (Lk) point timed both ways."""
+    return {r["lq"] for r in rows if r.get("split_ms") and r.get("plain_ms")}
+
+
+def threshold_rule(thresholds: dict[int, int | None], timed=None) -> str:
+    """One sentence: the DECODE_MIN_LK (and DECODE_MAX_LQ) the measurements call for. `timed`:
+    the Lq that have timings (default all); an Lq without any is not counted as a loss."""
+    timed = set(thresholds) if timed is None else set(timed)
     won = {lq: lk for lq, lk in thresholds.items() if lk is not None}
     if not won:
         return "split-KV never beat the plain forward at the largest cache measured: keep it off."
-    never = sorted(lq for lq, lk in thresholds.items() if lk is None)
+    never = sorted(lq for lq, lk in thresholds.items() if lk is None and lq in timed)
     text = (f"DECODE_MIN_LK = {max(won.values())} is right for every Lq in {sorted(won)} "
             f"(per Lq: {', '.join(f'{lq}: {lk}' for lq, lk in sorted(won.items()))})")
     if never:
@@ -117,8 +124,10 @@ def markdown(threshold_rows: list[dict], rank_rows: list[dict]) -> str:
                 r = next((r for r in threshold_rows if r["lq"] == lq and r["lk"] == lk), None)
                 ok = r is not None and r.get("split_ms") and r.get("plain_ms")
                 cells.append(_fmt(r["plain_ms"] / r["split_ms"], 2) if ok else "-")
-            lines.append(f"| {lq} | " + " | ".join(cells) + f" | {found[lq] or 'never'} |")
-        lines += ["", threshold_rule(found)]
+            timed = any(c != "-" for c in cells)
+            verdict = found[lq] or ("never" if timed else "not measured")
+            lines.append(f"| {lq} | " + " | ".join(cells) + f" | {verdict} |")
+        lines += ["", threshold_rule(found, timed_lqs(threshold_rows))]
     if rank_rows:
         providers = [p for p in RANK_PROVIDERS if any(r["provider"] == p for r in rank_rows)]
         lines += ["", "auto's CUDA order: milliseconds per call (bf16, d = 128).", "",
@@ -312,7 +321,8 @@ def write(out_dir, thresholds: list[dict], ranks: list[dict], env: dict | None =
     atomic_write_text(out / "gpu_tuning.json", json.dumps(
         {"environment": env or {}, "threshold": thresholds, "ranking": ranks,
          "split_wins_from": {str(k): v for k, v in found.items()},
-         "rule": threshold_rule(found) if thresholds else None}, indent=1))
+         "rule": threshold_rule(found, timed_lqs(thresholds)) if thresholds else None},
+        indent=1))
     atomic_write_text(out / "gpu_tuning.md", md)
     return md
 

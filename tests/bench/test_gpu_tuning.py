@@ -42,9 +42,10 @@ def test_threshold_is_where_split_wins_from_on():
     rows.append(dict(lq=8, lk=256, plain_ms=None, split_ms=None, error="RuntimeError: x"))
     found = tuning.split_thresholds(rows)
     assert found == {1: 512, 4: 1024, 8: None, 16: None}
-    rule = tuning.threshold_rule(found)
+    rule = tuning.threshold_rule(found, tuning.timed_lqs(rows))
     assert rule.startswith("DECODE_MIN_LK = 1024 is right for every Lq in [1, 4]")
-    assert "never won for Lq in [8, 16], so DECODE_MAX_LQ should be below 8" in rule
+    assert "never won for Lq in [16], so DECODE_MAX_LQ should be below 16" in rule  # 8: no data
+    assert "| 8 | - | - | - | - | not measured |" in tuning.markdown(rows, [])
     assert "keep it off" in tuning.threshold_rule({1: None})
 
 
