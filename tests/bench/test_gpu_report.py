@@ -3,7 +3,6 @@ benchmarks/gpu_check.sh with a stand-in python checks its steps, processes and b
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -14,19 +13,12 @@ import pytest
 
 from qkv.bench import gpu as bench
 from tests.bench.test_gpu_targets import fake_results
+from tests.bench.test_gpu_tuning import _load, tuning
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 report = _load("gpu_report")
-tuning = _load("gpu_tuning")
 
 FINISHED = """tests/attention/test_matrix.py::test_matches_reference[lse-plain-triton] PASSED [ 50%]
 tests/attention/test_matrix.py::test_matches_reference[lse-plain-sdpa] FAILED [100%]
