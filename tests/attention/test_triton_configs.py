@@ -78,11 +78,16 @@ def test_families_are_tuned_apart_within_a_length_bucket(handed):
     assert len(launch._TUNED) == len(launch.KINDS) * len(PRECS) * 3
 
 
+_SINGLE = {("dkdv", "32", 128), ("dq_delta", "32", 128)}
+
+
 def test_every_family_has_a_list_of_valid_configs():
     assert set(launch.CONFIGS) == set(itertools.product(
         launch.KINDS, launch.DTYPE_CLASSES, launch.HEAD_DIM_CLASSES))
     for family, cfgs in launch.CONFIGS.items():
-        assert len(cfgs) >= 2, family  # something left for the autotuner to choose
+        # something for the autotuner to choose between, except in the two fp32 families
+        # where the compile check found a single config that does not spill
+        assert len(cfgs) >= (1 if family in _SINGLE else 2), family
         assert len(set(cfgs)) == len(cfgs), family
         for bm, bn, warps, stages in cfgs:
             assert bm >= 16 and bn >= 16 and bm & (bm - 1) == 0 and bn & (bn - 1) == 0, family

@@ -4,9 +4,10 @@
 sequences, cache, window, scores, bias and mask with broadcast strides, dropout, shape), so each
 kernel takes the groups it uses. Inputs q, k, v are read through their strides (padded
 (B, H, L, D) or packed (total, H, D) with cu_seqlens); everything the kernels write is dense.
-On CUDA each kernel is autotuned over a small config list keyed on head dim and length buckets
-(the next power of two of Lq and Lk, at least 32; see launch.py), never on exact lengths; under
-TRITON_INTERPRET=1 (CPU) a fixed config runs.
+On CUDA each kernel is autotuned over the config list of its shape family (fp16/bf16 or fp32,
+head-dim class 64, 128 or 256), keyed on length buckets (the next power of two of Lq and Lk, at
+least the smallest tile side, 16; see launch.py), never on exact lengths; under TRITON_INTERPRET=1
+(CPU) a fixed config runs.
 """
 
 from __future__ import annotations
