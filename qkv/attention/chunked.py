@@ -159,7 +159,8 @@ def chunked_forward(q, k, v, call: AttentionCall, block_m: int, block_n: int):
     On the fused path m holds the whole lse and log_l 0, except in blocks with large scores."""
     c = call
     if pieces.usable(c, q):
-        parts = [_fused_half(q, k, v, half, sign, block_m, block_n)
+        wide = _wide(q, k, v, c, compute_dtype(q.dtype))
+        parts = [_fused_half(q, k, v, wide, half, sign, block_m, block_n)
                  for half, sign in pieces.halves(c)]
         return _exact_where_large(q, k, v, c, block_m, block_n, *pieces.merge(parts))
     ch = _Chunked(q, k, v, c, block_m, block_n)
@@ -185,11 +186,12 @@ def _one_piece(call: AttentionCall, block_m: int):
     return gs[0], pcs[0]
 
 
-def _fused_half(q, k, v, call: AttentionCall, sign: int, block_m: int, block_n: int):
-    """(out, lse) in the compute dtype of one half of the call (pieces.halves)."""
+def _fused_half(q, k, v, wide, call: AttentionCall, sign: int, block_m: int, block_n: int):
+    """(out, lse) in the compute dtype of one half of the call (pieces.halves); `wide` is q, K
+    and V as the kernel takes them (`_wide`)."""
     ct = compute_dtype(q.dtype)
     whole = _one_piece(call, block_m)
-    qx, kx, vx = _wide(q, k, v, call, ct, sign)
+    qx, kx, vx = wide
     if whole is not None:  # one kernel call, straight into the result
         return pieces.forward(call, sign, whole[1], 0, whole[0].offset, qx, kx, vx)
     out = torch.empty(call.B, call.Hq, call.Lq, call.Dv, dtype=ct, device=q.device)
@@ -207,11 +209,12 @@ def _fused_half(q, k, v, call: AttentionCall, sign: int, block_m: int, block_n: 
     return out, lse
 
 
-def _wide(q, k, v, call, ct, sign, dlse: bool = False):
+def _wide(q, k, v, call, ct, dlse: bool = False):
     """q, K and V in the compute dtype, as the fused kernel takes them: widened by one column
-    in an ALiBi half or for an lse gradient (`pieces.widened`)."""
+    under ALiBi or for an lse gradient (`pieces.widened`); shared by both ALiBi halves."""
     q, k, v = q.to(ct), k.to(ct), v.to(ct)
-    return pieces.widened(call, sign, q, k, v) if sign or dlse else (q, k, v)
+    wide = call.alibi_slopes is not None or dlse
+    return pieces.widened(call, q, k, v) if wide else (q, k, v)
 
 
 def _fused_block(ch, g, sign, i0, i1, pcs):
@@ -274,7 +277,7 @@ def chunked_backward(q, k, v, out, row_max, log_l, dout, dlse, call: AttentionCa
     whole = _one_piece(c, block_m) if len(halves) == 1 else None
     if whole is not None:  # one kernel call, no accumulation
         grads = pieces.backward(c, 0, whole[1], 0, whole[0].offset, dout.to(ct),
-                                *_wide(q, k, v, c, ct, 0, dlse is not None), out.to(ct),
+                                *_wide(q, k, v, c, ct, dlse is not None), out.to(ct),
                                 row_max + log_l, None if dlse is None else dlse.to(ct))
         return (*(g.to(t.dtype) for g, t in zip(grads, (q, k, v), strict=True)), None)
     dq = torch.zeros(c.B, c.Hq, c.Lq, c.D, dtype=ct, device=q.device)
@@ -286,11 +289,12 @@ def chunked_backward(q, k, v, out, row_max, log_l, dout, dlse, call: AttentionCa
         state = (out, dout, dlse, m_safe, log_l, large)
         for i0, i1 in ch.rows:
             _python_grads(ch, i0, i1, ch.live_cols(i0, i1), state, (dq, dk, dv, dbias))
+    wide = _wide(q, k, v, c, ct, dlse is not None) if fused else None
     for half, sign in halves:
         for g in pieces.groups(half):
             r, sub = slice(g.b0, g.b1), pieces.subcall(half, g)
             ch = _Chunked(q[r], k[r], v[r], sub, block_m, block_n)
-            ch.qx, ch.kx, ch.vx = _wide(q[r], k[r], v[r], sub, ct, sign, dlse is not None)
+            ch.qx, ch.kx, ch.vx = (t[r] for t in wide)
             state = (out[r], dout[r], None if dlse is None else dlse[r], m_safe[r], log_l[r],
                      large[r])
             grads = (dq[r], dk[r], dv[r], None)

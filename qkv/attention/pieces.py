@@ -20,7 +20,7 @@ halves that are bands themselves: keys j <= i' (the call made causal) and keys j
 window whose left end is i' + 1). On a half the bias is a·(j - c) + a·(c - i') with a = +slope or
 -slope and c a key of the piece next to the diagonal: the kernel gets it as one more head-dim
 column, q' = [q, a/scale] and k' = [k, j - c] (v gets a zero column), and a·(c - i') is added to
-the piece's lse. Query blocks stay short (ALIBI_ROWS) and c sits in the middle of a band or at the
+the piece's lse. Query blocks stay short (ALIBI_SPAN) and c sits in the middle of a band or at the
 diagonal end of a full piece, so the column's term is small next to the diagonal, and large only
 for far keys, whose weights exp(-slope·distance) it makes small anyway.
 
@@ -45,9 +45,10 @@ FLASH_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_back
 # The narrowest band worth a kernel call: a window narrower than this (left + right) leaves
 # query blocks so short that the Python blocks do them faster than many tiny calls.
 MIN_ROWS = 16
-# Query rows per block under ALiBi. Its column adds a term of up to slope·ALIBI_ROWS/2 to the
-# scores next to the diagonal, which float32 rounds by 2^-24 of it: 4e-6 at slope 1.
-ALIBI_ROWS = 128
+# Under ALiBi a query block has at most ALIBI_SPAN / slope rows (a power of two), so the column
+# adds at most slope·rows/2 = ALIBI_SPAN/2 to the scores next to the diagonal, which float32
+# rounds by 2^-24 of it: 4e-6. Standard slopes (at most 1/2) keep blocks of 256 rows.
+ALIBI_SPAN = 128.0
 
 
 @dataclass(frozen=True)
@@ -155,8 +156,10 @@ def plan(call: AttentionCall, g: Group, i0: int, i1: int) -> list[Piece] | None:
 def blocks(call: AttentionCall, g: Group, block_m: int, whole: bool = True):
     """[(i0, i1, pieces or None)] covering the query rows: one block of all rows when no piece
     of it is masked (and `whole`), else blocks of block_m rows (fewer for a narrow window)."""
-    if call.alibi_slopes is not None:  # short blocks keep ALiBi's column small (ALIBI_ROWS)
-        whole, block_m = False, min(block_m, ALIBI_ROWS)
+    if call.alibi_slopes is not None:  # short blocks keep ALiBi's column small (ALIBI_SPAN)
+        steepest = float(call.alibi_slopes.abs().max()) if call.B else 0.0
+        rows = ALIBI_SPAN / steepest if steepest > 0 else block_m
+        whole, block_m = False, max(MIN_ROWS, min(block_m, 1 << int(rows).bit_length() - 1))
     if whole:
         pieces = plan(call, g, 0, call.Lq)
         if pieces is not None and all(p.kind != "masked" for p in pieces):
@@ -182,13 +185,13 @@ def widen(t: torch.Tensor, column=0.0) -> torch.Tensor:
     return torch.cat((t, torch.as_tensor(column, dtype=t.dtype).expand(*t.shape[:3], 1)), -1)
 
 
-def widened(call: AttentionCall, sign: int, q, k, v):
-    """q, k and v widened once per call: in an ALiBi half q's column is a/scale and K's is
-    written by each piece in place (`_alibi`); all else is zero (see `backward` for dlse)."""
-    if not sign:
+def widened(call: AttentionCall, q, k, v):
+    """q, k and v widened once per call: with ALiBi q's column is slope/scale and K's is written
+    by each piece in place (`_alibi`); all else is zero (see `backward` for dlse)."""
+    if call.alibi_slopes is None:
         return widen(q), widen(k), widen(v)
-    a = sign * call.alibi_slopes.to(q.dtype) / call.scale  # (B, Hq)
-    return widen(q, a[:, :, None, None]), widen(k), widen(v)
+    slopes = call.alibi_slopes.to(q.dtype) / call.scale  # (B, Hq)
+    return widen(q, slopes[:, :, None, None]), widen(k), widen(v)
 
 
 def _alibi(call: AttentionCall, sign: int, p: Piece, i0: int, offset: int, qb, kb):
@@ -196,7 +199,8 @@ def _alibi(call: AttentionCall, sign: int, p: Piece, i0: int, offset: int, qb, k
     shift of each row's lse."""
     # c: the key next to the diagonal of a full piece, the middle of a band.
     c = (p.j0 + p.j1) // 2 if p.kind != "full" else p.j1 - 1 if sign > 0 else p.j0
-    kb[..., -1] = torch.arange(p.j0 - c, p.j1 - c, dtype=qb.dtype, device=qb.device)
+    kb[..., -1] = torch.arange(sign * (p.j0 - c), sign * (p.j1 - c), sign, dtype=qb.dtype,
+                               device=qb.device)
     rows = torch.arange(i0 + offset, i0 + qb.shape[2] + offset, dtype=qb.dtype, device=qb.device)
     a = sign * call.alibi_slopes.to(qb.dtype)  # (B, Hq)
     return a[:, :, None] * (c - rows)
