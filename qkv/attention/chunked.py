@@ -274,9 +274,9 @@ def chunked_backward(q, k, v, out, row_max, log_l, dout, dlse, call: AttentionCa
     if dlse is not None and not bool(dlse.any()):
         dlse = None
     halves = pieces.halves(c) if fused else []
-    whole = _one_piece(c, block_m) if len(halves) == 1 else None
-    if whole is not None:  # one kernel call, no accumulation
-        grads = pieces.backward(c, 0, whole[1], 0, whole[0].offset, dout.to(ct),
+    whole = _one_piece(halves[0][0], block_m) if len(halves) == 1 else None
+    if whole is not None:  # one kernel call (a plain call, or causal ALiBi), no accumulation
+        grads = pieces.backward(*halves[0], whole[1], 0, whole[0].offset, dout.to(ct),
                                 *_wide(q, k, v, c, ct, dlse is not None), out.to(ct),
                                 row_max + log_l, None if dlse is None else dlse.to(ct))
         return (*(g.to(t.dtype) for g, t in zip(grads, (q, k, v), strict=True)), None)

@@ -28,6 +28,8 @@ PATTERN = {
 def bands(draw):
     B = draw(st.integers(1, 3))
     Lq, Lk = draw(st.integers(1, 70)), draw(st.integers(1, 70))
+    if draw(st.booleans()):  # square calls are one kernel call: a path of their own
+        Lk = Lq
     kw = {"causal": draw(st.booleans())}
     if draw(st.booleans()):
         side = st.one_of(st.none(), st.integers(0, 40))
@@ -187,3 +189,19 @@ def test_large_scores_keep_m_and_log_l_apart(dtype):
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
     torch.testing.assert_close((m + log_l).double(), lse, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("with_lse", [False, True])
+@pytest.mark.parametrize("kw", [{}, {"causal": True}, {"alibi_slopes": torch.tensor([0.5, 0.25])},
+                                {"causal": True, "alibi_slopes": torch.tensor([0.5, 0.25])}])
+def test_one_kernel_call_calls_match_reference(kw, with_lse):
+    """Calls short enough to be one block: plain and square causal are one kernel call, and so
+    is causal ALiBi's only half (its backward must keep ALiBi's column)."""
+    kw = {key: val.double() if torch.is_tensor(val) else val for key, val in kw.items()}
+    q, k, v = _tensors((2, 2, 2, 12, 12))
+    out_w = torch.randn(q.shape, dtype=q.dtype)
+    lse_w = torch.randn(q.shape[:3], dtype=q.dtype) * with_lse
+    got = _grads(q, k, v, "chunked", kw, None, out_w, lse_w)
+    want = _grads(q, k, v, "reference", kw, None, out_w, lse_w)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-9)
