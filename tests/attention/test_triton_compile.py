@@ -2,7 +2,8 @@
 benchmarks/triton_compile_check.py: every kernel, its first config, plain, D = 64, fp16).
 
 The suite runs triton in its interpreter (tests/conftest.py), whose kernels cannot be compiled,
-so the compiles run in a child process without TRITON_INTERPRET. About 15 s on 2 cores.
+so the compiles run in a child process without TRITON_INTERPRET, one at a time (14 compiles,
+about 15-25 s on 2 cores).
 """
 
 import json
@@ -18,7 +19,7 @@ _CHILD = """
 import json, sys
 from qkv.attention.triton import compile_check as cc
 todo = [(c, a) for c in cc.quick_cases() for a in cc.TARGETS]
-json.dump([r.as_dict() for r in cc.compile_many(todo, workers=2)], open(sys.argv[1], "w"))
+json.dump([r.as_dict() for r in cc.compile_many(todo, workers=1)], open(sys.argv[1], "w"))
 """
 
 

@@ -1,18 +1,22 @@
 """Kernel launching: autotuned on CUDA, a fixed block size under TRITON_INTERPRET=1.
 
 Config lists. Each autotuned launch kind (the forward "fwd"; the backward's dK/dV kernel "dkdv",
-its dQ kernel "dq", and the dQ kernel's delta pass "dq_delta", tuned apart) has one list of (BLOCK_M, BLOCK_N, warps, stages) per shape family:
-the dtype class ("16": fp16/bf16 on tensor cores, "32": fp32 with the ieee dot, done on the FMA
-units) and the head-dim class (64: padded head dims up to 64, 128, 256; the larger of D and Dv).
-The lists were chosen by compiling every candidate for sm_90 and sm_80 without a GPU
-(compile_check.py, benchmarks/triton_compile_check.py) and keeping the largest tiles that spill
-no register in any feature set; where none is spill-free (fp32 at wide heads) they hold the
-configs that spill least. `family(prob)` picks the family of a call, `pairs(kind, prob)` its list.
+its dQ kernel "dq", and the dQ kernel's delta pass "dq_delta", tuned apart) has one list of
+(BLOCK_M, BLOCK_N, warps, stages) per shape family: the dtype class ("16": fp16/bf16 on tensor
+cores; "32": fp32 with the ieee dot, on the FMA units) and the head-dim class (64 for padded head
+dims up to 64, 128, 256; of the larger of D and Dv). The lists were chosen by compiling
+candidates for sm_90 and sm_80 without a GPU (compile_check.py, benchmarks/
+triton_compile_check.py) and keeping the largest tiles that spill no register in any feature
+set on either target. Where a family had no spill-free candidate (fp32 dQ at D = 128) its list
+holds those that spilled least. Registers, not shared memory, bound the tiles: bias + mask is
+the feature set that spills first in fp16/bf16, fp32 at 4 warps spills kilobytes, and one
+pipeline stage (s1) instead of two often removes a backward kernel's spill. `family(prob)` picks a call's family, `pairs(kind,
+prob)` its list.
 
 Tuning is keyed on length buckets, not on exact lengths: a call is tuned once per (kernel, its
 family, bucket of Lq, bucket of Lk, the flags in `_KEY`, the tensors' dtypes), where bucket(n) =
 max(LENGTH_BUCKET_FLOOR, next power of two of n). The floor is the smallest tile side of any
-config (see LENGTH_BUCKET_FLOOR): up to it every config covers the whole length with one block,
+config (LENGTH_BUCKET_FLOOR, 16): up to it every config covers the whole length with one block,
 so the configs rank alike. Lengths 1..floor share one bucket, and each power of two above it
 opens the next: lengths up to 2^k fall in k - log2(floor) + 1 buckets, so the tunings of a
 kernel grow with the logarithm of the longest length, not with how many distinct lengths run
