@@ -157,7 +157,8 @@ def _attention_backward(
         grads = triton_backward(q, k, v, out, lse, dout, dlse, call, bias_grad)
     elif backend == "sdpa" and _flash_cpu(call, q):
         grads = (*torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            dout.contiguous(), q, k, v, out, lse, 0.0, call.causal, scale=call.scale), None)
+            dout.contiguous(), q, k, v, out, lse, 0.0, sdpa.torch_is_causal(call),
+            scale=call.scale), None)
     elif backend == "chunked":
         m = lse.to(compute_dtype(q.dtype))
         grads = chunked.chunked_backward(q, k, v, out, m, torch.zeros_like(m), dout, dlse, call,
@@ -183,7 +184,7 @@ def _flash_cpu(call: AttentionCall, q: Tensor) -> bool:
 def _flash_cpu_forward(q, k, v, call: AttentionCall):
     """torch's CPU flash forward, the kernel F.scaled_dot_product_attention runs for the call."""
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        q, k, v, 0.0, call.causal, scale=call.scale)
+        q, k, v, 0.0, sdpa.torch_is_causal(call), scale=call.scale)
 
 
 def _recomputed_grads(backend, q, k, v, call: AttentionCall, dout, dlse, bias_grad: bool):

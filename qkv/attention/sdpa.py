@@ -57,15 +57,21 @@ def prefers(call: AttentionCall, q: torch.Tensor) -> bool:
 
 
 def needs_explicit_mask(call: AttentionCall) -> bool:
-    """Whether torch needs a mask for the call's visibility (all but none and square causal)."""
-    square_causal = call.causal and call.Lq == call.Lk and call.q_offset is None
+    """Whether torch needs a mask for the call's visibility (all but none, square causal, and
+    causal with one query, which sees every key: a decoding step)."""
+    trivial_causal = call.Lq == 1 and call.q_offset is None
     return (
-        (call.causal and not square_causal)
+        (call.causal and not torch_is_causal(call) and not trivial_causal)
         or call.window is not None
         or call.kv_lengths is not None
         or call.mask is not None
         or call.q_offset is not None
     )
+
+
+def torch_is_causal(call: AttentionCall) -> bool:
+    """torch's top-left `is_causal` for the call: qkv's bottom-right causal only when square."""
+    return call.causal and call.Lq == call.Lk and call.q_offset is None
 
 
 def _alibi_call(call: AttentionCall) -> AttentionCall:
@@ -124,7 +130,7 @@ def forward(q, k, v, call: AttentionCall):
     out = F.scaled_dot_product_attention(
         q, k, v,
         attn_mask=attn_mask,
-        is_causal=call.causal and attn_mask is None,
+        is_causal=torch_is_causal(call) and attn_mask is None,
         scale=call.scale,
         # K/V heads as they are: torch's CPU flash kernel and its math path take GQA.
         enable_gqa=call.Hq != call.Hk,

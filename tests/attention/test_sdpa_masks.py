@@ -58,6 +58,7 @@ CASES = {
                           (B, 1, LQ, LK)),
     "decode_kv_lengths": (1, lambda g: dict(kv_lengths=torch.tensor([LK, 3, 0])), (B, 1, 1, LK)),
     "window": (LQ, lambda g: dict(window=(3, 1)), (1, 1, LQ, LK)),
+    "decode_causal": (1, lambda g: dict(causal=True), None),  # one query sees every key
     "head_mask": (LQ, lambda g: dict(mask=torch.rand(1, HQ, LQ, LK, generator=g) < 0.3),
                   (1, HQ, LQ, LK)),
     "head_bias_causal": (LQ, lambda g: dict(
@@ -91,13 +92,24 @@ def test_mask_keeps_its_broadcast_shape(seen, name):
     assert call.mask_shape == shape
     assert call.k_shape == (B, HK, LK, D) and call.enable_gqa  # K/V never repeated
     # Nothing of size > 1 is a stride-0 view: torch reads no broadcast dimension twice.
-    assert all(s != 0 for n, s in zip(shape, call.mask_strides, strict=True) if n > 1)
+    assert shape is None or all(
+        s != 0 for n, s in zip(shape, call.mask_strides, strict=True) if n > 1)
 
 
 def test_square_causal_needs_no_mask(seen):
     q, k, v = _inputs(LK, torch.float32, _g())
     qkv.attention(q, k, v, causal=True, backend="sdpa")
     assert seen[0].mask_shape is None
+
+
+def test_decoding_step_needs_no_mask_and_no_top_left_causal(seen, monkeypatch):
+    # Bottom-right causal with one query sees every key; torch's top-left is_causal would let
+    # it see key 0 alone.
+    q, k, v = _inputs(1, torch.float64, _g())
+    out = qkv.attention(q, k, v, causal=True, backend="sdpa")
+    assert seen[0].mask_shape is None
+    want = qkv.attention(q, k, v, backend="reference")
+    torch.testing.assert_close(out, want)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
