@@ -144,7 +144,7 @@ def memory(spec: ModelSpec, shapes: Shapes, params: int, n: int, batch: int, dty
         cache = kv_cache_bytes(batch, s.kv_heads, n, s.head_dim, e) * s.layers
         out["kv_cache"] = cache
         step = batch * (_per_token_busiest(s) + s.d) * e + batch * s.vocab * FP32
-        # one layer's cache is copied by torch.cat while the old one is alive
+        # a layer whose buffer moves to one an eighth larger keeps the old one alive meanwhile
         out["activations"] = step + cache // max(s.layers, 1)
     out["total"] = sum(out.values())
     return out
