@@ -63,7 +63,8 @@ def _keywords(spec, s) -> dict:
     return spec
 
 
-def _time(fn, reps: int) -> float:
+def best_time(fn, reps: int) -> float:
+    """Seconds of the fastest of `reps` calls of fn, after one untimed call."""
     fn()
     best = float("inf")
     for _ in range(reps):
@@ -95,7 +96,7 @@ def main(argv=None) -> None:
             kw = _keywords(spec, s)
             scores = s["Lq"] * s["Lk"]
             reps = 5 if scores < 2048 * 2048 else 3
-            ms = {b: _time(_call(q, k, v, b, kw), reps) * 1e3
+            ms = {b: best_time(_call(q, k, v, b, kw), reps) * 1e3
                   for b in backends if b != "reference" or scores <= 1024 * 1024}
             chose = _chosen(q, k, v, kw)
             cells = [f"{ms[b]:.2f}" if b in ms else "–" for b in backends]

@@ -8,22 +8,12 @@
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
+from auto_policy_cpu import best_time  # this folder
 
 import qkv
 from qkv.attention import pieces
-
-
-def _best(fn, reps: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def _run(q, k, v, backend: str, causal: bool, mode: str):
@@ -51,7 +41,7 @@ def main(argv=None) -> None:
                 times = []
                 for backend, fused in (("sdpa", True), ("chunked", True), ("chunked", False)):
                     pieces.usable = usable if fused else (lambda call, q: False)
-                    times.append(_best(_run(q, k, v, backend, causal, mode), args.reps))
+                    times.append(best_time(_run(q, k, v, backend, causal, mode), args.reps))
                 print(f"| {args.n} | {mode} | {causal} | "
                       + " | ".join(f"{t:.3f}" for t in times)
                       + f" | {times[1] / times[0]:.2f}× | {times[2] / times[0]:.2f}× |",
