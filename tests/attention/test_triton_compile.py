@@ -59,3 +59,14 @@ def test_every_kernel_compiles_for_sm90_and_sm80(results, record_property):
                      f"{r['spill']} B spilled, {r['shared']} B shared")
     record_property("compile_figures", "; ".join(lines))
     print("\n" + "\n".join(lines))  # shown with pytest -s / -rP
+
+
+def test_decode_split_cases_follow_its_launch_config():
+    """The compile check compiles decode split in the config decode_forward launches: fp32 and
+    wide heads get their own (spill-free on sm_90 and sm_80, RESULTS.md)."""
+    from qkv.attention.triton import compile_check as cc
+    from qkv.attention.triton import kernels_decode
+    for case in cc.cases(kernels=("decode_split",)):
+        want = kernels_decode.split_config(case.dtype == "fp32", case.head_dim)
+        assert (case.block_n, case.num_warps, case.num_stages) == want
+    assert kernels_decode.split_config(True, 128) != kernels_decode.split_config(False, 128)

@@ -149,14 +149,14 @@ def tuned_configs(kernel: str, dtype: str, d: int) -> list[tuple[int, int, int, 
     return list(launch.config_list(KIND[kernel], "32" if dtype == "fp32" else "16", d))
 
 
-def _fixed_configs(kernel: str, features: str, d: int) -> list[tuple[int, int, int, int]]:
+def _fixed_configs(kernel: str, features: str, d: int,
+                   dtype: str) -> list[tuple[int, int, int, int]]:
     """The fixed sizes of the kernels launched without autotuning (see the module docstring)."""
     if kernel == "bwd_preprocess":
         return [(64, 0, 4, 3)]  # triton's defaults: 4 warps, 3 stages
     if kernel == "decode_merge":
         return [(32, 0, 4, 3)]  # BLOCK_S = pow2(splits), 32 splits here
-    block_n = 64 if d <= 128 else 32
-    return [(DECODE_ROWS.get(features, 16), block_n, 4, 3)]
+    return [(DECODE_ROWS.get(features, 16), *kernels_decode.split_config(dtype == "fp32", d))]
 
 
 def cases(kernels=KERNELS, features=tuple(FEATURES), head_dims=HEAD_DIMS, dtypes=DTYPES,
@@ -175,7 +175,7 @@ def cases(kernels=KERNELS, features=tuple(FEATURES), head_dims=HEAD_DIMS, dtypes
                     if kernel in KIND:
                         cfgs = tuned_configs(kernel, dtype, d)
                     else:
-                        cfgs = _fixed_configs(kernel, feat, d)
+                        cfgs = _fixed_configs(kernel, feat, d, dtype)
                     if configs == "first":
                         cfgs = cfgs[:1]
                     out.extend(Case(kernel, feat, d, dtype, *c) for c in cfgs)

@@ -112,18 +112,31 @@ def num_splits(Lk: int, block_n: int, programs: int, device: torch.device) -> in
     return max(1, min(want, triton.cdiv(Lk, block_n), 256))
 
 
+def split_config(fp32: bool, head_dim: int) -> tuple[int, int, int]:
+    """(BLOCK_N, warps, stages) of decode split: the largest key block that compiles without a
+    spill for sm_90 and sm_80 in every feature set, a 64-row GQA stack included
+    (benchmarks/RESULTS.md, the compile check of 2026-11-30). fp32's ieee dots hold twice the
+    registers: 8 warps and short key blocks (at D = 128, 32 keys spilled 2.1 KB on sm_90 and
+    the old 64 keys x 3 stages needed 176-200 KB of shared memory, over sm_80's 163 KB)."""
+    if fp32:
+        return (32, 8, 2) if head_dim <= 64 else (16, 8, 2)
+    return (64, 4, 3) if head_dim <= 128 else (32, 8, 2)
+
+
 def decode_forward(q, k, v, out, m, l2, prob):
     """Fill out (B, Hq, Lq, Dv), m and log2 l (B, Hq, Lq), all dense, by split-KV over the cache."""
     c = prob.call
     block_m = pow2(c.groups * c.Lq)
-    block_n = INTERPRET_BLOCK if interpreting() else (64 if max(prob.block_d, prob.block_dv) <= 128 else 32)
+    block_n, warps, stages = split_config(q.dtype == torch.float32,
+                                          max(prob.block_d, prob.block_dv))
+    block_n = INTERPRET_BLOCK if interpreting() else block_n
     splits = num_splits(c.Lk, block_n, c.B * c.Hk, q.device)
     chunk = triton.cdiv(triton.cdiv(c.Lk, splits), block_n) * block_n
     splits = triton.cdiv(c.Lk, chunk)
     rows = c.B * c.Hq * c.Lq
     part_out = torch.empty(rows, splits, c.Dv, dtype=torch.float32, device=q.device)
     part_m, part_l = torch.empty(2, rows, splits, dtype=torch.float32, device=q.device)
-    tune = {} if interpreting() else {"num_warps": 4, "num_stages": 3}
+    tune = {} if interpreting() else {"num_warps": warps, "num_stages": stages}
     _attn_decode_split[(splits, c.B * c.Hk)](
         q, k, v, part_out, part_m, part_l, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
         **prob.cache, **prob.window, **prob.score, **prob.shape,
