@@ -65,18 +65,23 @@ def cell(r: dict | None) -> str:
     return f"{ok} | {r['regs']} | {spill} | {r['shared']}"
 
 
+def _header(columns, per_target, archs: list[int]) -> list[str]:
+    """A markdown table's head and rule: `columns`, then `per_target` for each target (its
+    first name formatted with the arch)."""
+    names = [*columns]
+    for a in archs:
+        names += [per_target[0].format(a), *per_target[1:]]
+    return ["| " + " | ".join(names) + " |", "|" + "---|" * len(names)]
+
+
 def table(rows: list[dict], archs: list[int]) -> str:
     by_case = defaultdict(dict)
     for r in rows:
         key = (cc.KERNELS.index(r["kernel"]), list(cc.FEATURES).index(r["features"]),
                r["head_dim"], cc.DTYPES.index(r["dtype"]), r["config"])
         by_case[key][r["arch"]] = r
-    head = "| kernel | features | D | dtype | config |"
-    rule = "|---|---|---|---|---|"
-    for a in archs:
-        head += f" sm_{a} | regs | spill B | smem B |"
-        rule += "---|---|---|---|"
-    lines = [head, rule]
+    lines = _header(("kernel", "features", "D", "dtype", "config"),
+                    ("sm_{}", "regs", "spill B", "smem B"), archs)
     for key in sorted(by_case):
         r0 = next(iter(by_case[key].values()))
         line = "| " + " | ".join(str(r0[k]) for k in ("kernel", "features", "head_dim", "dtype",
@@ -110,12 +115,8 @@ def summary(rows: list[dict], archs: list[int]) -> str:
 def worst(rows: list[dict], archs: list[int]) -> str:
     """Per group, kernel and config: its worst case over every feature set and head dim run,
     per target (spill bytes, registers, shared memory in KB)."""
-    head = "| group | kernel | config | cases |"
-    rule = "|---|---|---|---|"
-    for a in archs:
-        head += f" sm_{a} spill B | regs | smem KB |"
-        rule += "---|---|---|"
-    lines = [head, rule]
+    lines = _header(("group", "kernel", "config", "cases"),
+                    ("sm_{} spill B", "regs", "smem KB"), archs)
     for name, keep in GROUPS:
         agg = defaultdict(list)
         for r in rows:
