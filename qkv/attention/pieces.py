@@ -1,9 +1,9 @@
 """A query block's visible keys, cut into pieces that torch's fused CPU kernel takes whole.
 
 For a call whose visibility is a band (causal, window, kv_lengths, offsets) and that has no
-bias, ALiBi, mask, softcap or dropout, query row i sees the keys [lo(i), hi(i)) where both ends
-rise by one per row (i' = i + offset; lo = i' - left, hi = i' + right + 1, right = 0 when causal).
-The keys of a query block [i0, i1) of bm rows then split into:
+bias, mask, softcap or dropout (ALiBi below), query row i sees the keys [lo(i), hi(i)) where
+both ends rise by one per row (i' = i + offset; lo = i' - left, hi = i' + right + 1, right = 0
+when causal). The keys of a query block [i0, i1) of bm rows then split into:
 
     anticausal band  [lo(i0), lo(i0) + bm)        row r sees columns c >= r
     full             [lo(i0) + bm, hi(i0) - 1)    every row sees every key
@@ -16,13 +16,14 @@ top-left aligned: exactly that triangle. An anticausal band is a causal one with
 columns reversed. A band that 0 or K cuts is "masked": chunked.py's Python blocks compute it.
 
 ALiBi, -slope·|i' - j|, is a line in j on each side of the diagonal, so the call splits into two
-halves that are bands themselves: keys j <= i' (the call made causal) and keys j >= i' + 1 (a
-window whose left end is i' + 1). On a half the bias is a·(j - c) + a·(c - i') with a = +slope or
--slope and c a key of the piece next to the diagonal: the kernel gets it as one more head-dim
-column, q' = [q, a/scale] and k' = [k, j - c] (v gets a zero column), and a·(c - i') is added to
-the piece's lse. Query blocks stay short (ALIBI_SPAN) and c sits in the middle of a band or at the
-diagonal end of a full piece, so the column's term is small next to the diagonal, and large only
-for far keys, whose weights exp(-slope·distance) it makes small anyway.
+halves that are bands themselves: keys j <= i' (the call made causal, sign +1) and keys
+j >= i' + 1 (a window whose left end is i' + 1, sign -1). On a half the bias is
+a·(j - c) + a·(c - i') with a = sign·slope and c a key of the piece next to the diagonal: the
+kernel gets it as one more head-dim column, q' = [q, slope/scale] and k' = [k, sign·(j - c)]
+(v gets a zero column; q, K and V are widened once and shared by both halves), and a·(c - i')
+is added to the piece's lse. Query blocks stay short (ALIBI_SPAN) and c sits in the middle of a
+band or at the diagonal end of a full piece, so the column's term is small next to the diagonal,
+and large only for far keys, whose weights exp(-slope·distance) it makes small anyway.
 
 The pieces' (out, lse) merge exactly: lse = log sum_p exp(lse_p), out = sum_p exp(lse_p - lse)
 out_p. Backward, the kernel's backward of one piece, handed the merged out and lse, returns
